@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+# The constraints file pins torch==2.13.0 (a CPU build on the dev machines' disk).
+PIP_INSTALL := $(PIP) install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: demo test install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps make a second run install nothing; they are redone when packaging changes.
+$(VENV)/.stamp-install: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP_INSTALL) -e .
+	touch $@
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-install
+	$(PIP_INSTALL) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.stamp-install
+install-test: $(VENV)/.stamp-test
+
+demo: install
+	$(BIN)/charlstm train --data pystdlib --preset demo --name demo
+	$(BIN)/charlstm sample checkpoints/demo --length 600 --temperature 0.8
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) checkpoints/demo

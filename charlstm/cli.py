@@ -1,0 +1,224 @@
+"""The `charlstm` command line: parses options, calls library functions, prints.
+
+Every command's work lives in a library module; this file only turns options
+into calls. A user's mistake raises ``CharlstmError`` somewhere below and is
+printed here as one line on stderr with a non-zero exit status; ``--debug``
+(anywhere on the command line) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from .errors import CharlstmError, NotImplementedYet
+
+DEBUG_ENV = "CHARLSTM_DEBUG"
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def report_error(err: BaseException, code: int) -> int:
+    """Print one line for a user's mistake (or the traceback under --debug); return the exit code."""
+    if debug_enabled():
+        import traceback
+
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    else:
+        print(f"error: {err}", file=sys.stderr)
+    return code
+
+
+class CharlstmGroup(TyperGroup):
+    """Click group that turns CharlstmError into one line on stderr and an exit status.
+
+    Living in the group (not only in ``main``) means ``CliRunner`` tests see the
+    same behaviour as the console script. ``--debug`` is accepted anywhere.
+    """
+
+    def main(self, args=None, *a, **kw):
+        args = list(sys.argv[1:] if args is None else args)
+        if "--debug" in args:
+            args = [x for x in args if x != "--debug"]
+            os.environ[DEBUG_ENV] = "1"
+        return super().main(args, *a, **kw)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CharlstmError as e:
+            ctx.exit(report_error(e, e.exit_code))
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            ctx.exit(130)
+
+
+app = typer.Typer(
+    cls=CharlstmGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Character-level language models: LSTM, peephole, coupled, GRU and vanilla RNN cells.",
+)
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors (also accepted after the command)."),
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+# --------------------------------------------------------------------------- train
+
+@app.command()
+def train(
+    data: str = typer.Option("pystdlib", "--data", help="pystdlib (built in), tinyshakespeare (downloaded once), a text file, or a directory of text files."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Named recipe: demo (about 2 CPU minutes), shakespeare (the README's 10-minute CPU recipe). Explicit options override it."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="rnn, lstm, peephole, coupled or gru.  [default: lstm]"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="auto (cudnn where the variant has one, else custom), cudnn or custom.  [default: auto]"),
+    peephole_form: Optional[str] = typer.Option(None, "--peephole-form", help="Peephole form: diag (one weight per unit) or full (H x H).  [default: diag]"),
+    peepholes: Optional[str] = typer.Option(None, "--peepholes", help="Gates with peepholes: any subset of fio.  [default: fio]"),
+    gru_form: Optional[str] = typer.Option(None, "--gru-form", help="GRU equations: cudnn (torch.nn.GRU) or cho (the seed's).  [default: cudnn]"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Stacked recurrent layers.  [default: 2]"),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden units per layer.  [default: 256]"),
+    embed: Optional[int] = typer.Option(None, "--embed", help="Character embedding size.  [default: 64]"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout between layers and before the head (never recurrent).  [default: 0.0]"),
+    forget_bias: Optional[float] = typer.Option(None, "--forget-bias", help="Initial forget-gate bias for the LSTM family.  [default: 1.0]"),
+    init: Optional[str] = typer.Option(None, "--init", help="uniform (PyTorch's) or chrono (Tallec & Ollivier).  [default: uniform]"),
+    no_bias: bool = typer.Option(False, "--no-bias", help="Cells without biases (the seed's GRU equations to the letter)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Truncated-BPTT window T.  [default: 128]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Parallel contiguous streams B.  [default: 32]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW).  [default: 3e-3]"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine (with warmup), constant, or step (char-rnn style decay).  [default: cosine]"),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warmup steps.  [default: 100]"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (not on biases or embeddings).  [default: 0.0]"),
+    clip: Optional[float] = typer.Option(None, "--clip", help="Clip gradients to this global norm (0 disables).  [default: 1.0]"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Budget: optimizer steps."),
+    max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Budget: passes over the training split."),
+    max_time: Optional[str] = typer.Option(None, "--max-time", help="Budget: wall time, e.g. 90s, 10m, 1h."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate on the whole validation split every N steps.  [default: 500]"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save a checkpoint every N steps.  [default: 500]"),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Keep the N latest checkpoints plus the best.  [default: 3]"),
+    val_frac: Optional[float] = typer.Option(None, "--val-frac", help="Validation split: the last fraction of the corpus.  [default: 0.1]"),
+    invalid_utf8: Optional[str] = typer.Option(None, "--invalid-utf8", help="strict (error) or replace (U+FFFD) for undecodable bytes.  [default: strict]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory.  [default: checkpoints/<name>]"),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (the directory under checkpoints/)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run exactly where it stopped."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from another run's weights with a fresh optimizer."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed.  [default: 1337]"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda.  [default: auto]"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch.  [default: torch's]"),
+) -> None:
+    """Train a model; writes a run directory with checkpoints and metrics.jsonl."""
+    try:
+        from . import train as train_mod
+    except ImportError as e:  # pragma: no cover - only before the trainer exists
+        raise NotImplementedYet("charlstm train") from e
+    options = {k: v for k, v in locals().items() if k not in ("train_mod", "preset", "resume", "init_from", "no_bias") and v is not None}
+    if no_bias:
+        options["bias"] = False
+    train_mod.run_from_cli(options, preset=preset, resume=resume, init_from=init_from)
+
+
+# --------------------------------------------------------------------------- sample
+
+@app.command()
+def sample(
+    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run under checkpoints/)."),
+    prime: str = typer.Option("", "--prime", help="Text to condition on; the output begins with it."),
+    length: int = typer.Option(500, "--length", help="Characters to generate after the prime."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature (> 0)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample only from the K most likely characters."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: smallest set with probability >= P."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely character."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same text on the same machine)."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Generate N samples together as a batch."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write the text to FILE instead of stdout."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Print the text at the end instead of as it is generated."),
+    unknown: str = typer.Option("error", "--unknown", help="Prime characters outside the vocabulary: error or skip."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Generate text from a checkpoint."""
+    try:
+        from . import sample as sample_mod
+    except ImportError as e:
+        raise NotImplementedYet("charlstm sample") from e
+    sample_mod.run_from_cli(**{k: v for k, v in locals().items() if k != "sample_mod"})
+
+
+# --------------------------------------------------------------------------- eval
+
+@app.command("eval")
+def eval_(
+    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint directory."),
+    split: str = typer.Option("val", "--split", help="Split of the checkpoint's corpus: train, val or test."),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", help="Evaluate on this text file instead of a split."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Streams evaluated in parallel (default: the run's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Loss (nats/char) and bits per character of a checkpoint on text."""
+    try:
+        from . import evaluate as eval_mod
+    except ImportError as e:
+        raise NotImplementedYet("charlstm eval") from e
+    eval_mod.run_from_cli(**{k: v for k, v in locals().items() if k != "eval_mod"})
+
+
+# --------------------------------------------------------------------------- info
+
+@app.command()
+def info(
+    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint directory."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """What a checkpoint is: config, parameters, corpus, metrics."""
+    try:
+        from . import inspect as info_mod
+    except ImportError as e:
+        raise NotImplementedYet("charlstm info") from e
+    info_mod.run_from_cli(**{k: v for k, v in locals().items() if k != "info_mod"})
+
+
+# --------------------------------------------------------------------------- compare-variants
+
+@app.command("compare-variants")
+def compare_variants(ctx: typer.Context) -> None:
+    """Train several cell variants under one budget and compare them."""
+    raise NotImplementedYet("charlstm compare-variants")
+
+
+# --------------------------------------------------------------------------- bench
+
+@app.command()
+def bench(ctx: typer.Context) -> None:
+    """Throughput of variants and backends, side by side."""
+    raise NotImplementedYet("charlstm bench")
+
+
+# --------------------------------------------------------------------------- visualize
+
+@app.command()
+def visualize(ctx: typer.Context) -> None:
+    """See what the cells have learned: gates, cells and units over a text."""
+    raise NotImplementedYet("charlstm visualize")
+
+
+# --------------------------------------------------------------------------- entry point
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="charlstm")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,148 @@
+"""Typed configuration: the single source of truth for a model and a training run.
+
+Both dataclasses are stored as JSON in every checkpoint and are all that is
+needed to rebuild the model. Values are validated where the dataclass is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+VARIANTS = ("rnn", "lstm", "peephole", "coupled", "gru")
+BACKENDS = ("auto", "cudnn", "custom")
+PEEPHOLE_FORMS = ("diag", "full")
+GRU_FORMS = ("cudnn", "cho")
+INITS = ("uniform", "chrono")
+SCHEDULES = ("cosine", "constant", "step")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _positive(name: str, value, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UsageError(f"--{name.replace('_', '-')} must be {bound} (got {value})")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model (stored in config.json of each checkpoint)."""
+
+    vocab_size: int = 0           # V, set from the corpus vocabulary
+    variant: str = "lstm"         # rnn | lstm | peephole | coupled | gru
+    backend: str = "auto"         # auto | cudnn | custom (auto: cudnn where the variant has one)
+    embed: int = 64               # E, character embedding size
+    hidden: int = 256             # H, hidden units per layer
+    layers: int = 2               # stacked recurrent layers
+    dropout: float = 0.0          # layer dropout between layers and before the head (never recurrent)
+    peephole_form: str = "diag"   # diag (one weight per unit) | full (H x H matrix)
+    peepholes: str = "fio"        # which gates have peepholes: any subset of f, i, o
+    gru_form: str = "cudnn"       # cudnn (torch.nn.GRU's equations) | cho (the seed's / Cho et al.)
+    bias: bool = True             # gate biases (off gives the seed's GRU equations to the letter)
+    forget_bias: float = 1.0      # initial forget-gate bias (LSTM family), Jozefowicz et al. 2015
+    init: str = "uniform"         # uniform(-1/sqrt(H), 1/sqrt(H)) | chrono (Tallec & Ollivier 2018)
+    chrono_tmax: int = 0          # T_max for chrono init (0: use the training window length)
+
+    def __post_init__(self) -> None:
+        _choice("variant", self.variant, VARIANTS)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("peephole_form", self.peephole_form, PEEPHOLE_FORMS)
+        _choice("gru_form", self.gru_form, GRU_FORMS)
+        _choice("init", self.init, INITS)
+        for name in ("embed", "hidden", "layers"):
+            _positive(name, getattr(self, name))
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if self.peepholes and (set(self.peepholes) - set("fio") or len(set(self.peepholes)) != len(self.peepholes)):
+            raise UsageError(f"--peepholes must be a subset of 'fio' without repeats (got {self.peepholes!r})")
+        # Normalise the gate subset to the canonical order f, i, o.
+        self.peepholes = "".join(g for g in "fio" if g in self.peepholes)
+        if self.variant == "coupled" and "i" in self.peepholes and self.peepholes != "fio":
+            pass  # coupled has no input gate; peephole options are ignored for non-peephole variants
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Parse ``90s``, ``10m``, ``1h``, ``1h30m`` or a bare number of seconds; None stays None."""
+    if text is None or text == "":
+        return None
+    s = str(text).strip().lower()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", s)
+    if not parts or not any(parts.groups()):
+        raise UsageError(f"--max-time takes a duration such as 90s, 10m or 1h (got {text!r})")
+    h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+    return h * 3600 + m * 60 + sec
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run (stored in config.json beside the ModelConfig)."""
+
+    data: str = "pystdlib"        # pystdlib | tinyshakespeare | a text file | a directory
+    invalid_utf8: str = "strict"  # strict (error naming file and offset) | replace (U+FFFD)
+    val_frac: float = 0.1         # validation split: the last fraction of the corpus
+    test_frac: float = 0.0        # optional test split, between train and val
+    seq_len: int = 128            # T, truncated-BPTT window
+    batch_size: int = 32          # B, parallel contiguous streams
+    lr: float = 3e-3              # peak learning rate (AdamW)
+    schedule: str = "cosine"      # cosine (with warmup) | constant | step (char-rnn style decay)
+    warmup: int = 100             # warmup steps (linear) for every schedule
+    lr_decay: float = 0.97        # step schedule: multiply lr by this ...
+    lr_decay_every: int = 500     # ... every this many steps
+    weight_decay: float = 0.0     # AdamW decoupled weight decay (not on biases, embeddings, norms)
+    clip: float = 1.0             # gradient clipping by global norm (0 disables)
+    max_steps: int | None = None  # budget: optimizer steps
+    max_epochs: float | None = None  # budget: passes over the training split
+    max_time: float | None = None    # budget: seconds of training
+    eval_every: int = 500         # evaluate on the whole validation split every N steps (and at the end)
+    checkpoint_every: int = 500   # save a checkpoint every N steps (and at the end)
+    keep: int = 3                 # keep this many latest checkpoints (plus the best)
+    sample_chars: int = 200       # length of the sample printed at each evaluation
+    seed: int = 1337              # RNG seed (same seed, same run on the same machine)
+    device: str = "auto"          # auto | cpu | cuda
+    threads: int | None = None    # torch intra-op threads (None: torch's default)
+    bf16: bool = True             # bf16 autocast on CUDA (ignored on CPU)
+    name: str | None = None       # run name (default: derived from variant and data)
+    out: str | None = None        # run directory (default: checkpoints/<name>)
+
+    def __post_init__(self) -> None:
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("device", self.device, DEVICES)
+        _choice("invalid_utf8", self.invalid_utf8, ("strict", "replace"))
+        for name in ("seq_len", "batch_size", "lr", "eval_every", "checkpoint_every", "keep"):
+            _positive(name, getattr(self, name))
+        for name in ("max_steps", "max_epochs", "max_time", "threads"):
+            _positive(name, getattr(self, name))
+        for name in ("warmup", "weight_decay", "clip"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        if not 0.0 <= self.val_frac < 1.0 or not 0.0 <= self.test_frac < 1.0 or self.val_frac + self.test_frac >= 1.0:
+            raise UsageError("--val-frac and --test-frac must be in [0, 1) and sum to less than 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
