@@ -1,0 +1,257 @@
+"""The recurrent cells of ../shared/EQUATIONS.md, one small class each.
+
+Every cell maps one time step ``(x_proj_t, state) -> (h_t, state)``. The input
+half of every gate pre-activation, ``W_ih x_t + b``, is computed for all time
+steps at once by :meth:`project` (one matrix multiply over all T*B inputs, done
+by the layer before its time loop); the step itself only adds the recurrent
+product. ``state`` is a tuple of tensors: ``(h, c)`` for the LSTM family,
+``(h,)`` for rnn and gru.
+
+:meth:`gates` is the equations themselves: it returns every activation of one
+step as a dict (the visualizer reads it); ``forward`` keeps ``h`` and the new
+state from it.
+
+Parameters are named as in ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` (``weight_ih``
+(G*H, E), ``weight_hh`` (G*H, H), gate order i, f, g, o for the LSTM family and
+r, z, n for the GRU) so that weights copy between the custom cells and the
+cuDNN-backed modules. The cells that have a cuDNN twin (lstm, gru in the
+``cudnn`` form, rnn) keep its two biases ``bias_ih`` and ``bias_hh``; the others
+have one bias per gate, ``bias``. Peephole weights are ``weight_ch``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+State = tuple  # per layer: (h,) or (h, c), each (B, H)
+
+
+class Cell(nn.Module):
+    """What every cell shares: sizes, the hoisted input projection, a zero state."""
+
+    gate_blocks: int = 1          # G: rows of weight_ih are G*H
+    state_names: tuple = ("h",)   # the tensors of one layer's state
+    two_biases: bool = False      # bias_ih and bias_hh (cuDNN layout) instead of one bias
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True):
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        G, H = self.gate_blocks, hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(G * H, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(G * H, H))
+        if bias and self.two_biases:
+            self.bias_ih = nn.Parameter(torch.empty(G * H))
+            self.bias_hh = nn.Parameter(torch.empty(G * H))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        if bias and not self.two_biases:
+            self.bias = nn.Parameter(torch.empty(G * H))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as PyTorch's RNNs do."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def input_bias(self) -> Tensor | None:
+        """The bias folded into the hoisted projection (both biases where they simply add)."""
+        if self.two_biases and self.bias_ih is not None:
+            return self.bias_ih + self.bias_hh
+        return self.bias
+
+    def project(self, x: Tensor) -> Tensor:
+        """The input half of every gate for all steps at once: (..., E) -> (..., G*H)."""
+        return F.linear(x, self.weight_ih, self.input_bias())
+
+    def zero_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        """Zeros for every state tensor, each (B, H)."""
+        return tuple(torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype) for _ in self.state_names)
+
+    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+        """Every activation of one step, including the new state, each (B, H)."""
+        raise NotImplementedError
+
+    def forward(self, x_proj_t: Tensor, state: State) -> tuple[Tensor, State]:
+        """One step: the projected input (B, G*H) and the state -> output h_t (B, H), new state."""
+        g = self.gates(x_proj_t, state)
+        new_state = tuple(g[name] for name in self.state_names)
+        return new_state[0], new_state
+
+    def extra_repr(self) -> str:
+        has_bias = self.bias is not None or self.bias_ih is not None
+        return f"{self.input_size}, {self.hidden_size}, bias={has_bias}"
+
+
+class RNNCell(Cell):
+    """rnn: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh) (nn.RNN, tanh)."""
+
+    gate_blocks = 1
+    state_names = ("h",)
+    two_biases = True
+
+    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+        (h,) = state
+        h = torch.tanh(x_proj_t + F.linear(h, self.weight_hh))  # (B, H)
+        return {"h": h}
+
+
+class LSTMCell(Cell):
+    """lstm: forget, input and output gates, candidate g = C~ (gate order i, f, g, o as nn.LSTM)."""
+
+    gate_blocks = 4
+    state_names = ("h", "c")
+    two_biases = True
+
+    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+        h, c = state
+        pre = x_proj_t + F.linear(h, self.weight_hh)  # (B, 4H)
+        i, f, g, o = pre.chunk(4, 1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c + i * g
+        h = o * torch.tanh(c)
+        return {"i": i, "f": f, "g": g, "o": o, "c": c, "h": h}
+
+
+class PeepholeLSTMCell(Cell):
+    """peephole: lstm whose gates f and i also see C_{t-1}, and o sees the new C_t.
+
+    ``form='diag'``: P_g(C) = p_g * C, ``weight_ch`` (kH,) ; ``form='full'``:
+    P_g(C) = U_g C, ``weight_ch`` (kH, H); k gates from ``peepholes`` (a subset
+    of 'fio', blocks stored in that order).
+    """
+
+    gate_blocks = 4
+    state_names = ("h", "c")
+    two_biases = False
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *,
+                 form: str = "diag", peepholes: str = "fio"):
+        self.form = form
+        self.peepholes = "".join(g for g in "fio" if g in peepholes)
+        super().__init__(input_size, hidden_size, bias)
+        # the parameters above were initialised in super().__init__; add the peepholes now
+        k, H = len(self.peepholes), hidden_size
+        shape = (k * H,) if form == "diag" else (k * H, H)
+        if k:
+            self.weight_ch = nn.Parameter(torch.empty(shape))
+        else:
+            self.register_parameter("weight_ch", None)
+        self.reset_parameters()
+
+    def peephole(self, gate: str, c: Tensor) -> Tensor | int:
+        """P_gate(c) (B, H), or 0 when that gate has no peephole."""
+        if gate not in self.peepholes:
+            return 0
+        H = self.hidden_size
+        k = self.peepholes.index(gate)
+        w = self.weight_ch[k * H:(k + 1) * H]  # (H,) or (H, H)
+        return w * c if self.form == "diag" else F.linear(c, w)
+
+    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+        h, c_prev = state
+        pre = x_proj_t + F.linear(h, self.weight_hh)  # (B, 4H)
+        i, f, g, o = pre.chunk(4, 1)
+        f = torch.sigmoid(f + self.peephole("f", c_prev))
+        i = torch.sigmoid(i + self.peephole("i", c_prev))
+        g = torch.tanh(g)
+        c = f * c_prev + i * g
+        o = torch.sigmoid(o + self.peephole("o", c))
+        h = o * torch.tanh(c)
+        return {"i": i, "f": f, "g": g, "o": o, "c": c, "h": h}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", form={self.form}, peepholes={self.peepholes!r}"
+
+
+class CoupledLSTMCell(Cell):
+    """coupled (CIFG): C_t = f * C_{t-1} + (1 - f) * C~_t; three gate blocks f, g, o, no input gate."""
+
+    gate_blocks = 3
+    state_names = ("h", "c")
+    two_biases = False
+
+    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+        h, c = state
+        pre = x_proj_t + F.linear(h, self.weight_hh)  # (B, 3H)
+        f, g, o = pre.chunk(3, 1)
+        f, g, o = torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c + (1.0 - f) * g
+        h = o * torch.tanh(c)
+        return {"f": f, "g": g, "o": o, "c": c, "h": h}
+
+
+class GRUCell(Cell):
+    """gru, ``cudnn`` form (nn.GRU): reset applied after the recurrent product; z keeps the old state.
+
+    r = σ(x_r + W_hr h + b_hr), z = σ(x_z + W_hz h + b_hz),
+    n = tanh(x_n + r * (W_hn h + b_hn)), h_t = (1 - z) * n + z * h.
+    """
+
+    gate_blocks = 3
+    state_names = ("h",)
+    two_biases = True
+
+    def input_bias(self) -> Tensor | None:
+        # b_hn sits inside r * (...), so only b_ih is folded into the projection.
+        return self.bias_ih
+
+    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+        (h,) = state
+        hp = F.linear(h, self.weight_hh, self.bias_hh)  # (B, 3H)
+        xr, xz, xn = x_proj_t.chunk(3, 1)
+        hr, hz, hn = hp.chunk(3, 1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h = (1.0 - z) * n + z * h
+        return {"r": r, "z": z, "n": n, "h": h}
+
+
+class ChoGRUCell(Cell):
+    """gru, ``cho`` form (Cho et al. 2014, the seed's): reset applied before the recurrent product.
+
+    r = σ(x_r + W_hr h + b_r), z = σ(x_z + W_hz h + b_z),
+    n = tanh(x_n + W_hn (r * h) + b_n), h_t = (1 - z) * h + z * n.
+    Weight blocks in the order r, z, n like nn.GRU; one bias per gate.
+    """
+
+    gate_blocks = 3
+    state_names = ("h",)
+    two_biases = False
+
+    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+        (h,) = state
+        H = self.hidden_size
+        hrz = F.linear(h, self.weight_hh[: 2 * H])  # (B, 2H)
+        xr, xz, xn = x_proj_t.chunk(3, 1)
+        hr, hz = hrz.chunk(2, 1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + F.linear(r * h, self.weight_hh[2 * H:]))
+        h = (1.0 - z) * h + z * n
+        return {"r": r, "z": z, "n": n, "h": h}
+
+
+def make_cell(cfg, input_size: int) -> Cell:
+    """The custom cell of a ModelConfig's variant (and form) for one layer."""
+    H, bias = cfg.hidden, cfg.bias
+    if cfg.variant == "rnn":
+        return RNNCell(input_size, H, bias)
+    if cfg.variant == "lstm":
+        return LSTMCell(input_size, H, bias)
+    if cfg.variant == "peephole":
+        return PeepholeLSTMCell(input_size, H, bias, form=cfg.peephole_form, peepholes=cfg.peepholes)
+    if cfg.variant == "coupled":
+        return CoupledLSTMCell(input_size, H, bias)
+    if cfg.variant == "gru":
+        return GRUCell(input_size, H, bias) if cfg.gru_form == "cudnn" else ChoGRUCell(input_size, H, bias)
+    raise ValueError(f"unknown variant {cfg.variant!r}")

@@ -1,0 +1,251 @@
+"""The character model: embedding -> stacked recurrent layers -> linear head.
+
+The stack is either the cuDNN-backed ``torch.nn.RNN/LSTM/GRU`` (backend
+``cudnn``; PyTorch's own kernels on a CPU) or our custom cells run by
+:class:`charlstm.layers.RecurrentStack` (backend ``custom``, every variant and
+form). Both name their weights as ``nn.LSTM`` does, and
+:func:`convert_state_dict` maps one layout onto the other.
+
+The recurrent state is passed in and returned explicitly as a :class:`State`
+so that truncated BPTT and one-character-at-a-time sampling carry it the same
+way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .cells import make_cell
+from .config import ModelConfig
+from .errors import UsageError
+from .layers import RecurrentStack
+
+CUDNN_MODULES = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+LSTM_FAMILY = ("lstm", "peephole", "coupled")
+DEFAULT_CHRONO_TMAX = 128  # used when chrono_tmax is 0 and nobody set it (TrainConfig's default seq_len)
+
+
+class State(NamedTuple):
+    """The recurrent state of every layer."""
+
+    h: Tensor                      # (L, B, H)
+    c: Tensor | None               # (L, B, H) for the LSTM family, None for rnn and gru
+
+
+def has_cudnn(cfg: ModelConfig) -> bool:
+    """Whether the variant (and form) exists as torch.nn.RNN/LSTM/GRU."""
+    return cfg.variant in ("rnn", "lstm") or (cfg.variant == "gru" and cfg.gru_form == "cudnn")
+
+
+def resolve_backend(cfg: ModelConfig) -> str:
+    """'cudnn' or 'custom' for this config; UsageError for an impossible pair."""
+    if cfg.backend == "auto":
+        return "cudnn" if has_cudnn(cfg) else "custom"
+    if cfg.backend == "cudnn" and not has_cudnn(cfg):
+        what = "gru --gru-form cho" if cfg.variant == "gru" else cfg.variant
+        raise UsageError(
+            f"--backend cudnn has no {what} cell (cuDNN offers rnn, lstm and gru in its own form); "
+            "use --backend custom or --backend auto"
+        )
+    return cfg.backend
+
+
+class CharModel(nn.Module):
+    """Embedding -> recurrent stack (layer dropout between layers and before the head) -> logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise UsageError("the model needs a vocabulary size (ModelConfig.vocab_size > 0)")
+        cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg))
+        if cfg.init == "chrono":
+            if cfg.chrono_tmax == 0:
+                cfg.chrono_tmax = DEFAULT_CHRONO_TMAX
+            if cfg.chrono_tmax < 2:
+                raise UsageError(f"--chrono-tmax must be at least 2 (got {cfg.chrono_tmax})")
+        self.cfg = cfg
+        V, E, H, L = cfg.vocab_size, cfg.embed, cfg.hidden, cfg.layers
+        self.embedding = nn.Embedding(V, E)
+        if cfg.backend == "cudnn":
+            kwargs = {"nonlinearity": "tanh"} if cfg.variant == "rnn" else {}
+            self.rnn = CUDNN_MODULES[cfg.variant](
+                E, H, num_layers=L, bias=cfg.bias, dropout=cfg.dropout if L > 1 else 0.0, **kwargs
+            )
+        else:
+            self.rnn = RecurrentStack(lambda n_in: make_cell(cfg, n_in), E, H, L, cfg.dropout)
+        self.layer_dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(H, V)
+        self.reset_parameters()
+
+    @property
+    def has_cell_state(self) -> bool:
+        return self.cfg.variant in LSTM_FAMILY
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """Initialise as EQUATIONS.md says: recurrent weights uniform(-1/sqrt(H), 1/sqrt(H)),
+        forget-gate bias (LSTM family) or chrono initialisation; embedding N(0, 1), head
+        uniform(-1/sqrt(H), 1/sqrt(H)) with zero bias."""
+        H = self.cfg.hidden
+        bound = 1.0 / math.sqrt(H)
+        nn.init.normal_(self.embedding.weight, 0.0, 1.0)
+        nn.init.uniform_(self.head.weight, -bound, bound)
+        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():
+            for p in self.rnn.parameters():
+                p.uniform_(-bound, bound)
+            if self.cfg.bias:
+                for k in range(self.cfg.layers):
+                    self._init_gate_biases(*self._layer_biases(k))
+
+    def _layer_biases(self, k: int) -> tuple[Tensor, Tensor | None]:
+        """Layer k's bias that carries the gate-bias init, and the second bias (zeroed there) if any."""
+        if self.cfg.backend == "cudnn":
+            return getattr(self.rnn, f"bias_ih_l{k}"), getattr(self.rnn, f"bias_hh_l{k}")
+        cell = self.rnn.layers[k].cell
+        if cell.bias_ih is not None:
+            return cell.bias_ih, cell.bias_hh
+        return cell.bias, None
+
+    def _init_gate_biases(self, main: Tensor, other: Tensor | None) -> None:
+        cfg, H = self.cfg, self.cfg.hidden
+        # block index of each gate in the weight rows
+        blocks = {"lstm": {"i": 0, "f": 1}, "peephole": {"i": 0, "f": 1}, "coupled": {"f": 0},
+                  "gru": {"z": 1}, "rnn": {}}[cfg.variant]
+
+        def put(gate: str, value) -> None:
+            sl = slice(blocks[gate] * H, (blocks[gate] + 1) * H)
+            main[sl] = value
+            if other is not None:
+                other[sl] = 0.0  # the sum b_ih + b_hh carries the value
+
+        if cfg.init == "chrono":
+            u = torch.empty(H, dtype=main.dtype, device=main.device).uniform_(1.0, cfg.chrono_tmax - 1.0)
+            keep = torch.log(u)  # (H,) bias of the gate that keeps the old state
+            if cfg.variant in LSTM_FAMILY:
+                put("f", keep)
+                if "i" in blocks:
+                    put("i", -keep)
+            elif cfg.variant == "gru":
+                # cudnn form: z keeps the old state; cho form: 1 - z does
+                put("z", keep if cfg.gru_form == "cudnn" else -keep)
+        elif cfg.variant in LSTM_FAMILY:
+            put("f", cfg.forget_bias)
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, batch_size: int, device=None) -> State:
+        """Zeros for every layer: h (L, B, H) and, for the LSTM family, c (L, B, H)."""
+        w = self.head.weight
+        shape = (self.cfg.layers, batch_size, self.cfg.hidden)
+        device = w.device if device is None else device
+        h = torch.zeros(shape, device=device, dtype=w.dtype)
+        c = torch.zeros(shape, device=device, dtype=w.dtype) if self.has_cell_state else None
+        return State(h, c)
+
+    def _per_layer(self, state: State) -> list[tuple]:
+        tensors = (state.h,) if state.c is None else (state.h, state.c)
+        return list(zip(*(t.unbind(0) for t in tensors)))
+
+    @staticmethod
+    def _stacked(finals: list[tuple]) -> State:
+        h = torch.stack([s[0] for s in finals])  # (L, B, H)
+        c = torch.stack([s[1] for s in finals]) if len(finals[0]) > 1 else None
+        return State(h, c)
+
+    def _prepare_state(self, state: State | None, batch_size: int, device) -> State:
+        if state is None:
+            return self.init_state(batch_size, device=device)
+        dtype = self.head.weight.dtype  # a state from a bf16-autocast window goes back to the weights' dtype
+        if self.has_cell_state and state.c is None:
+            raise UsageError(f"a {self.cfg.variant} model needs a state with a cell state c")
+        return State(state.h.to(dtype), None if state.c is None or not self.has_cell_state else state.c.to(dtype))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """idx (T, B) long and the state -> logits (T, B, V) and the final state."""
+        T, B = idx.shape
+        state = self._prepare_state(state, B, idx.device)
+        x = self.embedding(idx)  # (T, B, E)
+        if self.cfg.backend == "cudnn":
+            hx = state.h if state.c is None else (state.h, state.c)
+            out, hn = self.rnn(x, hx)  # (T, B, H)
+            new_state = State(*hn) if isinstance(hn, tuple) else State(hn, None)
+        else:
+            out, finals = self.rnn(x, self._per_layer(state))  # (T, B, H)
+            new_state = self._stacked(finals)
+        logits = self.head(self.layer_dropout(out))  # (T, B, V)
+        return logits, new_state
+
+    def forward_with_gates(self, idx: Tensor, state: State | None = None):
+        """Like forward, and also every gate activation: a list with one dict per layer,
+        {name: (T, B, H)} with names such as 'i', 'f', 'g', 'o', 'c', 'h' (LSTM family),
+        'r', 'z', 'n', 'h' (gru) or 'h' (rnn). A cudnn-backed model runs its custom twin
+        with the same weights."""
+        if self.cfg.backend == "cudnn":
+            twin = CharModel(dataclasses.replace(self.cfg, backend="custom"))
+            twin.load_state_dict(self.state_dict())
+            twin.to(device=self.head.weight.device, dtype=self.head.weight.dtype)
+            twin.train(self.training)
+            return twin.forward_with_gates(idx, state)
+        T, B = idx.shape
+        state = self._prepare_state(state, B, idx.device)
+        x = self.embedding(idx)  # (T, B, E)
+        out, finals, gates = self.rnn(x, self._per_layer(state), return_gates=True)
+        logits = self.head(self.layer_dropout(out))  # (T, B, V)
+        return logits, self._stacked(finals), gates
+
+    def num_parameters(self) -> int:
+        """The number of parameters trained (the cuDNN layout's second bias included)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load weights saved by either backend (converted to this model's layout first)."""
+        sd = convert_state_dict(state_dict, self.cfg, self.cfg.backend)
+        return super().load_state_dict(sd, strict=strict, assign=assign)
+
+
+def build_model(cfg: ModelConfig) -> CharModel:
+    """The model of a config; its ``cfg`` has the backend resolved ('cudnn' or 'custom').
+    UsageError for an impossible variant/backend pair."""
+    return CharModel(cfg)
+
+
+def detach_state(state: State) -> State:
+    """The same state cut from the autograd graph (between truncated-BPTT windows)."""
+    return State(state.h.detach(), None if state.c is None else state.c.detach())
+
+
+_CUDNN_KEY = re.compile(r"^(.*)rnn\.(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)$")
+_CUSTOM_KEY = re.compile(r"^(.*)rnn\.layers\.(\d+)\.cell\.(weight_ih|weight_hh|bias_ih|bias_hh)$")
+
+
+def convert_state_dict(sd: dict, cfg: ModelConfig, to_backend: str) -> dict:
+    """A model state dict in the layout of ``to_backend`` ('cudnn' or 'custom'), from either layout.
+
+    Only the recurrent weights are renamed (``rnn.weight_ih_l0`` <-> ``rnn.layers.0.cell.weight_ih``);
+    the tensors are the same, since the custom cells use nn.LSTM/GRU/RNN's shapes and gate order.
+    UsageError when the variant has no cuDNN layout (peephole, coupled, gru cho)."""
+    if to_backend not in ("cudnn", "custom"):
+        raise UsageError(f"to_backend must be 'cudnn' or 'custom' (got {to_backend!r})")
+    out = {}
+    for key, value in sd.items():
+        m = _CUDNN_KEY.match(key) if to_backend == "custom" else _CUSTOM_KEY.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        if not has_cudnn(cfg):
+            what = "gru in the cho form" if cfg.variant == "gru" else cfg.variant
+            raise UsageError(f"{what} has no cuDNN layout; its weights only load into a custom model")
+        if to_backend == "custom":
+            prefix, name, k = m.groups()
+            out[f"{prefix}rnn.layers.{k}.cell.{name}"] = value
+        else:
+            prefix, k, name = m.groups()
+            out[f"{prefix}rnn.{name}_l{k}"] = value
+    return out
