@@ -1,0 +1,632 @@
+"""The on-disk format of a run: atomic checkpoints, pointers, loading and validation.
+
+A run directory holds checkpoint directories named ``ckpt-<step>`` (six digits
+or more) and two pointer files, ``latest`` and ``best``, each one line naming a
+checkpoint directory of the run. Every checkpoint directory holds:
+
+    model.safetensors            the model's weights (names as model.state_dict())
+    optimizer.safetensors        the optimizer's per-parameter tensors
+    optimizer.json               the optimizer's structure (param groups, scalars)
+    trainer_state.safetensors    carried hidden state, RNG states
+    trainer_state.json           step, epoch, data position, best val loss, metrics
+    config.json                  every option, the vocabulary, the corpus, versions
+    MANIFEST.json                size and sha256 of each file above (written last)
+
+There is no pickle anywhere: tensors are in safetensors files, everything else
+is JSON. A checkpoint is written into a hidden temporary directory, every file
+and the directory are fsync'ed, and only then is it renamed into place, so a
+crash during a save leaves the previous checkpoints and pointers untouched.
+``docs/checkpoint-format.md`` describes the format for readers without charlstm.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CharlstmError
+
+FORMAT_NAME = "charlstm-checkpoint"
+FORMAT_VERSION = 1
+CKPT_PATTERN = re.compile(r"^ckpt-(\d{6,})$")
+POINTERS = ("best", "latest")
+MANIFEST = "MANIFEST.json"
+CKPT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "trainer_state.safetensors",
+    "trainer_state.json",
+)
+
+
+# --------------------------------------------------------------------------- safetensors without numpy
+#
+# safetensors' torch helpers need numpy to *write*; charlstm does not depend on
+# numpy, so the (simple, documented) format is written here directly: an
+# 8-byte little-endian header length, a JSON header, then the raw tensor bytes.
+# Files written this way load with ``safetensors.safe_open`` (a test checks).
+
+_DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+def _check_little_endian() -> None:
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian machines here
+        raise CharlstmError("charlstm checkpoints are written on little-endian machines only")
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write a dict of named tensors to ``path`` in the safetensors format and fsync it."""
+    _check_little_endian()
+    header: dict = {}
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _DTYPE_CODES:
+            raise TypeError(f"cannot store tensor {name!r} of dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        blobs.append(ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b"")
+        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_tensors(path: Path) -> tuple[dict, dict]:
+    """Read a safetensors file into ({name: CPU tensor}, metadata); CharlstmError if it is malformed."""
+    _check_little_endian()
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CharlstmError(f"cannot read {path}: {e.strerror or e}") from e
+    bad = f"{path} is not a valid safetensors file"
+    if len(data) < 8:
+        raise CharlstmError(f"{bad} (only {len(data)} bytes)")
+    (hlen,) = struct.unpack("<Q", data[:8])
+    if hlen > len(data) - 8:
+        raise CharlstmError(f"{bad} (truncated header)")
+    try:
+        header = json.loads(data[8 : 8 + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CharlstmError(f"{bad} (unreadable header)") from e
+    if not isinstance(header, dict):
+        raise CharlstmError(f"{bad} (header is not an object)")
+    metadata = header.pop("__metadata__", None) or {}
+    body = memoryview(data)[8 + hlen :]
+    tensors = {}
+    for name, spec in header.items():
+        try:
+            dtype = _CODE_DTYPES[spec["dtype"]]
+            shape = [int(s) for s in spec["shape"]]
+            start, end = (int(o) for o in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CharlstmError(f"{bad} (entry {name!r} is malformed)") from e
+        numel = 1
+        for s in shape:
+            numel *= s
+        if not 0 <= start <= end <= len(body) or end - start != numel * torch.empty((), dtype=dtype).element_size():
+            raise CharlstmError(f"{bad} (tensor {name!r} lies outside the file: truncated?)")
+        buf = bytearray(body[start:end])
+        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        tensors[name] = t.reshape(shape)
+    return tensors, metadata
+
+
+# --------------------------------------------------------------------------- small atomic file helpers
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory entry to disk (renames inside it become durable)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a text file and fsync it (inside a directory that is renamed later)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_text(path, json.dumps(obj, indent=1, sort_keys=True, allow_nan=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by a file holding ``text`` so that readers see the old or the new file, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_text(tmp, text)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    """Versions of the software that wrote a checkpoint (stored in config.json)."""
+    from . import __version__
+
+    try:
+        import safetensors
+
+        st_version = safetensors.__version__
+    except Exception:  # pragma: no cover
+        st_version = None
+    return {
+        "charlstm": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "safetensors": st_version,
+    }
+
+
+# --------------------------------------------------------------------------- optimizer state <-> safetensors + JSON
+
+def optimizer_to_files(optimizer) -> tuple[dict, dict]:
+    """Split ``optimizer.state_dict()`` into (tensors, JSON structure) with no pickle.
+
+    Tensors are named ``state.<param index>.<key>``; the JSON holds the param
+    groups and every non-tensor per-parameter value.
+    """
+    sd = optimizer.state_dict()
+    tensors: dict = {}
+    scalars: dict = {}
+    for idx, pstate in sd["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = []
+    for g in sd["param_groups"]:
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
+    structure = {
+        "class": type(optimizer).__name__,
+        "param_groups": groups,
+        "state_keys": sorted({k for p in sd["state"].values() for k in p}),
+        "scalars": scalars,
+        "tensor_params": sorted({int(i) for i in sd["state"]}),
+    }
+    return tensors, structure
+
+
+def optimizer_from_files(tensors: dict, structure: dict) -> dict:
+    """Rebuild an optimizer ``state_dict`` from what :func:`optimizer_to_files` wrote."""
+    state: dict = {}
+    for name, t in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    for idx, values in structure.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = []
+    for g in structure["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def _split_tensors(obj, prefix: str, tensors: dict):
+    """Replace tensors inside a nested dict/list by {"__tensor__": name}; collect them in ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {k: _split_tensors(v, f"{prefix}.{k}" if prefix else str(k), tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _join_tensors(obj, tensors: dict):
+    """Inverse of :func:`_split_tensors`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- save
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoint directories of a run, as (step, path), oldest first."""
+    run_dir = Path(run_dir)
+    found = []
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            m = CKPT_PATTERN.match(p.name)
+            if m and p.is_dir() and (p / MANIFEST).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def read_pointer(run_dir: Path, which: str) -> Path | None:
+    """The checkpoint directory a ``best``/``latest`` pointer names, if it exists and is complete."""
+    pointer = Path(run_dir) / which
+    try:
+        target = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not CKPT_PATTERN.match(target):
+        return None
+    path = Path(run_dir) / target
+    return path if (path / MANIFEST).is_file() else None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    step: int,
+    model,
+    optimizer,
+    model_cfg,
+    train_cfg,
+    vocab,
+    corpus_meta: dict,
+    trainer_state: dict,
+    is_best: bool,
+    keep: int,
+    extra_config: dict | None = None,
+) -> Path:
+    """Write checkpoint ``ckpt-<step>`` of a run atomically, update pointers, prune old ones.
+
+    ``trainer_state`` is a JSON-safe dict that may hold tensors anywhere inside
+    (carried hidden state, RNG states): those go to trainer_state.safetensors.
+    Returns the checkpoint directory.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = checkpoint_name(step)
+    final = run_dir / name
+    tmp = run_dir / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        config = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "step": int(step),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": model_cfg.to_dict(),
+            "train": train_cfg.to_dict(),
+            "vocab": vocab.to_json(),
+            "corpus": corpus_meta,
+            "versions": versions(),
+        }
+        if extra_config:
+            config.update(extra_config)
+        _write_json(tmp / "config.json", config)
+        weights = {k: v for k, v in model.state_dict().items()}
+        save_tensors(tmp / "model.safetensors", weights, {"format": FORMAT_NAME, "step": str(step)})
+        if optimizer is not None:
+            opt_tensors, opt_structure = optimizer_to_files(optimizer)
+        else:
+            opt_tensors, opt_structure = {}, {"class": None, "param_groups": [], "scalars": {}}
+        opt_structure["param_names"] = [n for n, p in model.named_parameters() if p.requires_grad]
+        save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+        _write_json(tmp / "optimizer.json", opt_structure)
+        state_tensors: dict = {}
+        state_json = _split_tensors(trainer_state, "", state_tensors)
+        save_tensors(tmp / "trainer_state.safetensors", state_tensors)
+        _write_json(tmp / "trainer_state.json", state_json)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in CKPT_FILES},
+        }
+        _write_json(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp)
+        if final.exists():
+            # Re-saving a step (a run resumed from an older checkpoint): swap atomically.
+            trash = run_dir / f".old-{name}-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(run_dir / "latest", name + "\n")
+    if is_best:
+        write_text_atomic(run_dir / "best", name + "\n")
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoints, never the ``best`` or ``latest`` one; also
+    remove leftovers of interrupted saves. Returns what was removed."""
+    run_dir = Path(run_dir)
+    protected = {p.resolve() for p in (read_pointer(run_dir, w) for w in POINTERS) if p is not None}
+    ckpts = list_checkpoints(run_dir)
+    removed = []
+    for _, path in ckpts[: max(0, len(ckpts) - keep)]:
+        if path.resolve() not in protected:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for p in run_dir.iterdir():
+        if (p.name.startswith(".tmp-ckpt-") or p.name.startswith(".old-ckpt-")) and p.is_dir():
+            # Leftover of a save that crashed (only hidden names of this pattern are ours).
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        _fsync_dir(run_dir)
+    return removed
+
+
+# --------------------------------------------------------------------------- resolve
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (bool(list_checkpoints(path)) or any((path / w).is_file() for w in POINTERS))
+
+
+def resolve_checkpoint(run: Path | None, root: Path = Path("checkpoints"), *, prefer: str = "best") -> Path:
+    """The checkpoint directory that ``RUN`` names.
+
+    A checkpoint directory is itself; a pointer file (``best``/``latest``) is
+    what it names; a run directory gives its best checkpoint (or its latest
+    with ``prefer='latest'``), falling back to the other pointer and then to
+    the newest complete ``ckpt-*`` directory; None gives the most recent run
+    under ``root``. CharlstmError when nothing loadable is there.
+    """
+    if prefer not in POINTERS:
+        raise ValueError(f"prefer must be one of {POINTERS}")
+    if run is None:
+        root = Path(root)
+        runs = [p for p in root.iterdir() if _is_run_dir(p)] if root.is_dir() else []
+        if not runs:
+            raise CharlstmError(f"no training runs under {root}/; train one with `charlstm train` or name a run directory")
+        run = max(runs, key=_run_mtime)
+    run = Path(run)
+    if not run.exists():
+        raise CharlstmError(f"{run} does not exist; give a run directory (e.g. checkpoints/NAME) or a checkpoint directory")
+    if run.is_file():
+        if run.name in POINTERS:
+            target = read_pointer(run.parent, run.name)
+            if target is None:
+                raise CharlstmError(f"{run} names no complete checkpoint; give the run directory {run.parent} instead")
+            return target
+        raise CharlstmError(f"{run} is a file, not a charlstm run or checkpoint directory")
+    if _is_checkpoint_dir(run):
+        return run
+    order = (prefer,) + tuple(w for w in POINTERS if w != prefer)
+    for which in order:
+        target = read_pointer(run, which)
+        if target is not None:
+            return target
+    ckpts = list_checkpoints(run)
+    if ckpts:
+        return ckpts[-1][1]
+    raise CharlstmError(f"{run} holds no charlstm checkpoint (expected ckpt-* directories or a config.json)")
+
+
+def _run_mtime(run_dir: Path) -> float:
+    times = [p.stat().st_mtime for p in [run_dir / w for w in POINTERS] if p.exists()]
+    times += [p.stat().st_mtime for _, p in list_checkpoints(run_dir)]
+    return max(times) if times else run_dir.stat().st_mtime
+
+
+# --------------------------------------------------------------------------- load
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: configs, vocabulary, corpus description, the model (eval mode) and state."""
+
+    path: Path
+    model_cfg: object
+    train_cfg: object
+    vocab: object
+    corpus_meta: dict
+    model: object
+    trainer_state: dict
+    metrics: dict
+    config: dict = field(default_factory=dict)   # the whole config.json
+    step: int = 0
+
+    @property
+    def versions(self) -> dict:
+        return self.config.get("versions", {})
+
+
+def _read_json(path: Path, ckpt: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CharlstmError(f"checkpoint {ckpt} is incomplete: {path.name} is missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CharlstmError(f"checkpoint {ckpt} is damaged: {path.name} is not readable JSON") from e
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check that ``path`` is a complete, undamaged charlstm checkpoint of a supported version.
+
+    Returns its config.json. CharlstmError says what is wrong: foreign, newer
+    format, missing or truncated or altered files.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CharlstmError(f"{path} is not a checkpoint directory")
+    if not (path / "config.json").is_file():
+        raise CharlstmError(f"{path} is not a charlstm checkpoint (no config.json); give a run or ckpt-* directory written by `charlstm train`")
+    config = _read_json(path / "config.json", path)
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise CharlstmError(f"{path} is not a charlstm checkpoint (its config.json has no \"format\": \"{FORMAT_NAME}\")")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CharlstmError(
+            f"{path} has checkpoint format version {version!r}; this charlstm reads up to {FORMAT_VERSION}: upgrade charlstm"
+        )
+    manifest = _read_json(path / MANIFEST, path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CharlstmError(f"checkpoint {path} is damaged: {MANIFEST} lists no files")
+    for name, entry in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CharlstmError(f"checkpoint {path} is incomplete: {name} is missing")
+        size = f.stat().st_size
+        if size != entry.get("bytes"):
+            raise CharlstmError(f"checkpoint {path} is damaged: {name} has {size} bytes, {entry.get('bytes')} expected (truncated?)")
+        if _sha256(f) != entry.get("sha256"):
+            raise CharlstmError(f"checkpoint {path} is damaged: {name} does not match its sha256 in {MANIFEST} (changed or corrupted)")
+    for name in CKPT_FILES:
+        if name not in files:
+            raise CharlstmError(f"checkpoint {path} is damaged: {MANIFEST} does not list {name}")
+    return config
+
+
+def load_trainer_state(path: Path) -> dict:
+    """The trainer state of a checkpoint (JSON with its tensors put back in place, on CPU)."""
+    path = Path(path)
+    tensors, _ = load_tensors(path / "trainer_state.safetensors")
+    state = _read_json(path / "trainer_state.json", path)
+    try:
+        return _join_tensors(state, tensors)
+    except KeyError as e:
+        raise CharlstmError(f"checkpoint {path} is damaged: trainer state refers to a missing tensor {e}") from e
+
+
+def load_optimizer_state(path: Path, optimizer) -> None:
+    """Load a checkpoint's optimizer state into ``optimizer`` (same parameters, same order)."""
+    path = Path(path)
+    tensors, _ = load_tensors(path / "optimizer.safetensors")
+    structure = _read_json(path / "optimizer.json", path)
+    if structure.get("class") != type(optimizer).__name__:
+        raise CharlstmError(
+            f"checkpoint {path} holds {structure.get('class')} state, not {type(optimizer).__name__}; use --init-from for a fresh optimizer"
+        )
+    try:
+        optimizer.load_state_dict(optimizer_from_files(tensors, structure))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CharlstmError(f"checkpoint {path}: its optimizer state does not fit this model ({e})") from e
+
+
+def load_checkpoint(path: Path, map_location="cpu", *, backend: str | None = None) -> Checkpoint:
+    """Load and validate a checkpoint (or the one a run directory names) onto ``map_location``.
+
+    The model is built from config.json, its weights loaded strictly, and put
+    in eval mode. ``backend`` ('cudnn'/'custom') rebuilds it on the other
+    backend with converted weights. CharlstmError for a damaged, foreign or
+    incompatible checkpoint; nothing on disk is ever modified.
+    """
+    from .config import ModelConfig, TrainConfig
+    from .corpus import Vocab
+    from .errors import UsageError
+    from .model import build_model, convert_state_dict
+
+    path = Path(path)
+    if not _is_checkpoint_dir(path):
+        path = resolve_checkpoint(path)
+    config = verify_checkpoint(path)
+    try:
+        model_cfg = ModelConfig.from_dict(config["model"])
+        train_cfg = TrainConfig.from_dict(config["train"])
+        vocab = Vocab.from_json(config["vocab"])
+    except (KeyError, TypeError, ValueError, UsageError) as e:
+        raise CharlstmError(f"checkpoint {path} is incompatible with this charlstm: its config.json does not parse ({e})") from e
+    if len(vocab) != model_cfg.vocab_size:
+        raise CharlstmError(
+            f"checkpoint {path} is inconsistent: {len(vocab)} characters in its vocabulary, model built for {model_cfg.vocab_size}"
+        )
+    weights, _ = load_tensors(path / "model.safetensors")
+    if backend is not None and backend != model_cfg.backend:
+        weights = convert_state_dict(weights, model_cfg, backend)
+        model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "backend": backend})
+    try:
+        model = build_model(model_cfg)
+    except CharlstmError as e:
+        raise CharlstmError(f"checkpoint {path} cannot be rebuilt by this charlstm: {e}") from e
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CharlstmError(
+            f"checkpoint {path} is incompatible: its weights do not match the {model_cfg.variant} model its config describes"
+            f" (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for name, t in weights.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise CharlstmError(
+                f"checkpoint {path} is incompatible: {name} has shape {tuple(t.shape)}, the model expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(weights, strict=True)
+    model.to(map_location)
+    model.eval()
+    trainer_state = load_trainer_state(path)
+    metrics = trainer_state.get("metrics", {}) if isinstance(trainer_state, dict) else {}
+    return Checkpoint(
+        path=path,
+        model_cfg=model_cfg,
+        train_cfg=train_cfg,
+        vocab=vocab,
+        corpus_meta=config.get("corpus", {}),
+        model=model,
+        trainer_state=trainer_state,
+        metrics=metrics,
+        config=config,
+        step=int(config.get("step", 0)),
+    )
