@@ -208,9 +208,29 @@ def bench(ctx: typer.Context) -> None:
 # --------------------------------------------------------------------------- visualize
 
 @app.command()
-def visualize(ctx: typer.Context) -> None:
-    """See what the cells have learned: gates, cells and units over a text."""
-    raise NotImplementedYet("charlstm visualize")
+def visualize(
+    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run under checkpoints/)."),
+    text: Optional[str] = typer.Option(None, "--text", help="The text to run the model over."),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", help="Read the text from this UTF-8 file instead."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write the self-contained page here (overwritten). Default when no other output is asked: <run>/visualize.html, or visualize-2.html... if that exists."),
+    unit: Optional[str] = typer.Option(None, "--unit", help="Print the text coloured by unit LAYER:INDEX (both from 0), e.g. 0:17."),
+    quantity: Optional[str] = typer.Option(None, "--quantity", help="c, h, f, i, o (LSTM family), z, r (gru). With --unit: what colours the text (default c, else h). With --find-units: rank only this quantity (default: all)."),
+    scale: str = typer.Option("unit", "--scale", help="Colours of h and c with --unit: unit (divided by the unit's max |value|) or fixed (h as is, tanh of c)."),
+    find_units: bool = typer.Option(False, "--find-units", help="Rank units by correlation with text features (quotes, brackets, position in line, word starts, indentation)."),
+    top: int = typer.Option(5, "--top", help="Units listed per feature."),
+    saturation: bool = typer.Option(False, "--saturation", help="Gate saturation table (fraction of steps < 0.1 and > 0.9) and plot (with the plot extra)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Saturation plot file (.png or .svg), or a stem for both. Default: <run>/saturation.png and .svg, never overwriting."),
+    json_out: bool = typer.Option(False, "--json", help="Print the --find-units / --saturation results as one JSON object on stdout."),
+    unknown: str = typer.Option("error", "--unknown", help="Characters outside the vocabulary: error (list them) or skip (drop them)."),
+    max_chars: int = typer.Option(2000, "--max-chars", help="Record at most this many characters (the page grows with it)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """See what the cells have learned: colour a text by any unit, gate or cell; find units that track features."""
+    from . import visualize as vis_mod
+
+    vis_mod.run_from_cli(run=run, text=text, text_file=text_file, html=html, unit=unit, quantity=quantity,
+                         scale=scale, find_units=find_units, top=top, saturation_table=saturation, plot=plot,
+                         json_out=json_out, unknown=unknown, max_chars=max_chars, device=device)
 
 
 # --------------------------------------------------------------------------- entry point
