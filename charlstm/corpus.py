@@ -1,0 +1,680 @@
+"""Corpus sources, UTF-8 decoding, the character vocabulary, the token cache and splits.
+
+A corpus is a stream of bytes (one file, or several files joined by newlines)
+decoded as UTF-8; a token is one Unicode code point. The encoded corpus is
+written once under ``data/tokens/`` keyed by the sha256 of those bytes, in the
+smallest integer dtype that holds the vocabulary, and memory-mapped from there
+on, so that a large corpus costs little RAM. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import sysconfig
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import CharlstmError, UsageError
+
+# --------------------------------------------------------------------------- constants
+
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TINYSHAKESPEARE_URL_ENV = "CHARLSTM_TINYSHAKESPEARE_URL"  # overrides the URL (mirrors, tests)
+
+PYSTDLIB_CAP_BYTES = 6 * 1024 * 1024  # the built-in corpus: first stdlib files (sorted) within 6 MiB
+# Directory names never taken into the built-in corpus: tests, third-party packages,
+# caches, and generated tables (codec maps, pydoc's topic dump) that are not code.
+PYSTDLIB_EXCLUDED_DIRS = frozenset({
+    "test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
+    "encodings", "pydoc_data", "lib-dynload",
+})
+
+NAMED_SOURCES = ("pystdlib", "tinyshakespeare")
+CACHE_FORMAT = 1                  # bump when the token cache layout changes
+CHUNK_BYTES = 4 * 1024 * 1024     # bytes read, decoded and encoded at a time (bounds memory)
+BINARY_SNIFF_BYTES = 8192         # a NUL byte in the first 8 KiB marks a binary file (as git does)
+MAX_CODE_POINT = 0x10FFFF
+PROGRESS_MIN_BYTES = 16 * 1024 * 1024  # no progress bar for work smaller than this
+
+# Default minimum a corpus must reach, quoted in error messages (TrainConfig defaults B=32, T=128).
+_DEFAULT_B, _DEFAULT_T = 32, 128
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+def _describe_chars(chars: Iterable[str], limit: int = 10) -> str:
+    """'é' (U+00E9), '\\x00' (U+0000), ... for error messages; at most `limit` shown."""
+    chars = list(chars)
+    shown = [f"{c!r} (U+{ord(c):04X})" for c in chars[:limit]]
+    if len(chars) > limit:
+        shown.append(f"and {len(chars) - limit} more")
+    return ", ".join(shown)
+
+
+def dtype_for_vocab_size(size: int) -> torch.dtype:
+    """The smallest integer dtype that holds token ids 0..size-1."""
+    if size <= 256:
+        return torch.uint8
+    if size <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+class Vocab:
+    """The sorted set of code points of a corpus; token id i is ``chars[i]``."""
+
+    def __init__(self, chars: Iterable[str]):
+        chars = list(chars)
+        for i, c in enumerate(chars):
+            if not isinstance(c, str) or len(c) != 1:
+                raise CharlstmError(f"vocabulary entry {i} is {c!r}, not a single character: the vocabulary is damaged")
+            if i and ord(chars[i - 1]) >= ord(c):
+                raise CharlstmError("vocabulary is not sorted by code point without repeats: the vocabulary is damaged")
+        self.chars: list[str] = chars
+        self.stoi: dict[str, int] = {c: i for i, c in enumerate(chars)}
+        self._lut: torch.Tensor | None = None
+
+    @classmethod
+    def from_text(cls, text: str) -> "Vocab":
+        """The vocabulary of the distinct characters of `text`."""
+        return cls(sorted(set(text)))
+
+    @classmethod
+    def from_code_points(cls, code_points: Iterable[int]) -> "Vocab":
+        return cls(chr(cp) for cp in sorted(set(code_points)))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Vocab) and self.chars == other.chars
+
+    def __repr__(self) -> str:
+        return f"Vocab({len(self)} chars)"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Smallest integer dtype of this vocabulary's token ids."""
+        return dtype_for_vocab_size(len(self))
+
+    def lookup_table(self) -> torch.Tensor:
+        """(max code point + 1,) int32: token id of each code point, -1 for characters outside."""
+        if self._lut is None:
+            top = ord(self.chars[-1]) if self.chars else 0
+            lut = torch.full((top + 1,), -1, dtype=torch.int32)
+            if self.chars:
+                cps = torch.tensor([ord(c) for c in self.chars], dtype=torch.long)
+                lut[cps] = torch.arange(len(self.chars), dtype=torch.int32)
+            self._lut = lut
+        return self._lut
+
+    def unknown(self, text: str) -> list[str]:
+        """Sorted distinct characters of `text` that are not in the vocabulary."""
+        return sorted(set(text).difference(self.stoi), key=ord)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; CharlstmError naming any characters outside the vocabulary."""
+        return encode_text(text, self).tolist()
+
+    def decode(self, ids) -> str:
+        """The text of token ids (a list, or a tensor of any shape read in order)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= len(self.chars)):
+            bad = min(ids) if min(ids) < 0 else max(ids)
+            raise ValueError(f"token id {bad} is outside the vocabulary of {len(self.chars)} characters")
+        return "".join(map(self.chars.__getitem__, ids))
+
+    def to_json(self) -> list[str]:
+        """JSON-safe form: the list of characters (json escapes NUL, newline; astral chars round-trip)."""
+        return list(self.chars)
+
+    @classmethod
+    def from_json(cls, data) -> "Vocab":
+        """Inverse of `to_json`; CharlstmError for anything that is not a valid vocabulary."""
+        if not isinstance(data, list):
+            raise CharlstmError(f"vocabulary must be a list of characters, got {type(data).__name__}: the vocabulary is damaged")
+        return cls(data)
+
+
+def _code_points(text: str) -> torch.Tensor:
+    """(N,) int32 code points of `text` (via UTF-32, no Python loop)."""
+    if not text:
+        return torch.empty(0, dtype=torch.int32)
+    return torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+
+
+def _ids_of_code_points(cps: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """(N,) int32 token ids of int32 code points through a lookup table; -1 where unknown."""
+    inside = cps < lut.numel()
+    if bool(inside.all()):
+        return lut.index_select(0, cps)
+    ids = torch.full_like(cps, -1)
+    ids[inside] = lut.index_select(0, cps[inside])
+    return ids
+
+
+def encode_text(text: str, vocab: Vocab, unknown: str = "error", *, hint: str = "remove them or pass --unknown skip") -> torch.Tensor:
+    """(N,) int64 token ids of `text` under `vocab` (for prompts and `eval --text-file`).
+
+    ``unknown='error'`` raises CharlstmError naming the characters outside the
+    vocabulary (``hint`` says what the user can do); ``'skip'`` drops them.
+    """
+    if unknown not in ("error", "skip"):
+        raise UsageError(f"unknown must be 'error' or 'skip' (got {unknown!r})")
+    ids = _ids_of_code_points(_code_points(text), vocab.lookup_table())
+    missing = ids < 0
+    if bool(missing.any()):
+        if unknown == "error":
+            bad = vocab.unknown(text)
+            raise CharlstmError(
+                f"{len(bad)} character(s) are not in the model's vocabulary of {len(vocab)}: "
+                f"{_describe_chars(bad)}; {hint}"
+            )
+        ids = ids[~missing]
+    return ids.long()
+
+
+# --------------------------------------------------------------------------- sources
+
+@dataclass
+class _Source:
+    """Where a corpus's bytes come from: files read in order, joined by newlines."""
+
+    name: str
+    description: str
+    files: list[Path]
+    skipped: list[Path] = field(default_factory=list)
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard library directory."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def pystdlib_files(root: Path | None = None, cap_bytes: int = PYSTDLIB_CAP_BYTES) -> list[Path]:
+    """The built-in corpus: stdlib .py files in sorted path order, as many as fit in `cap_bytes`.
+
+    Tests, site-packages and generated tables are excluded (PYSTDLIB_EXCLUDED_DIRS,
+    and the build-specific ``_sysconfigdata_*.py``). Selection stops at the first
+    file that would take the total past the cap, so it depends only on the
+    interpreter's files.
+    """
+    root = stdlib_root() if root is None else Path(root)
+    candidates: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in PYSTDLIB_EXCLUDED_DIRS and not d.startswith((".", "config-"))]
+        for fn in filenames:
+            if fn.endswith(".py") and not fn.startswith("_sysconfigdata_"):
+                path = Path(dirpath) / fn
+                candidates.append((path.relative_to(root).as_posix(), path))
+    candidates.sort()
+    chosen, total = [], 0
+    for _, path in candidates:
+        size = path.stat().st_size
+        if total + size > cap_bytes:
+            break
+        chosen.append(path)
+        total += size
+    return chosen
+
+
+def _is_binary(path: Path) -> bool:
+    """True when the file has a NUL byte in its first 8 KiB (git's heuristic)."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(BINARY_SNIFF_BYTES)
+
+
+def _directory_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(text files, binary files) under `root`, sorted by relative path; hidden entries ignored."""
+    text, binary = [], []
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for fn in filenames:
+            if fn.startswith("."):
+                continue
+            path = Path(dirpath) / fn
+            if path.is_file():
+                found.append((path.relative_to(root).as_posix(), path))
+    for _, path in sorted(found):
+        try:
+            (binary if _is_binary(path) else text).append(path)
+        except OSError as e:
+            raise CharlstmError(f"cannot read {path}: {e.strerror or e}") from e
+    return text, binary
+
+
+def warn(message: str) -> None:
+    """Tell the user about a problem that does not stop loading: one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _tinyshakespeare_url() -> str:
+    return os.environ.get(TINYSHAKESPEARE_URL_ENV) or TINYSHAKESPEARE_URL
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_tinyshakespeare(data_dir: Path = Path("data"), *, progress: bool = True) -> Path:
+    """Path of tinyshakespeare under `data_dir`, downloaded and checksummed on first use.
+
+    The URL is TINYSHAKESPEARE_URL unless the environment variable
+    CHARLSTM_TINYSHAKESPEARE_URL names another (a mirror, a file:// URL).
+    """
+    data_dir = Path(data_dir)
+    target = data_dir / "tinyshakespeare.txt"
+    if target.is_file() and _file_sha256(target) == TINYSHAKESPEARE_SHA256:
+        return target
+    url = _tinyshakespeare_url()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CharlstmError(f"cannot create the data directory {data_dir}: {e.strerror or e}") from e
+    part = data_dir / f"tinyshakespeare.txt.part-{os.getpid()}"
+    offline_hint = ("if this machine is offline, fetch input.txt from the char-rnn repository elsewhere "
+                    "and pass it with --data PATH/TO/input.txt")
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as out:
+            total = response.headers.get("Content-Length") if hasattr(response, "headers") else None
+            from tqdm import tqdm
+
+            with tqdm(total=int(total) if total and total.isdigit() else None, unit="B", unit_scale=True,
+                      desc="downloading tinyshakespeare", file=sys.stderr, leave=False,
+                      disable=not progress) as bar:
+                for block in iter(lambda: response.read(64 * 1024), b""):
+                    out.write(block)
+                    h.update(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        part.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise CharlstmError(f"could not download tinyshakespeare from {url}: {reason}; {offline_hint}") from e
+    digest = h.hexdigest()
+    if digest != TINYSHAKESPEARE_SHA256:
+        part.unlink(missing_ok=True)
+        raise CharlstmError(
+            f"the file downloaded from {url} has sha256 {digest}, expected {TINYSHAKESPEARE_SHA256}; "
+            f"nothing was kept. Check the URL ({TINYSHAKESPEARE_URL_ENV} overrides it) or pass a file with --data PATH"
+        )
+    os.replace(part, target)
+    return target
+
+
+def _resolve_source(source: str, data_dir: Path, progress: bool) -> _Source:
+    """Turn a --data value into the list of files to read."""
+    if source == "pystdlib":
+        root = stdlib_root()
+        files = pystdlib_files(root)
+        if not files:
+            raise CharlstmError(
+                f"the Python standard library sources were not found under {root}, so the built-in corpus "
+                f"is unavailable; pass a text file or directory with --data PATH"
+            )
+        size = sum(p.stat().st_size for p in files)
+        desc = (f"Python {platform.python_version()} standard library at {root}: first {len(files)} .py files "
+                f"in sorted order, {size} bytes (cap {PYSTDLIB_CAP_BYTES})")
+        return _Source("pystdlib", desc, files)
+    if source == "tinyshakespeare":
+        path = download_tinyshakespeare(data_dir, progress=progress)
+        return _Source("tinyshakespeare", f"{_tinyshakespeare_url()} (sha256 {TINYSHAKESPEARE_SHA256[:12]}...)", [path])
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CharlstmError(
+            f"--data {source}: no such file or directory; pass pystdlib (built in), tinyshakespeare "
+            f"(downloaded once), a UTF-8 text file, or a directory of text files"
+        )
+    if path.is_dir():
+        text, binary = _directory_files(path)
+        if binary:
+            names = ", ".join(str(p.relative_to(path)) for p in binary[:20])
+            more = f" and {len(binary) - 20} more" if len(binary) > 20 else ""
+            warn(f"skipped {len(binary)} binary file(s) under {path}: {names}{more}")
+        if not text:
+            raise CharlstmError(
+                f"--data {source}: the directory has no text files"
+                + (f" ({len(binary)} binary file(s) skipped)" if binary else "")
+                + "; pass a directory containing UTF-8 text files, or a file"
+            )
+        return _Source(source, f"directory {path.resolve()} ({len(text)} text files)", text, binary)
+    if not path.is_file():
+        raise CharlstmError(f"--data {source}: not a regular file or directory; pass a UTF-8 text file or a directory")
+    return _Source(source, f"file {path.resolve()}", [path])
+
+
+# --------------------------------------------------------------------------- reading and decoding
+
+def _complete_utf8_prefix(data: bytes) -> int:
+    """Length of the longest prefix of `data` that does not end inside a UTF-8 sequence."""
+    n = len(data)
+    i = n - 1
+    while i >= max(0, n - 4) and (data[i] & 0xC0) == 0x80:  # step back over continuation bytes
+        i -= 1
+    if i < 0 or data[i] < 0xC0:
+        return n
+    lead = data[i]
+    need = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4 if lead < 0xF8 else 1
+    return n if n - i >= need else i
+
+
+def _decode(data: bytes, path: Path, offset: int, invalid_utf8: str) -> str:
+    try:
+        return data.decode("utf-8", errors="strict" if invalid_utf8 == "strict" else "replace")
+    except UnicodeDecodeError as e:
+        raise CharlstmError(
+            f"{path}: invalid UTF-8 at byte offset {offset + e.start} ({e.reason}); "
+            f"fix the file, or pass --invalid-utf8 replace to read bad bytes as U+FFFD"
+        ) from None
+
+
+def _read_pieces(files: list[Path], invalid_utf8: str, hasher=None, on_bytes=None) -> Iterator[bytes | str]:
+    """The corpus text in pieces: ASCII pieces as bytes (== their code points), others as str.
+
+    Files are joined by a newline when one does not end with one. Every byte
+    read is fed to `hasher`; `on_bytes(n)` is told how many bytes were read.
+    """
+    for k, path in enumerate(files):
+        offset = 0            # byte offset of `pending` in the file
+        pending = b""
+        last = b"\n"
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise CharlstmError(f"cannot read {path}: {e.strerror or e}") from e
+        with f:
+            while True:
+                block = f.read(CHUNK_BYTES)
+                if hasher is not None:
+                    hasher.update(block)
+                if on_bytes is not None:
+                    on_bytes(len(block))
+                data = pending + block if pending else block
+                if not data:
+                    break
+                last = data[-1:]
+                if data.isascii():
+                    yield data
+                    offset += len(data)
+                    pending = b""
+                    continue
+                cut = len(data) if not block else _complete_utf8_prefix(data)
+                if cut:
+                    yield _decode(data[:cut], path, offset, invalid_utf8)
+                offset += cut
+                pending = data[cut:]
+                if not block:
+                    break
+        if k + 1 < len(files) and last != b"\n":
+            if hasher is not None:
+                hasher.update(b"\n")
+            yield b"\n"
+
+
+def _coalesce(pieces: Iterable[bytes | str], size: int = CHUNK_BYTES) -> Iterator[bytes | str]:
+    """Join consecutive small pieces (many small files) into pieces of about `size` characters."""
+    buf: list[bytes | str] = []
+    buffered = 0
+    for piece in pieces:
+        buf.append(piece)
+        buffered += len(piece)
+        if buffered >= size:
+            yield _join(buf)
+            buf, buffered = [], 0
+    if buf:
+        yield _join(buf)
+
+
+def _join(buf: list[bytes | str]) -> bytes | str:
+    if len(buf) == 1:
+        return buf[0]
+    if all(isinstance(p, bytes) for p in buf):
+        return b"".join(buf)
+    return "".join(p.decode("ascii") if isinstance(p, bytes) else p for p in buf)
+
+
+def _stream_sha256(files: list[Path], on_bytes=None) -> str:
+    """sha256 of the corpus byte stream (the files joined as `_read_pieces` joins them)."""
+    h = hashlib.sha256()
+    for k, path in enumerate(files):
+        last = b"\n"
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+                    h.update(block)
+                    last = block[-1:]
+                    if on_bytes is not None:
+                        on_bytes(len(block))
+        except OSError as e:
+            raise CharlstmError(f"cannot read {path}: {e.strerror or e}") from e
+        if k + 1 < len(files) and last != b"\n":
+            h.update(b"\n")
+    return h.hexdigest()
+
+
+def _piece_code_points(piece: bytes | str) -> torch.Tensor:
+    """(n,) int32 code points of one piece from `_read_pieces`."""
+    if isinstance(piece, bytes):
+        return torch.frombuffer(bytearray(piece), dtype=torch.uint8).to(torch.int32)
+    return _code_points(piece)
+
+
+class _Progress:
+    """A tqdm byte counter on stderr, or nothing when disabled or the work is small."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled and total >= PROGRESS_MIN_BYTES:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- token cache
+
+def _cache_paths(data_dir: Path, key: str) -> tuple[Path, Path]:
+    base = Path(data_dir) / "tokens"
+    return base / f"{key}.json", base / f"{key}.bin"
+
+
+def _load_cached(data_dir: Path, key: str) -> tuple[Vocab, torch.Tensor, dict] | None:
+    """(vocab, memory-mapped tokens, header) from the cache, or None when absent or unusable."""
+    meta_path, bin_path = _cache_paths(data_dir, key)
+    try:
+        header = json.loads(meta_path.read_text(encoding="utf-8"))
+        if header.get("format") != CACHE_FORMAT:
+            return None
+        vocab = Vocab.from_json(header["vocab"])
+        n = int(header["n_tokens"])
+        dtype = vocab.dtype
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if n <= 0 or bin_path.stat().st_size != n * itemsize:
+            return None
+        tokens = torch.from_file(str(bin_path), shared=False, size=n, dtype=dtype)  # (N,) memory-mapped
+        return vocab, tokens, header
+    except (OSError, ValueError, KeyError, TypeError, CharlstmError, RuntimeError):
+        return None
+
+
+def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, total_bytes: int,
+                 progress: bool) -> tuple[Vocab, torch.Tensor, dict]:
+    """Decode the source twice (vocabulary, then ids) and write the token cache; return it mapped."""
+    # Pass 1: which code points occur, and how many there are.
+    present = torch.zeros(MAX_CODE_POINT + 1, dtype=torch.bool)   # (0x110000,) non-ASCII seen
+    ascii_seen = b""                                              # ASCII bytes seen so far
+    n_tokens = 0
+    bar = _Progress(total_bytes, "reading corpus", progress)
+    h = hashlib.sha256()
+    for piece in _coalesce(_read_pieces(src.files, invalid_utf8, hasher=h, on_bytes=bar.update)):
+        n_tokens += len(piece)
+        if isinstance(piece, bytes):
+            rest = piece.translate(None, ascii_seen)              # only characters not seen yet
+            if rest:
+                counts = torch.bincount(torch.frombuffer(bytearray(rest), dtype=torch.uint8), minlength=256)
+                ascii_seen += bytes(torch.nonzero(counts).flatten().tolist())
+        else:
+            counts = torch.bincount(_code_points(piece))          # (max cp + 1,)
+            present[: counts.numel()] |= counts > 0
+    bar.close()
+    present[list(ascii_seen)] = True
+    if h.hexdigest() != sha:
+        raise CharlstmError(f"{src.name} changed while it was being read; try again once it is stable")
+    if n_tokens == 0:
+        raise CharlstmError(
+            f"--data {src.name} contains no text (0 characters); a corpus needs at least batch size x seq len + 1 "
+            f"characters in its training split ({_DEFAULT_B * _DEFAULT_T + 1} with the defaults "
+            f"--batch-size {_DEFAULT_B} --seq-len {_DEFAULT_T})"
+        )
+    replaced = invalid_utf8 == "replace" and bool(present[0xFFFD])
+    vocab = Vocab.from_code_points(torch.nonzero(present).flatten().tolist())
+    dtype = vocab.dtype
+    lut = vocab.lookup_table().to(dtype)                   # (max cp + 1,) code point -> id
+    header = {
+        "format": CACHE_FORMAT, "sha256": sha, "name": src.name, "source": src.description,
+        "n_tokens": n_tokens, "dtype": str(dtype).removeprefix("torch."),
+        "invalid_utf8": invalid_utf8 if replaced else "strict", "vocab": vocab.to_json(),
+    }
+    key = sha + ("-replace" if replaced else "")
+    meta_path, bin_path = _cache_paths(data_dir, key)
+    tmp_bin = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
+    try:
+        bin_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_bin.unlink(missing_ok=True)
+        out = torch.from_file(str(tmp_bin), shared=True, size=n_tokens, dtype=dtype)  # (N,) written in place
+    except (OSError, RuntimeError) as e:
+        warn(f"cannot write the token cache under {bin_path.parent} ({e}); keeping the tokens in memory")
+        tmp_bin = None
+        out = torch.empty(n_tokens, dtype=dtype)
+
+    # Pass 2: token ids, written chunk by chunk.
+    table = None                                           # ASCII fast path: bytes.translate
+    if dtype == torch.uint8:
+        table = bytearray(256)
+        for i, c in enumerate(vocab.chars):
+            if ord(c) < 128:
+                table[ord(c)] = i
+        table = bytes(table)
+    pos = 0
+    bar = _Progress(total_bytes, "encoding corpus", progress)
+    for piece in _coalesce(_read_pieces(src.files, invalid_utf8, on_bytes=bar.update)):
+        if table is not None and isinstance(piece, bytes):
+            ids = torch.frombuffer(bytearray(piece.translate(table)), dtype=torch.uint8)
+        else:
+            ids = lut.index_select(0, _piece_code_points(piece))   # (n,) dtype
+        out[pos: pos + ids.numel()] = ids
+        pos += ids.numel()
+    bar.close()
+    if pos != n_tokens:
+        raise CharlstmError(f"{src.name} changed while it was being read; try again once it is stable")
+    if tmp_bin is None:
+        return vocab, out, header
+    del out  # unmap: the pages reach the file
+    tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")
+    tmp_meta.write_text(json.dumps(header), encoding="utf-8")
+    os.replace(tmp_bin, bin_path)
+    os.replace(tmp_meta, meta_path)
+    tokens = torch.from_file(str(bin_path), shared=False, size=n_tokens, dtype=dtype)  # (N,) memory-mapped
+    return vocab, tokens, header
+
+
+# --------------------------------------------------------------------------- corpus
+
+@dataclass
+class Corpus:
+    """A decoded, encoded corpus: its identity, vocabulary and memory-mapped tokens."""
+
+    name: str                      # 'pystdlib', 'tinyshakespeare', or the path given
+    source: str                    # human description (path, URL, interpreter version)
+    sha256: str                    # of the raw bytes that were decoded
+    vocab: Vocab
+    tokens: torch.Tensor           # (N,) smallest integer dtype, memory-mapped from data/
+    n_files: int = 1
+    skipped: list[str] = field(default_factory=list)   # binary files skipped in a directory
+    invalid_utf8: str = "strict"   # 'replace' when undecodable bytes were read as U+FFFD
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    def split(self, val_frac: float = 0.1, test_frac: float = 0.0) -> dict[str, torch.Tensor]:
+        """{'train', 'val', 'test'}: contiguous views; val is the last part, test just before it.
+
+        train is the first floor(N * (1 - val_frac - test_frac)) tokens (nanoGPT's
+        ``int(0.9 * n)`` by default); an unused split is an empty tensor.
+        """
+        if not (0.0 <= val_frac < 1.0 and 0.0 <= test_frac < 1.0 and val_frac + test_frac < 1.0):
+            raise UsageError("--val-frac and --test-frac must be in [0, 1) and sum to less than 1 "
+                             f"(got {val_frac} and {test_frac})")
+        n = self.tokens.numel()
+        train_end = int(n * (1.0 - val_frac - test_frac))
+        test_end = max(int(n * (1.0 - val_frac)), train_end)
+        return {
+            "train": self.tokens[:train_end],
+            "test": self.tokens[train_end:test_end],
+            "val": self.tokens[test_end:],
+        }
+
+    def meta(self) -> dict:
+        """JSON-safe identity of the corpus, stored in checkpoints."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "sha256": self.sha256,
+            "n_chars": self.tokens.numel(),
+            "vocab_size": len(self.vocab),
+            "n_files": self.n_files,
+            "invalid_utf8": self.invalid_utf8,
+        }
+
+
+def load_corpus(source: str = "pystdlib", *, data_dir: Path = Path("data"),
+                invalid_utf8: str = "strict", progress: bool = True) -> Corpus:
+    """Load a corpus by --data value: read, decode, encode (cached under data_dir/tokens), map.
+
+    `invalid_utf8` is 'strict' (CharlstmError naming file and byte offset) or
+    'replace' (bad bytes become U+FFFD). Progress bars go to stderr.
+    """
+    if invalid_utf8 not in ("strict", "replace"):
+        raise UsageError(f"--invalid-utf8 must be strict or replace (got {invalid_utf8!r})")
+    source = str(source)
+    data_dir = Path(data_dir)
+    src = _resolve_source(source, data_dir, progress)
+    total = sum(p.stat().st_size for p in src.files)
+    bar = _Progress(total, "hashing corpus", progress)
+    sha = _stream_sha256(src.files, on_bytes=bar.update)
+    bar.close()
+    cached = _load_cached(data_dir, sha)
+    if cached is None and invalid_utf8 == "replace":
+        cached = _load_cached(data_dir, sha + "-replace")
+    if cached is None:
+        cached = _build_cache(src, data_dir, sha, invalid_utf8, total, progress)
+    vocab, tokens, header = cached
+    return Corpus(
+        name=src.name, source=src.description, sha256=sha, vocab=vocab, tokens=tokens,
+        n_files=len(src.files), skipped=[str(p) for p in src.skipped],
+        invalid_utf8=header.get("invalid_utf8", "strict"),
+    )
