@@ -81,7 +81,7 @@ def _root(
 
 @app.command()
 def train(
-    data: str = typer.Option("pystdlib", "--data", help="pystdlib (built in), tinyshakespeare (downloaded once), a text file, or a directory of text files."),
+    data: Optional[str] = typer.Option(None, "--data", help="pystdlib (built in), tinyshakespeare (downloaded once), a text file, or a directory of text files.  [default: pystdlib, or the preset's]"),
     preset: Optional[str] = typer.Option(None, "--preset", help="Named recipe: demo (about 2 CPU minutes), shakespeare (the README's 10-minute CPU recipe). Explicit options override it."),
     variant: Optional[str] = typer.Option(None, "--variant", help="rnn, lstm, peephole, coupled or gru.  [default: lstm]"),
     backend: Optional[str] = typer.Option(None, "--backend", help="auto (cudnn where the variant has one, else custom), cudnn or custom.  [default: auto]"),
@@ -94,12 +94,16 @@ def train(
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout between layers and before the head (never recurrent).  [default: 0.0]"),
     forget_bias: Optional[float] = typer.Option(None, "--forget-bias", help="Initial forget-gate bias for the LSTM family.  [default: 1.0]"),
     init: Optional[str] = typer.Option(None, "--init", help="uniform (PyTorch's) or chrono (Tallec & Ollivier).  [default: uniform]"),
+    chrono_tmax: Optional[int] = typer.Option(None, "--chrono-tmax", help="T_max of chrono initialisation (0: the training window length).  [default: 0]"),
     no_bias: bool = typer.Option(False, "--no-bias", help="Cells without biases (the seed's GRU equations to the letter)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Truncated-BPTT window T.  [default: 128]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Parallel contiguous streams B.  [default: 32]"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW).  [default: 3e-3]"),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine (with warmup), constant, or step (char-rnn style decay).  [default: cosine]"),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warmup steps.  [default: 100]"),
+    min_lr_frac: Optional[float] = typer.Option(None, "--min-lr-frac", help="cosine: final learning rate as a fraction of --lr.  [default: 0.1]"),
+    lr_decay: Optional[float] = typer.Option(None, "--lr-decay", help="step schedule: multiply the learning rate by this...  [default: 0.97]"),
+    lr_decay_every: Optional[int] = typer.Option(None, "--lr-decay-every", help="...every this many steps.  [default: 500]"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (not on biases or embeddings).  [default: 0.0]"),
     clip: Optional[float] = typer.Option(None, "--clip", help="Clip gradients to this global norm (0 disables).  [default: 1.0]"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Budget: optimizer steps."),
@@ -108,25 +112,35 @@ def train(
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate on the whole validation split every N steps.  [default: 500]"),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save a checkpoint every N steps.  [default: 500]"),
     keep: Optional[int] = typer.Option(None, "--keep", help="Keep the N latest checkpoints plus the best.  [default: 3]"),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Write a metrics.jsonl line every N steps.  [default: 10]"),
+    sample_chars: Optional[int] = typer.Option(None, "--sample-chars", help="Length of the sample printed at each evaluation (0: none).  [default: 200]"),
     val_frac: Optional[float] = typer.Option(None, "--val-frac", help="Validation split: the last fraction of the corpus.  [default: 0.1]"),
+    test_frac: Optional[float] = typer.Option(None, "--test-frac", help="Test split, just before the validation split (for `charlstm eval --split test`).  [default: 0.0]"),
     invalid_utf8: Optional[str] = typer.Option(None, "--invalid-utf8", help="strict (error) or replace (U+FFFD) for undecodable bytes.  [default: strict]"),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory.  [default: checkpoints/<name>]"),
-    name: Optional[str] = typer.Option(None, "--name", help="Run name (the directory under checkpoints/)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (the directory under checkpoints/).  [default: VARIANT-DATA, numbered if taken]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out/--name (only charlstm's own files are removed)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run exactly where it stopped."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from another run's weights with a fresh optimizer."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed.  [default: 1337]"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda.  [default: auto]"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch.  [default: torch's]"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast on CUDA (ignored on CPU).  [default: --bf16]"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (evaluations, samples and the summary are still printed)."),
 ) -> None:
     """Train a model; writes a run directory with checkpoints and metrics.jsonl."""
     try:
         from . import train as train_mod
     except ImportError as e:  # pragma: no cover - only before the trainer exists
         raise NotImplementedYet("charlstm train") from e
-    options = {k: v for k, v in locals().items() if k not in ("train_mod", "preset", "resume", "init_from", "no_bias") and v is not None}
+    flags = ("flags", "train_mod", "preset", "resume", "init_from", "no_bias", "overwrite", "no_progress")
+    options = {k: v for k, v in locals().items() if k not in flags and v is not None}
     if no_bias:
         options["bias"] = False
-    train_mod.run_from_cli(options, preset=preset, resume=resume, init_from=init_from)
+    result = train_mod.run_from_cli(options, preset=preset, resume=resume, init_from=init_from,
+                                    overwrite=overwrite, progress=not no_progress)
+    if result is not None and result.interrupted:
+        raise typer.Exit(130)
 
 
 # --------------------------------------------------------------------------- sample
@@ -192,9 +206,50 @@ def info(
 # --------------------------------------------------------------------------- compare-variants
 
 @app.command("compare-variants")
-def compare_variants(ctx: typer.Context) -> None:
-    """Train several cell variants under one budget and compare them."""
-    raise NotImplementedYet("charlstm compare-variants")
+def compare_variants(
+    task: str = typer.Option("corpus", "--task", help="corpus (language modelling on --data) or long-gap (recall a key after G distractors)."),
+    variants: str = typer.Option("rnn,lstm,peephole,coupled,gru", "--variants", help="Comma-separated cell variants to compare."),
+    seeds: str = typer.Option("1", "--seeds", help="Comma-separated seeds; each variant is trained once per seed (mean ± std)."),
+    gaps: str = typer.Option("5,20,50,100", "--gaps", help="long-gap: comma-separated gap lengths G."),
+    keys: int = typer.Option(8, "--keys", help="long-gap: number of keys K to recall (chance is 1/K)."),
+    distractors: int = typer.Option(8, "--distractors", help="long-gap: size of the distractor alphabet."),
+    eval_size: int = typer.Option(1000, "--eval-size", help="long-gap: held-out sequences that accuracy is measured on."),
+    match_params: bool = typer.Option(False, "--match-params", help="Size each variant's hidden layer so its parameter count is within 2% of an lstm of --hidden units."),
+    data: str = typer.Option("pystdlib", "--data", help="corpus: pystdlib, tinyshakespeare, a text file or a directory (as for train)."),
+    val_frac: float = typer.Option(0.1, "--val-frac", help="corpus: validation split, the last fraction of the corpus."),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden units per layer (the reference size under --match-params).  [default: corpus 256, long-gap 64]"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Stacked recurrent layers.  [default: corpus 2, long-gap 1]"),
+    embed: Optional[int] = typer.Option(None, "--embed", help="Character embedding size.  [default: corpus 64, long-gap 16]"),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout between layers and before the head."),
+    backend: str = typer.Option("auto", "--backend", help="auto (cudnn where the variant has one, else custom), cudnn or custom."),
+    peephole_form: str = typer.Option("diag", "--peephole-form", help="Peephole form: diag or full."),
+    peepholes: str = typer.Option("fio", "--peepholes", help="Gates with peepholes: any subset of fio."),
+    gru_form: str = typer.Option("cudnn", "--gru-form", help="GRU equations: cudnn or cho."),
+    init: str = typer.Option("uniform", "--init", help="uniform (PyTorch's) or chrono (Tallec & Ollivier; T_max = the sequence length in long-gap)."),
+    forget_bias: float = typer.Option(1.0, "--forget-bias", help="Initial forget-gate bias for the LSTM family."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="corpus: truncated-BPTT window T.  [default: 128]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Streams (corpus) or sequences (long-gap) per step.  [default: 32]"),
+    lr: float = typer.Option(3e-3, "--lr", help="Learning rate (AdamW for corpus with the train schedule; constant Adam for long-gap)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="corpus: cosine, constant or step.  [default: train's, cosine]"),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="corpus: linear warmup steps.  [default: train's, 100]"),
+    clip: float = typer.Option(1.0, "--clip", help="Clip gradients to this global norm (0 disables)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Budget per run: optimizer steps.  [default: corpus 500, long-gap 1000, unless --max-time is given]"),
+    max_time: Optional[str] = typer.Option(None, "--max-time", help="Budget per run: wall time, e.g. 60s, 2m (with --max-steps, the first reached stops)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps for the learning curves.  [default: a tenth of --max-steps, else 100]"),
+    jobs: int = typer.Option(1, "--jobs", help="Runs trained at the same time, in separate processes, threads split among them."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads in all (split among --jobs).  [default: torch's]"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Comparison directory; one run directory per variant and seed inside.  [default: checkpoints/compare-<data> or checkpoints/compare-long-gap]"),
+    no_plot: bool = typer.Option(False, "--no-plot", help="Write the data files but no figures."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (the table is not printed)."),
+) -> None:
+    """Train several cell variants under one budget and compare them.
+
+    Rerunning the same command reads finished runs back instead of training them again.
+    """
+    from . import compare as compare_mod
+
+    compare_mod.run_from_cli(**{k: v for k, v in locals().items() if k != "compare_mod"})
 
 
 # --------------------------------------------------------------------------- bench

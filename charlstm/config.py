@@ -108,6 +108,7 @@ class TrainConfig:
     lr: float = 3e-3              # peak learning rate (AdamW)
     schedule: str = "cosine"      # cosine (with warmup) | constant | step (char-rnn style decay)
     warmup: int = 100             # warmup steps (linear) for every schedule
+    min_lr_frac: float = 0.1      # cosine schedule: the final lr as a fraction of --lr
     lr_decay: float = 0.97        # step schedule: multiply lr by this ...
     lr_decay_every: int = 500     # ... every this many steps
     weight_decay: float = 0.0     # AdamW decoupled weight decay (not on biases, embeddings, norms)
@@ -118,6 +119,7 @@ class TrainConfig:
     eval_every: int = 500         # evaluate on the whole validation split every N steps (and at the end)
     checkpoint_every: int = 500   # save a checkpoint every N steps (and at the end)
     keep: int = 3                 # keep this many latest checkpoints (plus the best)
+    log_every: int = 10           # write a metrics.jsonl line every N steps (mean train loss since the last)
     sample_chars: int = 200       # length of the sample printed at each evaluation
     seed: int = 1337              # RNG seed (same seed, same run on the same machine)
     device: str = "auto"          # auto | cpu | cuda
@@ -130,12 +132,17 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("invalid_utf8", self.invalid_utf8, ("strict", "replace"))
-        for name in ("seq_len", "batch_size", "lr", "eval_every", "checkpoint_every", "keep"):
+        for name in ("seq_len", "batch_size", "lr", "eval_every", "checkpoint_every", "keep", "log_every",
+                     "lr_decay_every"):
             _positive(name, getattr(self, name))
         for name in ("max_steps", "max_epochs", "max_time", "threads"):
             _positive(name, getattr(self, name))
         for name in ("warmup", "weight_decay", "clip"):
             _positive(name, getattr(self, name), allow_zero=True)
+        if not 0.0 <= self.min_lr_frac <= 1.0:
+            raise UsageError(f"--min-lr-frac must be in [0, 1] (got {self.min_lr_frac})")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise UsageError(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
         if not 0.0 <= self.val_frac < 1.0 or not 0.0 <= self.test_frac < 1.0 or self.val_frac + self.test_frac >= 1.0:
             raise UsageError("--val-frac and --test-frac must be in [0, 1) and sum to less than 1")
 
