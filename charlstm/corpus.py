@@ -547,7 +547,7 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
     if n_tokens == 0:
         raise CharlstmError(
             f"--data {src.name} contains no text (0 characters); a corpus needs at least batch size x seq len + 1 "
-            f"characters in its training split ({_DEFAULT_B * _DEFAULT_T + 1} with the defaults "
+            f"characters in its training split ({_DEFAULT_B * _DEFAULT_T + 1:,} with the defaults "
             f"--batch-size {_DEFAULT_B} --seq-len {_DEFAULT_T})"
         )
     replaced = invalid_utf8 == "replace" and bool(present[0xFFFD])

@@ -29,6 +29,13 @@ def tiny_text(repeat: int = 40) -> str:
     return "\n".join(_TINY_LINES * repeat) + "\n"
 
 
+@pytest.fixture(autouse=True)
+def _clean_charlstm_env(monkeypatch):
+    """Each test starts without CHARLSTM_* switches (``--debug`` sets CHARLSTM_DEBUG in-process)."""
+    for name in ("CHARLSTM_DEBUG", "CHARLSTM_TINYSHAKESPEARE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """Path of ../shared/data (tinyshakespeare.txt lives there); skips when absent."""
