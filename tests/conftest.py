@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,14 @@ def tiny_text(repeat: int = 40) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _clean_charlstm_env(monkeypatch):
-    """Each test starts without CHARLSTM_* switches (``--debug`` sets CHARLSTM_DEBUG in-process)."""
-    for name in ("CHARLSTM_DEBUG", "CHARLSTM_TINYSHAKESPEARE_URL"):
-        monkeypatch.delenv(name, raising=False)
+def _clean_charlstm_env():
+    """Each test starts and ends without CHARLSTM_* switches (``--debug`` sets CHARLSTM_DEBUG in-process)."""
+    names = ("CHARLSTM_DEBUG", "CHARLSTM_TINYSHAKESPEARE_URL")
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    yield
+    for n in names:
+        os.environ.pop(n, None)
+    os.environ.update(saved)
 
 
 @pytest.fixture

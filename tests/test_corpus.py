@@ -386,3 +386,52 @@ def test_vocab_from_json_rejects_damage():
     for bad in ("abc", ["ab"], ["b", "a"], ["a", "a"], [1]):
         with pytest.raises(CharlstmError, match="vocabulary"):
             Vocab.from_json(bad)
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def run_train(tmp_path, monkeypatch, *args: str):
+    """`charlstm train ARGS` in tmp_path through CliRunner; skips while train is not built."""
+    from typer.testing import CliRunner
+
+    from charlstm import cli
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.app, ["train", *args, "--max-steps", "1", "--out", str(tmp_path / "run")],
+                                prog_name="charlstm")
+    if "not implemented yet" in result.stderr:
+        pytest.skip("charlstm train is not implemented yet")
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_cli_missing_path(tmp_path, monkeypatch):
+    result = run_train(tmp_path, monkeypatch, "--data", "/missing/corpus.txt")
+    assert result.exit_code == 1
+    assert "error: --data /missing/corpus.txt: no such file or directory" in result.stderr
+
+
+def test_cli_invalid_utf8(tmp_path, monkeypatch):
+    (tmp_path / "bad.txt").write_bytes(b"abc\xffdef\n")
+    result = run_train(tmp_path, monkeypatch, "--data", "bad.txt")
+    assert result.exit_code == 1
+    assert "bad.txt: invalid UTF-8 at byte offset 3" in result.stderr
+    assert "--invalid-utf8 replace" in result.stderr
+
+
+def test_cli_empty_corpus(tmp_path, monkeypatch):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    result = run_train(tmp_path, monkeypatch, "--data", "empty.txt")
+    assert result.exit_code == 1
+    assert "contains no text" in result.stderr and "4,097" in result.stderr
+
+
+def test_cli_too_short_and_binary_in_directory(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("short text\n" * 5, encoding="utf-8")
+    (tmp_path / "d" / "logo.png").write_bytes(b"\x89PNG\x00\x00")
+    result = run_train(tmp_path, monkeypatch, "--data", "d", "--batch-size", "4", "--seq-len", "16")
+    assert result.exit_code == 1
+    assert "warning: skipped 1 binary file(s)" in result.stderr and "logo.png" in result.stderr
+    assert "the train split has 49 characters" in result.stderr and "at least 65" in result.stderr
