@@ -9,7 +9,9 @@ on, so that a large corpus costs little RAM. See docs/data.md.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import io
 import json
 import os
 import platform
@@ -562,44 +564,61 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
     key = sha + ("-replace" if replaced else "")
     meta_path, bin_path = _cache_paths(data_dir, key)
     tmp_bin = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
+    tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")
     try:
         bin_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_bin.unlink(missing_ok=True)
-        out = torch.from_file(str(tmp_bin), shared=True, size=n_tokens, dtype=dtype)  # (N,) written in place
-    except (OSError, RuntimeError) as e:
-        warn(f"cannot write the token cache under {bin_path.parent} ({e}); keeping the tokens in memory")
-        tmp_bin = None
-        out = torch.empty(n_tokens, dtype=dtype)
+        out = open(tmp_bin, "wb")
+    except OSError as e:
+        warn(f"cannot write the token cache under {bin_path.parent} ({e.strerror or e}); keeping the tokens in memory")
+        tmp_bin, tmp_meta, out = None, None, io.BytesIO()
+    try:
+        with out:
+            written = _write_ids(src, vocab, lut, invalid_utf8, out, total_bytes, progress)
+            if written != n_tokens:
+                raise CharlstmError(f"{src.name} changed while it was being read; try again once it is stable")
+            if tmp_bin is None:
+                buffer = bytearray(out.getbuffer())
+                return vocab, torch.frombuffer(buffer, dtype=dtype), header
+        tmp_meta.write_text(json.dumps(header), encoding="utf-8")
+        os.replace(tmp_bin, bin_path)
+        os.replace(tmp_meta, meta_path)
+    finally:
+        for leftover in (tmp_bin, tmp_meta):
+            if leftover is not None:
+                try:
+                    leftover.unlink(missing_ok=True)
+                except OSError:
+                    pass
+    tokens = torch.from_file(str(bin_path), shared=False, size=n_tokens, dtype=dtype)  # (N,) memory-mapped
+    return vocab, tokens, header
 
-    # Pass 2: token ids, written chunk by chunk.
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a contiguous CPU tensor (without numpy)."""
+    t = t.contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+
+
+def _write_ids(src: _Source, vocab: Vocab, lut: torch.Tensor, invalid_utf8: str, out,
+               total_bytes: int, progress: bool) -> int:
+    """Pass 2: write the token ids of the source to `out` chunk by chunk; return how many."""
     table = None                                           # ASCII fast path: bytes.translate
-    if dtype == torch.uint8:
+    if lut.dtype == torch.uint8:
         table = bytearray(256)
         for i, c in enumerate(vocab.chars):
             if ord(c) < 128:
                 table[ord(c)] = i
         table = bytes(table)
-    pos = 0
+    written = 0
     bar = _Progress(total_bytes, "encoding corpus", progress)
     for piece in _coalesce(_read_pieces(src.files, invalid_utf8, on_bytes=bar.update)):
         if table is not None and isinstance(piece, bytes):
-            ids = torch.frombuffer(bytearray(piece.translate(table)), dtype=torch.uint8)
+            out.write(piece.translate(table))
         else:
-            ids = lut.index_select(0, _piece_code_points(piece))   # (n,) dtype
-        out[pos: pos + ids.numel()] = ids
-        pos += ids.numel()
+            out.write(_tensor_bytes(lut.index_select(0, _piece_code_points(piece))))  # (n,) ids
+        written += len(piece)
     bar.close()
-    if pos != n_tokens:
-        raise CharlstmError(f"{src.name} changed while it was being read; try again once it is stable")
-    if tmp_bin is None:
-        return vocab, out, header
-    del out  # unmap: the pages reach the file
-    tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")
-    tmp_meta.write_text(json.dumps(header), encoding="utf-8")
-    os.replace(tmp_bin, bin_path)
-    os.replace(tmp_meta, meta_path)
-    tokens = torch.from_file(str(bin_path), shared=False, size=n_tokens, dtype=dtype)  # (N,) memory-mapped
-    return vocab, tokens, header
+    return written
 
 
 # --------------------------------------------------------------------------- corpus

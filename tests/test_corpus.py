@@ -319,7 +319,7 @@ def test_cache_reused_and_memory_mapped(tiny_corpus_file, tmp_path, monkeypatch)
     bin_path = tmp_path / "data" / "tokens" / f"{first.sha256}.bin"
     header = json.loads((tmp_path / "data" / "tokens" / f"{first.sha256}.json").read_text())
     assert bin_path.stat().st_size == len(first.tokens) and header["dtype"] == "uint8"
-    assert bytes(bin_path.read_bytes()) == bytes(first.tokens.tolist())
+    assert bin_path.read_bytes() == bytes(first.tokens.tolist())
 
     def no_rebuild(*a, **k):
         raise AssertionError("the cache should have been used")
@@ -435,3 +435,11 @@ def test_cli_too_short_and_binary_in_directory(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "warning: skipped 1 binary file(s)" in result.stderr and "logo.png" in result.stderr
     assert "the train split has 49 characters" in result.stderr and "at least 65" in result.stderr
+
+
+def test_unwritable_cache_keeps_tokens_in_memory(tiny_corpus_file, tmp_path, capsys):
+    not_a_dir = tmp_path / "data-is-a-file"
+    not_a_dir.write_text("x", encoding="utf-8")
+    c = load_corpus(str(tiny_corpus_file), data_dir=not_a_dir, progress=False)
+    assert decoded(c) == tiny_corpus_file.read_text(encoding="utf-8")
+    assert "warning: cannot write the token cache" in capsys.readouterr().err
