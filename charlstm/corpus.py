@@ -45,7 +45,6 @@ NAMED_SOURCES = ("pystdlib", "tinyshakespeare")
 CACHE_FORMAT = 1                  # bump when the token cache layout changes
 CHUNK_BYTES = 4 * 1024 * 1024     # bytes read, decoded and encoded at a time (bounds memory)
 BINARY_SNIFF_BYTES = 8192         # a NUL byte in the first 8 KiB marks a binary file (as git does)
-MAX_CODE_POINT = 0x10FFFF
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024  # no progress bar for work smaller than this
 
 # Default minimum a corpus must reach, quoted in error messages (TrainConfig defaults B=32, T=128).
@@ -527,7 +526,7 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
                  progress: bool) -> tuple[Vocab, torch.Tensor, dict]:
     """Decode the source twice (vocabulary, then ids) and write the token cache; return it mapped."""
     # Pass 1: which code points occur, and how many there are.
-    present = torch.zeros(MAX_CODE_POINT + 1, dtype=torch.bool)   # (0x110000,) non-ASCII seen
+    seen: set[int] = set()                                        # code points seen in str pieces
     ascii_seen = b""                                              # ASCII bytes seen so far
     n_tokens = 0
     bar = _Progress(total_bytes, "reading corpus", progress)
@@ -541,9 +540,9 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
                 ascii_seen += bytes(torch.nonzero(counts).flatten().tolist())
         else:
             counts = torch.bincount(_code_points(piece))          # (max cp + 1,)
-            present[: counts.numel()] |= counts > 0
+            seen.update(torch.nonzero(counts).flatten().tolist())
     bar.close()
-    present[list(ascii_seen)] = True
+    seen.update(ascii_seen)
     if h.hexdigest() != sha:
         raise CharlstmError(f"{src.name} changed while it was being read; try again once it is stable")
     if n_tokens == 0:
@@ -552,8 +551,8 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
             f"characters in its training split ({_DEFAULT_B * _DEFAULT_T + 1:,} with the defaults "
             f"--batch-size {_DEFAULT_B} --seq-len {_DEFAULT_T})"
         )
-    replaced = invalid_utf8 == "replace" and bool(present[0xFFFD])
-    vocab = Vocab.from_code_points(torch.nonzero(present).flatten().tolist())
+    replaced = invalid_utf8 == "replace" and 0xFFFD in seen
+    vocab = Vocab.from_code_points(seen)
     dtype = vocab.dtype
     lut = vocab.lookup_table().to(dtype)                   # (max cp + 1,) code point -> id
     header = {
