@@ -351,7 +351,7 @@ def page_data(rec: Recording, ranking: list[dict], *, meta: dict, initial: dict 
     p_next = [None if math.isnan(p) else round(p, 4) for p in rec.p_next.tolist()]
     return {
         "meta": {**meta, "bpc": round(rec.bits_per_char(), 4) if len(rec.text) > 1 else None},
-        "text": rec.text,
+        "text_b64": base64.urlsafe_b64encode(rec.text.encode("utf-8")).decode("ascii"),  # no user text in the page
         "vocab": rec.vocab,
         "variant": rec.variant,
         "quantities": list(rec.quantities),
@@ -414,6 +414,9 @@ _PAGE = """<!DOCTYPE html>
   table.features td, table.features th { border: 1px solid #ddd; padding: 0.2em 0.5em; text-align: left; }
   table.features button { font-family: ui-monospace, monospace; font-size: 0.95em; margin: 1px; cursor: pointer; }
   table.features td.help { color: #666; }
+  h2 { font-size: 1em; margin: 1.2em 0 0.2em 0; }
+  .best { font-size: 0.88em; margin: 0 0 0.6em 0; }
+  .best button { font-family: ui-monospace, monospace; font-size: 0.95em; margin: 1px 2px; cursor: pointer; }
 </style>
 </head>
 <body>
@@ -428,8 +431,10 @@ _PAGE = """<!DOCTYPE html>
   <span><span id="lo">-1</span> <span class="legend"></span> <span id="hi">+1</span></span>
   <span class="meta" id="what"></span>
 </div>
+<div class="best" id="best"></div>
 <pre id="text"></pre>
-<h2 style="font-size:1em">Units that follow features of the text (Pearson r, click to show)</h2>
+<h2>Units that follow features of the text</h2>
+<p class="meta">Pearson correlation r between a unit's trace over this text and the feature; click a unit to show it.</p>
 <table class="features" id="features"></table>
 <div id="tip"></div>
 <script type="application/json" id="charlstm-data">__DATA__</script>
@@ -437,18 +442,21 @@ _PAGE = """<!DOCTYPE html>
 (function () {
   "use strict";
   var D = JSON.parse(document.getElementById("charlstm-data").textContent);
-  var chars = Array.from(D.text);
-  var T = chars.length;
-  var H = D.hidden;
   var $ = function (id) { return document.getElementById(id); };
 
-  /* decode every trace once: one byte per value, unit-major */
+  /* base64url -> bytes */
   function decode(s) {
     var bin = atob(s.split("-").join("+").split("_").join("\\x2f"));
     var out = new Uint8Array(bin.length);
     for (var k = 0; k < bin.length; k++) { out[k] = bin.charCodeAt(k); }
     return out;
   }
+  /* the text is embedded as UTF-8 bytes, so that nothing it says can act as markup or an address */
+  var chars = Array.from(new TextDecoder("utf-8").decode(decode(D.text_b64)));
+  var T = chars.length;
+  var H = D.hidden;
+
+  /* every trace: one byte per value, unit-major */
   var traces = D.layers.map(function (layer) {
     var m = {};
     Object.keys(layer).forEach(function (q) { m[q] = { lo: layer[q].lo, hi: layer[q].hi, bytes: decode(layer[q].b64) }; });
@@ -542,7 +550,24 @@ _PAGE = """<!DOCTYPE html>
   $("prev").addEventListener("click", function () { $("unit").value = String(+$("unit").value - 1); fromControls(); });
   $("next").addEventListener("click", function () { $("unit").value = String(+$("unit").value + 1); fromControls(); });
 
-  /* feature table */
+  /* the best unit of each feature, above the text; every ranked unit in the table below */
+  function unitButton(u, bold) {
+    var btn = document.createElement("button"); btn.type = "button";
+    btn.textContent = u.layer + ":" + u.unit + " " + u.quantity + " r=" + (u.r >= 0 ? "+" : "") + u.r.toFixed(2);
+    if (bold) { btn.style.fontWeight = "bold"; }
+    btn.addEventListener("click", function () { select(u.layer, u.unit, u.quantity, $("scale").value); });
+    return btn;
+  }
+  var best = $("best");
+  if (D.features.length) { best.appendChild(document.createTextNode("best unit per feature: ")); }
+  D.features.forEach(function (f) {
+    var label = document.createElement("span");
+    label.textContent = " " + f.feature + " ";
+    label.title = f.help;
+    best.appendChild(label);
+    if (f.units.length) { best.appendChild(unitButton(f.units[0], false)); }
+    else { best.appendChild(document.createTextNode("(constant) ")); }
+  });
   var table = $("features");
   var head = document.createElement("tr");
   ["feature", "meaning", "best units"].forEach(function (s) { var th = document.createElement("th"); th.textContent = s; head.appendChild(th); });
@@ -553,13 +578,7 @@ _PAGE = """<!DOCTYPE html>
     var b = document.createElement("td"); b.className = "help"; b.textContent = f.help; tr.appendChild(b);
     var c = document.createElement("td");
     if (f.constant) { c.textContent = "constant in this text"; }
-    f.units.forEach(function (u, k) {
-      var btn = document.createElement("button"); btn.type = "button";
-      btn.textContent = u.layer + ":" + u.unit + " " + u.quantity + " r=" + (u.r >= 0 ? "+" : "") + u.r.toFixed(2);
-      if (k === 0) { btn.style.fontWeight = "bold"; }
-      btn.addEventListener("click", function () { select(u.layer, u.unit, u.quantity, $("scale").value); });
-      c.appendChild(btn);
-    });
+    f.units.forEach(function (u, k) { c.appendChild(unitButton(u, k === 0)); });
     tr.appendChild(c);
     table.appendChild(tr);
   });
@@ -737,7 +756,8 @@ def run_from_cli(*, run, text, text_file, html, unit, quantity, scale, find_unit
 
     console = Console(file=out, highlight=False, soft_wrap=True)
     for note in rec.notes:
-        print(f"note: {note}", file=sys.stderr)
+        if not note.startswith("recorded through"):  # that one is for the page
+            print(f"note: {note}", file=sys.stderr)
 
     # --- the page: where asked, or by default when nothing else was asked
     html_path = Path(html) if html is not None else None
