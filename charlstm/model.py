@@ -188,7 +188,8 @@ class CharModel(nn.Module):
         'r', 'z', 'n', 'h' (gru) or 'h' (rnn). A cudnn-backed model runs its custom twin
         with the same weights."""
         if self.cfg.backend == "cudnn":
-            twin = CharModel(dataclasses.replace(self.cfg, backend="custom"))
+            with torch.random.fork_rng(devices=[]):  # building the twin must not move the caller's RNG
+                twin = CharModel(dataclasses.replace(self.cfg, backend="custom"))
             twin.load_state_dict(self.state_dict())
             twin.to(device=self.head.weight.device, dtype=self.head.weight.dtype)
             twin.train(self.training)
