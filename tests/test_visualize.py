@@ -193,6 +193,25 @@ def test_recorded_h_equals_the_models_forward(variant, backend, gru_form, monkey
     torch.testing.assert_close(rec.top_probs[:, 0], probs.max(-1).values)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN kernels)")
+@pytest.mark.parametrize("variant", ["lstm", "gru", "rnn"])
+def test_recording_on_cuda_matches_the_cudnn_kernels(variant):
+    """On a GPU, nn.LSTM/GRU/RNN run cuDNN's kernels: the custom twin's recorded h must still match them."""
+    text = SAMPLE * 3
+    vocab = Vocab.from_text(text)
+    torch.manual_seed(4)
+    model = build_model(ModelConfig(vocab_size=len(vocab), variant=variant, backend="cudnn",
+                                    embed=16, hidden=32, layers=2)).cuda().eval()
+    ids = torch.tensor(vocab.encode(text), device="cuda")
+    rec = vis.record(model, ids, vocab.chars)
+    with torch.no_grad():
+        out, hn = model.rnn(model.embedding(ids.view(-1, 1)))  # (T, 1, H)
+    hn = hn[0] if isinstance(hn, tuple) else hn
+    torch.testing.assert_close(rec.layers[-1]["h"], out[:, 0].float().cpu(), atol=2e-4, rtol=1e-3)
+    for k in range(2):
+        torch.testing.assert_close(rec.layers[k]["h"][-1], hn[k, 0].float().cpu(), atol=2e-4, rtol=1e-3)
+
+
 def quote_lstm_weights(vocab: Vocab, H: int = 4) -> dict:
     """nn.LSTM weights (one layer, one-hot embedding) whose unit 0 holds quote parity in its cell:
     on '"' the forget gate closes and the input gate opens only when h_0 is low (outside quotes),
