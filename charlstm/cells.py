@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-State = tuple  # per layer: (h,) or (h, c), each (B, H)
+LayerState = tuple  # per layer: (h,) or (h, c), each (B, H)
 
 
 class Cell(nn.Module):
@@ -72,15 +72,15 @@ class Cell(nn.Module):
         """The input half of every gate for all steps at once: (..., E) -> (..., G*H)."""
         return F.linear(x, self.weight_ih, self.input_bias())
 
-    def zero_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+    def zero_state(self, batch_size: int, *, device=None, dtype=None) -> LayerState:
         """Zeros for every state tensor, each (B, H)."""
         return tuple(torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype) for _ in self.state_names)
 
-    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+    def gates(self, x_proj_t: Tensor, state: LayerState) -> dict[str, Tensor]:
         """Every activation of one step, including the new state, each (B, H)."""
         raise NotImplementedError
 
-    def forward(self, x_proj_t: Tensor, state: State) -> tuple[Tensor, State]:
+    def forward(self, x_proj_t: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """One step: the projected input (B, G*H) and the state -> output h_t (B, H), new state."""
         g = self.gates(x_proj_t, state)
         new_state = tuple(g[name] for name in self.state_names)
@@ -98,7 +98,7 @@ class RNNCell(Cell):
     state_names = ("h",)
     two_biases = True
 
-    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+    def gates(self, x_proj_t: Tensor, state: LayerState) -> dict[str, Tensor]:
         (h,) = state
         h = torch.tanh(x_proj_t + F.linear(h, self.weight_hh))  # (B, H)
         return {"h": h}
@@ -111,7 +111,7 @@ class LSTMCell(Cell):
     state_names = ("h", "c")
     two_biases = True
 
-    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+    def gates(self, x_proj_t: Tensor, state: LayerState) -> dict[str, Tensor]:
         h, c = state
         pre = x_proj_t + F.linear(h, self.weight_hh)  # (B, 4H)
         i, f, g, o = pre.chunk(4, 1)
@@ -156,7 +156,7 @@ class PeepholeLSTMCell(Cell):
         w = self.weight_ch[k * H:(k + 1) * H]  # (H,) or (H, H)
         return w * c if self.form == "diag" else F.linear(c, w)
 
-    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+    def gates(self, x_proj_t: Tensor, state: LayerState) -> dict[str, Tensor]:
         h, c_prev = state
         pre = x_proj_t + F.linear(h, self.weight_hh)  # (B, 4H)
         i, f, g, o = pre.chunk(4, 1)
@@ -179,7 +179,7 @@ class CoupledLSTMCell(Cell):
     state_names = ("h", "c")
     two_biases = False
 
-    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+    def gates(self, x_proj_t: Tensor, state: LayerState) -> dict[str, Tensor]:
         h, c = state
         pre = x_proj_t + F.linear(h, self.weight_hh)  # (B, 3H)
         f, g, o = pre.chunk(3, 1)
@@ -204,7 +204,7 @@ class GRUCell(Cell):
         # b_hn sits inside r * (...), so only b_ih is folded into the projection.
         return self.bias_ih
 
-    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+    def gates(self, x_proj_t: Tensor, state: LayerState) -> dict[str, Tensor]:
         (h,) = state
         hp = F.linear(h, self.weight_hh, self.bias_hh)  # (B, 3H)
         xr, xz, xn = x_proj_t.chunk(3, 1)
@@ -228,7 +228,7 @@ class ChoGRUCell(Cell):
     state_names = ("h",)
     two_biases = False
 
-    def gates(self, x_proj_t: Tensor, state: State) -> dict[str, Tensor]:
+    def gates(self, x_proj_t: Tensor, state: LayerState) -> dict[str, Tensor]:
         (h,) = state
         H = self.hidden_size
         hrz = F.linear(h, self.weight_hh[: 2 * H])  # (B, 2H)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .cells import Cell, State
+from .cells import Cell, LayerState
 
 
 class Recurrent(nn.Module):
@@ -23,7 +23,7 @@ class Recurrent(nn.Module):
         super().__init__()
         self.cell = cell
 
-    def forward(self, x: Tensor, state: State | None = None, *, return_gates: bool = False):
+    def forward(self, x: Tensor, state: LayerState | None = None, *, return_gates: bool = False):
         """Outputs (T, B, H) and the final state; with ``return_gates`` also a dict of
         every activation of the cell stacked over time, each (T, B, H)."""
         if state is None:
@@ -37,7 +37,7 @@ class Recurrent(nn.Module):
             outputs.append(h)
         return torch.stack(outputs), state  # (T, B, H)
 
-    def _forward_gates(self, xp: Tensor, state: State):
+    def _forward_gates(self, xp: Tensor, state: LayerState):
         steps = []
         for xp_t in xp.unbind(0):
             g = self.cell.gates(xp_t, state)
@@ -59,7 +59,7 @@ class RecurrentStack(nn.Module):
         )
         self.layer_dropout = nn.Dropout(layer_dropout)
 
-    def forward(self, x: Tensor, states: list[State] | None = None, *, return_gates: bool = False):
+    def forward(self, x: Tensor, states: list[LayerState] | None = None, *, return_gates: bool = False):
         """x (T, B, E), one state per layer -> top outputs (T, B, H), final states
         (and, with ``return_gates``, one dict of stacked activations per layer)."""
         if states is None:
