@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from .errors import CharlstmError, UsageError
-from .features import FEATURE_HELP, FEATURES, pearson, text_features
+from .features import FEATURE_HELP, pearson, text_features
+from .model import LSTM_FAMILY, CharModel
 
 QUANTITY_HELP = {
     "h": "hidden state h_t (the layer's output)",
@@ -48,10 +49,8 @@ QUANTITY_HELP = {
     "r": "reset gate r_t",
 }
 GATES = {"rnn": (), "lstm": ("f", "i", "o"), "peephole": ("f", "i", "o"), "coupled": ("f", "i", "o"), "gru": ("z", "r")}
-LSTM_FAMILY = ("lstm", "peephole", "coupled")
 SATURATION_LOW, SATURATION_HIGH = 0.1, 0.9
 DEFAULT_TOP_K = 5          # predictions shown on hover
-DEFAULT_MAX_CHARS = 2000   # characters recorded unless --max-chars says otherwise
 CHUNK = 256                # characters per forward call (state carried between calls)
 
 
@@ -124,8 +123,6 @@ def gate_model(model):
     twin with the same weights."""
     if model.cfg.backend != "cudnn":
         return model
-    from .model import CharModel
-
     twin = CharModel(dataclasses.replace(model.cfg, backend="custom"))
     twin.load_state_dict(model.state_dict())  # converts the cuDNN layout
     w = model.head.weight

@@ -40,6 +40,7 @@ SAMPLE = (
     '        print("hello, " + name)\n'
     "    return {'who': [name, (1, 2)]}\n"
     "She said 'don't go' and left.\n"
+    "naïve café 🙂 日本\n"  # astral and non-ASCII characters: one span per code point
 )
 
 
