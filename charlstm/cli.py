@@ -160,6 +160,7 @@ def sample(
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the text at the end instead of as it is generated."),
     unknown: str = typer.Option("error", "--unknown", help="Prime characters outside the vocabulary: error or skip."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch intra-op threads (default: torch's)."),
 ) -> None:
     """Generate text from a checkpoint."""
     try:
