@@ -256,3 +256,21 @@ def test_no_pickle_is_used_anywhere():
     for py in root.glob("*.py"):
         text = py.read_text(encoding="utf-8")
         assert "torch.save(" not in text and "torch.load(" not in text and "import pickle" not in text, py.name
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "custom"])
+def test_the_documented_standalone_loader_matches_charlstm(tmp_path, backend):
+    """docs/checkpoint-format.md's loader (torch + safetensors only) scores text as charlstm does."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "checkpoint-format.md").read_text(encoding="utf-8")
+    code = doc.split("# --- begin standalone loader ---")[1].split("# --- end standalone loader ---")[0]
+    namespace: dict = {}
+    exec(compile(code, "checkpoint-format.md", "exec"), namespace)
+    model, opt = _tiny("lstm", backend)
+    _save(tmp_path / "run", 7, model, opt, is_best=True)
+    text = "hello world, 日本 🙂\nhello"
+    ids = torch.tensor(VOCAB.encode(text)).unsqueeze(1)               # (T, 1)
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(ids[:-1])
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, len(VOCAB)), ids[1:].reshape(-1)).item()
+    assert namespace["nats_per_char"](tmp_path / "run", text) == pytest.approx(expected, rel=1e-5)
