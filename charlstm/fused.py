@@ -22,8 +22,7 @@ the step-by-step cells and ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, and runs
 ``gradcheck`` in float64.
 
 Entry points: :func:`supports` (is there a fused path for this cell) and
-:func:`run_layer` (run one layer over a window). Full-matrix peepholes have no
-fused path; ``supports`` says so and the caller keeps the basic loop.
+:func:`run_layer` (run one layer over a window).
 """
 
 from __future__ import annotations
@@ -110,15 +109,16 @@ class _LSTM(torch.autograd.Function):
         return dpre, dh, dc, dw_hh
 
 
-# --------------------------------------------------------------------------- peephole (diag)
+# --------------------------------------------------------------------------- peephole
 
 class _PeepholeLSTM(torch.autograd.Function):
-    """peephole lstm with per-unit peepholes over a window. Inputs: xp (T, B, 4H) with
-    the bias, gate order i, f, g, o; h0, c0 (B, H); w_hh (4H, H); p (3, H) the peephole
-    weights of i, f, o (zero rows for gates without one)."""
+    """peephole lstm over a window. Inputs: xp (T, B, 4H) with the bias, gate order
+    i, f, g, o; h0, c0 (B, H); w_hh (4H, H); p the peephole weights of gates i, f, o:
+    (3, H) per unit (diag form) or (3H, H) matrices (full form), zeros for gates
+    without one; ``full`` says which. i and f see c_{t-1}, o sees the new c_t."""
 
     @staticmethod
-    def forward(ctx, xp, h0, c0, w_hh, p):
+    def forward(ctx, xp, h0, c0, w_hh, p, full):
         T, B, H4 = xp.shape
         H = H4 // 4
         gates = torch.empty_like(xp)                        # (T, B, 4H) activated i, f, g, o
@@ -127,20 +127,31 @@ class _PeepholeLSTM(torch.autograd.Function):
         tcs = xp.new_empty(T, B, H)
         hs[0], cs[0] = h0, c0
         w_t = w_hh.t()
-        p_if, p_o = p[:2], p[2]                             # (2, H), (H,)
         G, X, Hs, C, TC = (a.unbind(0) for a in (gates, xp, hs, cs, tcs))
         I, Fg, Gg, O = (gates[:, :, k * H:(k + 1) * H].unbind(0) for k in range(4))
         IF = gates[:, :, :2 * H].unbind(0)
         IF2 = gates[:, :, :2 * H].view(T, B, 2, H).unbind(0)
+        if full:
+            u_if_t, u_o_t = p[:2 * H].t(), p[2 * H:].t()    # (H, 2H), (H, H)
+        else:
+            p_if, p_o = p[:2], p[2]                         # (2, H), (H,)
         for t in range(T):
             torch.addmm(X[t], Hs[t], w_t, out=G[t])         # (B, 4H)
-            IF2[t].addcmul_(p_if, C[t].unsqueeze(1))        # i, f see c_prev
+            if full:                                        # i, f see c_prev
+                IF[t].addmm_(C[t], u_if_t)
+            else:
+                IF2[t].addcmul_(p_if, C[t].unsqueeze(1))
             IF[t].sigmoid_()
             Gg[t].tanh_()
             c = torch.mul(Fg[t], C[t], out=C[t + 1])
             c.addcmul_(I[t], Gg[t])
-            O[t].addcmul_(p_o, c).sigmoid_()                # o sees the new c
+            if full:                                        # o sees the new c
+                O[t].addmm_(c, u_o_t)
+            else:
+                O[t].addcmul_(p_o, c)
+            O[t].sigmoid_()
             torch.mul(O[t], torch.tanh(c, out=TC[t]), out=Hs[t + 1])
+        ctx.full = full
         ctx.save_for_backward(gates, hs, cs, tcs, w_hh, p)
         return hs[1:], cs[T]
 
@@ -148,6 +159,7 @@ class _PeepholeLSTM(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dhs, dc_last):
         gates, hs, cs, tcs, w_hh, p = ctx.saved_tensors
+        full = ctx.full
         T, B, H4 = gates.shape
         H = H4 // 4
         dhs = _zeros_if_none(dhs, tcs)
@@ -163,24 +175,40 @@ class _PeepholeLSTM(torch.autograd.Function):
         dpre4 = dpre.view(T, B, 4, H)
         DP, DH, OD, KO, Ft = (a.unbind(0) for a in (dpre, dhs, o_dtanh, Ko, f))
         DPifg, Kt, DPo = dpre4[:, :, :3].unbind(0), K.unbind(0), dpre4[:, :, 3].unbind(0)
-        DPif = dpre4[:, :, :2].unbind(0)
-        p_if, p_o = p[:2].unsqueeze(0), p[2]                # (1, 2, H), (H,)
+        DPif, DPif2 = dpre[:, :, :2 * H].unbind(0), dpre4[:, :, :2].unbind(0)
+        if full:
+            u_if, u_o = p[:2 * H], p[2 * H:]                # (2H, H), (H, H)
+        else:
+            p_if, p_o = p[:2].unsqueeze(0), p[2]            # (1, 2, H), (H,)
         dc = _zeros_if_none(dc_last, cs[0]).clone()
         dh = DH[T - 1]
         bufs = (torch.empty_like(dc), torch.empty_like(dc))
         for t in range(T - 1, -1, -1):
             dpo = torch.mul(KO[t], dh, out=DPo[t])
-            dc.addcmul_(dh, OD[t]).addcmul_(dpo, p_o)       # dc_t
+            dc.addcmul_(dh, OD[t])                          # dc_t: through h, from the next step,
+            if full:                                        # and through o's peephole
+                dc.addmm_(dpo, u_o)
+            else:
+                dc.addcmul_(dpo, p_o)
             torch.mul(Kt[t], dc.unsqueeze(1), out=DPifg[t])
             dh = torch.addmm(DH[t - 1], DP[t], w_hh, out=bufs[t & 1]) if t else DP[t].mm(w_hh)
-            dc.mul_(Ft[t]).add_((DPif[t] * p_if).sum(1))    # to c_{t-1}: f dc + p_i dpre_i + p_f dpre_f
+            dc.mul_(Ft[t])                                  # to c_{t-1}: f dc + the peepholes of i, f
+            if full:
+                dc.addmm_(DPif[t], u_if)
+            else:
+                dc.add_((DPif2[t] * p_if).sum(1))
         dw_hh = dpre.view(T * B, H4).t().mm(_prev(hs).reshape(T * B, H))
-        dp = torch.stack([
-            (dpre4[:, :, 0] * c_prev).sum((0, 1)),
-            (dpre4[:, :, 1] * c_prev).sum((0, 1)),
-            (dpre4[:, :, 3] * c_new).sum((0, 1)),
-        ])
-        return dpre, dh, dc, dw_hh, dp
+        flat = dpre.view(T * B, H4)
+        if full:
+            dp = torch.cat([flat[:, :2 * H].t().mm(c_prev.reshape(T * B, H)),
+                            flat[:, 3 * H:].t().mm(c_new.reshape(T * B, H))])
+        else:
+            dp = torch.stack([
+                (dpre4[:, :, 0] * c_prev).sum((0, 1)),
+                (dpre4[:, :, 1] * c_prev).sum((0, 1)),
+                (dpre4[:, :, 3] * c_new).sum((0, 1)),
+            ])
+        return dpre, dh, dc, dw_hh, dp, None
 
 
 # --------------------------------------------------------------------------- coupled
@@ -409,27 +437,23 @@ class _RNN(torch.autograd.Function):
 # --------------------------------------------------------------------------- entry points
 
 def supports(cell) -> bool:
-    """Whether ``cell`` (a cells.py cell) has a fused path (all but full-matrix peepholes)."""
-    name = type(cell).__name__
-    if name not in FUSED_VARIANTS:
-        return False
-    if name == "PeepholeLSTMCell" and getattr(cell, "form", "diag") != "diag":
-        return False
-    return True
+    """Whether ``cell`` (a cells.py cell) has a fused path (every variant and form does)."""
+    return type(cell).__name__ in FUSED_VARIANTS
 
 
-def _peephole_rows(cell) -> Tensor:
-    """The per-unit peephole weights as (3, H) rows for gates i, f, o; zeros where absent."""
+def _peephole_weights(cell) -> Tensor:
+    """The peephole weights of gates i, f, o, zeros for a gate without one: (3, H) in the
+    diag form, (3H, H) in the full form (cells.py stores only the gates listed, in the order f, i, o)."""
     H = cell.hidden_size
-    w = cell.weight_hh
-    rows = []
+    shape = (H,) if cell.form == "diag" else (H, H)
+    blocks = []
     for gate in "ifo":
         if cell.weight_ch is not None and gate in cell.peepholes:
             k = cell.peepholes.index(gate)
-            rows.append(cell.weight_ch[k * H:(k + 1) * H])
+            blocks.append(cell.weight_ch[k * H:(k + 1) * H])
         else:
-            rows.append(w.new_zeros(H))
-    return torch.stack(rows)
+            blocks.append(cell.weight_hh.new_zeros(shape))
+    return torch.stack(blocks) if cell.form == "diag" else torch.cat(blocks)
 
 
 def run_layer(cell, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
@@ -446,9 +470,8 @@ def run_layer(cell, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tupl
         hs, c = _LSTM.apply(xp, state[0], state[1], cell.weight_hh)
         return hs, (hs[-1], c)
     if name == "PeepholeLSTMCell":
-        if cell.form != "diag":
-            raise ValueError("full-matrix peepholes have no fused path (use the basic layer)")
-        hs, c = _PeepholeLSTM.apply(xp, state[0], state[1], cell.weight_hh, _peephole_rows(cell))
+        hs, c = _PeepholeLSTM.apply(xp, state[0], state[1], cell.weight_hh, _peephole_weights(cell),
+                                    cell.form == "full")
         return hs, (hs[-1], c)
     if name == "CoupledLSTMCell":
         hs, c = _CoupledLSTM.apply(xp, state[0], state[1], cell.weight_hh)
