@@ -19,6 +19,7 @@ import sys
 import sysconfig
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -153,7 +154,9 @@ def _code_points(text: str) -> torch.Tensor:
     """(N,) int32 code points of `text` (via UTF-32, no Python loop)."""
     if not text:
         return torch.empty(0, dtype=torch.int32)
-    return torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+    with warnings.catch_warnings():  # read-only buffer: the tensor is only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(text.encode("utf-32-le"), dtype=torch.int32)
 
 
 def _ids_of_code_points(cps: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -386,9 +389,10 @@ def _decode(data: bytes, path: Path, offset: int, invalid_utf8: str) -> str:
         ) from None
 
 
-def _read_pieces(files: list[Path], invalid_utf8: str, hasher=None, on_bytes=None) -> Iterator[bytes | str]:
-    """The corpus text in pieces: ASCII pieces as bytes (== their code points), others as str.
+def _read_pieces(files: list[Path], invalid_utf8: str, hasher=None, on_bytes=None) -> Iterator[tuple[bytes, str | None]]:
+    """The corpus in pieces (raw, text): text is the decoded str, or None when raw is ASCII.
 
+    An ASCII piece's bytes are its code points, so it needs no decoding.
     Files are joined by a newline when one does not end with one. Every byte
     read is fed to `hasher`; `on_bytes(n)` is told how many bytes were read.
     """
@@ -412,13 +416,14 @@ def _read_pieces(files: list[Path], invalid_utf8: str, hasher=None, on_bytes=Non
                     break
                 last = data[-1:]
                 if data.isascii():
-                    yield data
+                    yield data, None
                     offset += len(data)
                     pending = b""
                     continue
                 cut = len(data) if not block else _complete_utf8_prefix(data)
                 if cut:
-                    yield _decode(data[:cut], path, offset, invalid_utf8)
+                    raw = data[:cut]
+                    yield raw, _decode(raw, path, offset, invalid_utf8)
                 offset += cut
                 pending = data[cut:]
                 if not block:
@@ -426,29 +431,30 @@ def _read_pieces(files: list[Path], invalid_utf8: str, hasher=None, on_bytes=Non
         if k + 1 < len(files) and last != b"\n":
             if hasher is not None:
                 hasher.update(b"\n")
-            yield b"\n"
+            yield b"\n", None
 
 
-def _coalesce(pieces: Iterable[bytes | str], size: int = CHUNK_BYTES) -> Iterator[bytes | str]:
-    """Join consecutive small pieces (many small files) into pieces of about `size` characters."""
-    buf: list[bytes | str] = []
+def _coalesce(pieces: Iterable[tuple[bytes, str | None]], size: int = CHUNK_BYTES) -> Iterator[tuple[bytes, str | None]]:
+    """Join consecutive small pieces (many small files) into pieces of at most about `size` bytes."""
+    buf: list[tuple[bytes, str | None]] = []
     buffered = 0
     for piece in pieces:
-        buf.append(piece)
-        buffered += len(piece)
-        if buffered >= size:
+        if buf and buffered + len(piece[0]) > size:
             yield _join(buf)
             buf, buffered = [], 0
+        buf.append(piece)
+        buffered += len(piece[0])
     if buf:
         yield _join(buf)
 
 
-def _join(buf: list[bytes | str]) -> bytes | str:
+def _join(buf: list[tuple[bytes, str | None]]) -> tuple[bytes, str | None]:
     if len(buf) == 1:
         return buf[0]
-    if all(isinstance(p, bytes) for p in buf):
-        return b"".join(buf)
-    return "".join(p.decode("ascii") if isinstance(p, bytes) else p for p in buf)
+    raw = b"".join(r for r, _ in buf)
+    if all(t is None for _, t in buf):
+        return raw, None
+    return raw, "".join(r.decode("ascii") if t is None else t for r, t in buf)
 
 
 def _stream_sha256(files: list[Path], on_bytes=None) -> str:
@@ -468,13 +474,6 @@ def _stream_sha256(files: list[Path], on_bytes=None) -> str:
         if k + 1 < len(files) and last != b"\n":
             h.update(b"\n")
     return h.hexdigest()
-
-
-def _piece_code_points(piece: bytes | str) -> torch.Tensor:
-    """(n,) int32 code points of one piece from `_read_pieces`."""
-    if isinstance(piece, bytes):
-        return torch.frombuffer(bytearray(piece), dtype=torch.uint8).to(torch.int32)
-    return _code_points(piece)
 
 
 class _Progress:
@@ -531,16 +530,25 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
     n_tokens = 0
     bar = _Progress(total_bytes, "reading corpus", progress)
     h = hashlib.sha256()
-    for piece in _coalesce(_read_pieces(src.files, invalid_utf8, hasher=h, on_bytes=bar.update)):
-        n_tokens += len(piece)
-        if isinstance(piece, bytes):
-            rest = piece.translate(None, ascii_seen)              # only characters not seen yet
-            if rest:
-                counts = torch.bincount(torch.frombuffer(bytearray(rest), dtype=torch.uint8), minlength=256)
+    for raw, text in _coalesce(_read_pieces(src.files, invalid_utf8, hasher=h, on_bytes=bar.update)):
+        n_tokens += len(raw) if text is None else len(text)
+        # Only characters not seen yet matter. Deleting ASCII bytes from valid UTF-8
+        # leaves valid UTF-8, so in strict mode the rest can be decoded on its own.
+        if text is None or invalid_utf8 == "strict":
+            rest = raw.translate(None, ascii_seen)
+            if not rest:
+                continue
+            if rest.isascii():
+                counts = torch.bincount(torch.frombuffer(bytearray(rest), dtype=torch.uint8), minlength=128)
                 ascii_seen += bytes(torch.nonzero(counts).flatten().tolist())
+                continue
+            text = rest.decode("utf-8")
+        if len(text) < 1_000_000:   # set() is faster on short text, bincount on long
+            new = [ord(c) for c in set(text)]
         else:
-            counts = torch.bincount(_code_points(piece))          # (max cp + 1,)
-            seen.update(torch.nonzero(counts).flatten().tolist())
+            new = torch.nonzero(torch.bincount(_code_points(text))).flatten().tolist()
+        seen.update(new)
+        ascii_seen += bytes(sorted(cp for cp in new if cp < 128 and cp not in ascii_seen))
     bar.close()
     seen.update(ascii_seen)
     if h.hexdigest() != sha:
@@ -610,12 +618,14 @@ def _write_ids(src: _Source, vocab: Vocab, lut: torch.Tensor, invalid_utf8: str,
         table = bytes(table)
     written = 0
     bar = _Progress(total_bytes, "encoding corpus", progress)
-    for piece in _coalesce(_read_pieces(src.files, invalid_utf8, on_bytes=bar.update)):
-        if table is not None and isinstance(piece, bytes):
-            out.write(piece.translate(table))
-        else:
-            out.write(_tensor_bytes(lut.index_select(0, _piece_code_points(piece))))  # (n,) ids
-        written += len(piece)
+    for raw, text in _coalesce(_read_pieces(src.files, invalid_utf8, on_bytes=bar.update)):
+        if text is None and table is not None:
+            out.write(raw.translate(table))
+            written += len(raw)
+            continue
+        cps = _code_points(text) if text is not None else torch.frombuffer(bytearray(raw), dtype=torch.uint8).int()
+        out.write(_tensor_bytes(lut.index_select(0, cps)))  # (n,) ids in the cache dtype
+        written += cps.numel()
     bar.close()
     return written
 
