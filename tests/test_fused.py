@@ -1,0 +1,222 @@
+"""The fused layers (charlstm/fused.py) compute exactly what the step-by-step cells compute.
+
+For every variant and form: outputs, final states and gradients (input, initial
+state, every parameter) against the basic layer of ``layers.py`` (itself checked
+against the equations in test_cells.py) and, where a torch module exists,
+directly against ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` loaded with the same
+weights; ``gradcheck`` in float64 at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from charlstm import fused
+from charlstm.cells import GRUCell, LSTMCell, RNNCell, make_cell
+from charlstm.config import ModelConfig
+from charlstm.layers import Recurrent
+
+# (id, variant, extra ModelConfig fields): every variant and form, several peephole subsets
+CASES = [
+    ("rnn", "rnn", {}),
+    ("lstm", "lstm", {}),
+    ("lstm-nobias", "lstm", {"bias": False}),
+    ("peephole-diag-fio", "peephole", {"peephole_form": "diag", "peepholes": "fio"}),
+    ("peephole-diag-f", "peephole", {"peephole_form": "diag", "peepholes": "f"}),
+    ("peephole-diag-io", "peephole", {"peephole_form": "diag", "peepholes": "io"}),
+    ("peephole-diag-none", "peephole", {"peephole_form": "diag", "peepholes": ""}),
+    ("peephole-full-fio", "peephole", {"peephole_form": "full", "peepholes": "fio"}),
+    ("peephole-full-o", "peephole", {"peephole_form": "full", "peepholes": "o"}),
+    ("peephole-full-fi", "peephole", {"peephole_form": "full", "peepholes": "fi"}),
+    ("coupled", "coupled", {}),
+    ("coupled-nobias", "coupled", {"bias": False}),
+    ("gru-cudnn", "gru", {"gru_form": "cudnn"}),
+    ("gru-cudnn-nobias", "gru", {"gru_form": "cudnn", "bias": False}),
+    ("gru-cho", "gru", {"gru_form": "cho"}),
+    ("gru-cho-nobias", "gru", {"gru_form": "cho", "bias": False}),
+]
+IDS = [c[0] for c in CASES]
+
+
+def make_cells(variant, extra, *, E=3, H=4, L=2, dtype=torch.float64, seed=0):
+    """L custom cells of one config, parameters spread over (-0.6, 0.6) so that every term matters."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=5, variant=variant, embed=E, hidden=H, layers=L, **extra)
+    cells = [make_cell(cfg, E if k == 0 else H).to(dtype) for k in range(L)]
+    with torch.no_grad():
+        for cell in cells:
+            for p in cell.parameters():
+                p.uniform_(-0.6, 0.6)
+    return cells
+
+
+def run_stack(cells, x, states, *, use_fused):
+    """The layers one after the other: the fused path or the basic step-by-step layer."""
+    finals = []
+    for cell, state in zip(cells, states):
+        x, state = fused.run_layer(cell, x, state) if use_fused else Recurrent(cell)(x, state)
+        finals.append(tuple(state))
+    return x, finals
+
+
+def random_states(cells, B, dtype):
+    return [tuple(torch.randn(B, c.hidden_size, dtype=dtype, requires_grad=True) for _ in c.state_names)
+            for c in cells]
+
+
+def weighted_sum(out, finals, seed=1):
+    """A scalar depending on every output and every final state tensor, with random weights."""
+    gen = torch.Generator().manual_seed(seed)
+    total = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
+    for state in finals:
+        for s in state:
+            total = total + (s * torch.randn(s.shape, generator=gen, dtype=s.dtype)).sum()
+    return total
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_every_cell_has_a_fused_path(case):
+    _, variant, extra = case
+    assert all(fused.supports(c) for c in make_cells(variant, extra, L=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fused_matches_the_step_by_step_layer(case, dtype):
+    """Outputs, final states and gradients of a 2-layer stack, fused against basic."""
+    _, variant, extra = case
+    cells = make_cells(variant, extra, dtype=dtype)
+    T, B = 7, 3
+    x = torch.randn(T, B, 3, dtype=dtype, requires_grad=True)
+    states = random_states(cells, B, dtype)
+
+    out, finals = run_stack(cells, x, states, use_fused=True)
+    ref_out, ref_finals = run_stack(cells, x, states, use_fused=False)
+    torch.testing.assert_close(out, ref_out)
+    for got, want in zip(finals, ref_finals):
+        torch.testing.assert_close(got, want)
+
+    inputs = [x] + [s for st in states for s in st] + [p for c in cells for p in c.parameters()]
+    grads = torch.autograd.grad(weighted_sum(out, finals), inputs)
+    ref_grads = torch.autograd.grad(weighted_sum(ref_out, ref_finals), inputs)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, **tol)
+
+
+# (custom cell class, torch module, cell kwargs)
+TORCH_TWINS = [
+    ("lstm", LSTMCell, nn.LSTM, {}),
+    ("gru", GRUCell, nn.GRU, {}),
+    ("rnn", RNNCell, nn.RNN, {"nonlinearity": "tanh"}),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("twin", TORCH_TWINS, ids=[t[0] for t in TORCH_TWINS])
+def test_fused_matches_torch_modules(twin, bias):
+    """2 layers, float32, T=9, B=4, H=8: the fused layers loaded with nn.LSTM/GRU/RNN's
+    weights give its outputs, final states and weight/input/state gradients."""
+    _, cell_cls, module_cls, kwargs = twin
+    torch.manual_seed(0)
+    E, H, L, T, B = 5, 8, 2, 9, 4
+    ref = module_cls(E, H, num_layers=L, bias=bias, **kwargs)
+    cells = [cell_cls(E if k == 0 else H, H, bias=bias) for k in range(L)]
+    with torch.no_grad():
+        for k, cell in enumerate(cells):
+            for name, p in cell.named_parameters():
+                p.copy_(getattr(ref, f"{name}_l{k}"))
+    x = torch.randn(T, B, E, requires_grad=True)
+    h0 = torch.randn(L, B, H, requires_grad=True)
+    c0 = torch.randn(L, B, H, requires_grad=True)
+    lstm = module_cls is nn.LSTM
+    ref_out, ref_hn = ref(x, (h0, c0) if lstm else h0)
+    states = [(h0[k], c0[k]) if lstm else (h0[k],) for k in range(L)]
+    out, finals = run_stack(cells, x, states, use_fused=True)
+    torch.testing.assert_close(out, ref_out)
+    if lstm:
+        torch.testing.assert_close(torch.stack([f[0] for f in finals]), ref_hn[0])
+        torch.testing.assert_close(torch.stack([f[1] for f in finals]), ref_hn[1])
+        ref_finals = [ref_hn]
+    else:
+        torch.testing.assert_close(torch.stack([f[0] for f in finals]), ref_hn)
+        ref_finals = [(ref_hn,)]
+    finals_stacked = [tuple(torch.stack([f[j] for f in finals]) for j in range(len(finals[0])))]
+    inputs = [x, h0] + ([c0] if lstm else [])
+    got = torch.autograd.grad(weighted_sum(out, finals_stacked), inputs + [p for c in cells for p in c.parameters()])
+    want = torch.autograd.grad(weighted_sum(ref_out, ref_finals),
+                               inputs + [getattr(ref, f"{n}_l{k}") for k, c in enumerate(cells)
+                                         for n, _ in c.named_parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+# every variant and form, one or two gate subsets of each peephole form
+GRADCHECK = [c for c in CASES if c[0] not in ("lstm-nobias", "peephole-diag-f", "peephole-diag-none",
+                                              "peephole-full-o", "coupled-nobias", "gru-cho-nobias")]
+
+
+@pytest.mark.parametrize("case", GRADCHECK, ids=[c[0] for c in GRADCHECK])
+def test_gradcheck_fused(case):
+    """torch.autograd.gradcheck in float64 through one fused layer, w.r.t. input, initial
+    state and every parameter (E=2, H=3, T=4, B=2)."""
+    _, variant, extra = case
+    (cell,) = make_cells(variant, extra, E=2, H=3, L=1)
+    names = [n for n, _ in cell.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in cell.parameters()]
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    state = random_states([cell], 2, torch.float64)[0]
+    n_state = len(state)
+
+    def fn(x, *rest):
+        p = dict(zip(names, rest[n_state:]))
+        out, final = _run_with(cell, p, x, rest[:n_state])
+        return (out,) + tuple(final)
+
+    assert torch.autograd.gradcheck(fn, (x, *state, *params))
+
+
+def _run_with(cell, params, x, state):
+    """fused.run_layer with the cell's parameters replaced by ``params`` (for gradcheck)."""
+    saved = {n: getattr(cell, n) for n in params}
+    try:
+        for n, p in params.items():
+            cell._parameters[n] = p
+        return fused.run_layer(cell, x, tuple(state))
+    finally:
+        for n, p in saved.items():
+            cell._parameters[n] = p
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[7], CASES[12]], ids=["lstm", "peephole-full", "gru"])
+def test_edge_windows_and_inference(case):
+    """T=1, no initial state (zeros), an empty window, and inference mode give the basic layer's results."""
+    _, variant, extra = case
+    (cell,) = make_cells(variant, extra, L=1, dtype=torch.float32)
+    x = torch.randn(1, 2, 3)
+    out, state = fused.run_layer(cell, x, None)
+    ref_out, ref_state = Recurrent(cell)(x, None)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(tuple(state), tuple(ref_state))
+
+    empty, same = fused.run_layer(cell, x[:0], tuple(state))
+    assert empty.shape == (0, 2, 4) and all(a is b for a, b in zip(same, state))
+
+    x = torch.randn(5, 2, 3)
+    with torch.inference_mode():
+        out, state = fused.run_layer(cell, x, None)
+        ref_out, ref_state = Recurrent(cell)(x, None)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(tuple(state), tuple(ref_state))
+
+
+def test_truncated_bptt_windows_carry_state():
+    """Two windows with the state carried and detached between them equal one long window's outputs."""
+    (cell,) = make_cells("lstm", {}, L=1, dtype=torch.float64)
+    x = torch.randn(10, 2, 3, dtype=torch.float64)
+    whole, _ = fused.run_layer(cell, x, None)
+    first, state = fused.run_layer(cell, x[:6], None)
+    second, _ = fused.run_layer(cell, x[6:], tuple(s.detach() for s in state))
+    torch.testing.assert_close(torch.cat([first, second]), whole)
