@@ -154,7 +154,8 @@ def settings_from_options(options: dict) -> CompareSettings:
         opts["max_time"] = parse_duration(opts["max_time"])
     for key, value in TASK_DEFAULTS[task].items():
         if key == "max_steps" and "max_time" in opts:
-            continue  # --max-time alone is the whole budget; the default step budget does not apply
+            opts.setdefault("max_steps", None)  # --max-time alone is the whole budget: no default step budget
+            continue
         opts.setdefault(key, value)
     for key in ("variants", "seeds", "gaps"):
         if isinstance(opts.get(key), str):
@@ -583,8 +584,8 @@ def run_all(specs: list[dict], settings: CompareSettings, *, progress: bool = Tr
         else:
             todo.append(spec)
     if results:
-        _say(f"{len(results)} of {len(specs)} runs already finished in {settings.out}; "
-             f"{'training the other ' + str(len(todo)) if todo else 'nothing to train'}", progress)
+        _say(progress=True, message=f"{len(results)} of {len(specs)} runs already finished in {settings.out}; "
+             f"{'training the other ' + str(len(todo)) if todo else 'nothing to train'}")
     try:
         if settings.jobs == 1 or len(todo) <= 1:
             for i, spec in enumerate(todo, 1):
@@ -656,32 +657,37 @@ def format_pm(mean: float, std: float, n: int, digits: int = 3) -> str:
 
 # --------------------------------------------------------------------------- the entry point
 
-def run_from_cli(*, json_out: bool = False, no_plot: bool = False, **options) -> None:
-    """`charlstm compare-variants`: build the settings, train what is missing, report."""
+def run_from_cli(*, json_out: bool = False, no_plot: bool = False, no_progress: bool = False, **options) -> dict:
+    """`charlstm compare-variants`: build the settings, train what is missing, report; returns the summary."""
     settings = settings_from_options(options)
-    progress = True
+    progress = not no_progress
     if settings.task == "long-gap":
         summary = compare_long_gap(settings, progress=progress, plot=not no_plot)
     else:
         summary = compare_corpus(settings, progress=progress, plot=not no_plot)
     if json_out:
-        sys.stdout.write(json.dumps(summary, allow_nan=True) + "\n")
+        sys.stdout.write(json.dumps(summary) + "\n")
     else:
-        print_summary(summary)
+        print_table(summary)
+    report_files(summary)
+    return summary
 
 
-def print_summary(summary: dict) -> None:
-    """The rich table on stdout, and where the files went on stderr."""
+def print_table(summary: dict) -> None:
+    """The rich table on stdout."""
     from rich.console import Console
 
     console = Console(file=sys.stdout, soft_wrap=False, width=max(120, Console().width))
     table = long_gap_table(summary) if summary["task"] == "long-gap" else corpus_table(summary)
     console.print(table)
-    err = Console(file=sys.stderr)
+
+
+def report_files(summary: dict) -> None:
+    """Where the files went, and how to get plots when matplotlib is missing (stderr)."""
     for name, path in summary["files"].items():
-        err.print(f"{name}: {path}", highlight=False, markup=False)
+        print(f"{name}: {path}", file=sys.stderr)
     if summary.get("plot_message"):
-        err.print(summary["plot_message"], highlight=False, markup=False)
+        print(summary["plot_message"], file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- long-gap task
@@ -718,6 +724,7 @@ def compare_long_gap(settings: CompareSettings, *, progress: bool = True, plot: 
         "rows": rows, "runs": [{k: v for k, v in r.items() if k != "fingerprint"} for r in runs],
         "files": {},
     }
+    summary = finite_json(summary)
     _write_long_gap_files(summary, settings, plot)
     return summary
 
@@ -753,6 +760,7 @@ def _write_long_gap_files(summary: dict, settings: CompareSettings, plot: bool) 
             series, out / "accuracy-vs-gap", title=f"Recall after a gap ({settings.num_keys} keys, {budget} per run)",
             xlabel="gap G (distractors between key and recall)", ylabel="recall accuracy (held-out)",
             xscale="log" if min(gaps) > 0 and max(gaps) / max(min(gaps), 1) >= 10 else "linear",
+            xticks=[float(g) for g in gaps],
             ylim=(0.0, 1.02), hlines=[(summary["chance"], f"chance (1/{settings.num_keys})")],
         )
         for path in written:
@@ -760,7 +768,7 @@ def _write_long_gap_files(summary: dict, settings: CompareSettings, plot: bool) 
         summary["plot_message"] = message
     files["json"] = str(out / "summary.json")
     with _atomic_text(out / "summary.json") as f:
-        json.dump(summary, f, indent=1, allow_nan=True)
+        json.dump(summary, f, indent=1)
         f.write("\n")
 
 
@@ -824,6 +832,7 @@ def compare_corpus(settings: CompareSettings, *, progress: bool = True, plot: bo
         "runs": [{k: v for k, v in r.items() if k != "fingerprint"} for r in runs],
         "files": {},
     }
+    summary = finite_json(summary)
     _write_corpus_files(summary, settings, plot)
     return summary
 
@@ -901,7 +910,7 @@ def _write_corpus_files(summary: dict, settings: CompareSettings, plot: bool) ->
             summary["plot_message"] = message
     files["json"] = str(out / "summary.json")
     with _atomic_text(out / "summary.json") as f:
-        json.dump(summary, f, indent=1, allow_nan=True)
+        json.dump(summary, f, indent=1)
         f.write("\n")
 
 
@@ -928,7 +937,7 @@ def corpus_table(summary: dict):
             format_pm(r["best_val_bpc_mean"], r["best_val_bpc_std"], n),
             format_pm(r["final_val_loss_mean"], r["final_val_loss_std"], n),
             format_pm(r["final_val_bpc_mean"], r["final_val_bpc_std"], n),
-            f"{r['chars_per_sec_mean']:,.0f}", f"{r['train_time_mean']:.0f}", f"{r['wall_time_mean']:.0f}",
+            _fmt(r["chars_per_sec_mean"], ",.0f"), _fmt(r["train_time_mean"], ".0f"), _fmt(r["wall_time_mean"], ".0f"),
         )
     return table
 
@@ -946,6 +955,21 @@ def _budget_text_dict(s: dict) -> str:
     if s.get("max_time"):
         parts.append(f"{s['max_time']:g} s")
     return " or ".join(parts)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def finite_json(obj):
+    """The object with every NaN or infinity replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def _num(v):

@@ -64,6 +64,7 @@ def plot_lines(
     xlabel: str = "",
     ylabel: str = "",
     xscale: str = "linear",
+    xticks: list[float] | None = None,
     ylim: tuple[float | None, float | None] | None = None,
     hlines: list[tuple[float, str]] | None = None,
     size: tuple[float, float] = (6.4, 4.0),
@@ -71,7 +72,8 @@ def plot_lines(
 ) -> list[Path]:
     """Draw one line per series and save ``stem.png`` and ``stem.svg``; return the paths written.
 
-    ``hlines`` adds dashed reference lines (value, label), e.g. chance level.
+    ``hlines`` adds dashed reference lines (value, label), e.g. chance level;
+    ``xticks`` puts ticks (labelled with plain numbers) at these x values only.
     Raises ``PlottingUnavailable`` when matplotlib is not installed.
     """
     Figure = require_matplotlib()
@@ -93,6 +95,9 @@ def plot_lines(
     for value, label in hlines or []:
         ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=label)
     ax.set_xscale(xscale)
+    if xticks is not None:
+        ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
+        ax.minorticks_off()
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.set_title(title)

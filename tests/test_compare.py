@@ -1,0 +1,292 @@
+"""`charlstm compare-variants` on a tiny corpus: table, files, resume, Ctrl-C, --jobs, matched sizes, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from charlstm import compare, plots
+from charlstm import train as train_mod
+from charlstm.cli import app
+from charlstm.config import VARIANTS
+from charlstm.errors import CharlstmError, UsageError
+
+from conftest import tiny_text
+
+TINY = ["--hidden", "8", "--layers", "1", "--embed", "4", "--seq-len", "8", "--batch-size", "2",
+        "--max-steps", "4", "--eval-every", "2", "--threads", "1", "--no-progress"]
+NO_PLOT = [*TINY, "--no-plot"]  # where figures are not what a test is about
+INSTALL = "pip install 'charlstm[plot]'"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A working directory with the tiny corpus as tiny.txt (data/ and checkpoints/ land here)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
+    return tmp_path
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, ["compare-variants", "--data", "tiny.txt", *map(str, args)])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.fixture
+def train_calls(monkeypatch):
+    """Record every call of train.train (still training for real)."""
+    calls = []
+    real = train_mod.train
+
+    def spy(model_cfg, train_cfg, **kw):
+        calls.append({"variant": model_cfg.variant, "resume": kw.get("resume"), "out": train_cfg.out})
+        return real(model_cfg, train_cfg, **kw)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    return calls
+
+
+# --------------------------------------------------------------------------- the whole comparison
+
+def test_all_variants_on_a_tiny_corpus(work):
+    out = work / "cmp"
+    r = invoke(*TINY, "--out", out)
+    assert r.exit_code == 0, r.output
+    for variant in VARIANTS:
+        assert variant in r.stdout
+    assert "best val" in r.stdout and "bpc" in r.stdout
+
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert sorted(row["variant"] for row in rows) == sorted(VARIANTS)
+    losses = [row["best_val_loss_mean"] for row in rows]
+    assert losses == sorted(losses), "the table is sorted by best validation loss"
+    for row in rows:
+        assert row["best_val_bpc_mean"] == pytest.approx(row["best_val_loss_mean"] / compare.LN2)
+        assert row["best_val_loss_mean"] <= row["final_val_loss_mean"] + 1e-12
+        assert row["params"] > 0 and row["chars_per_sec_mean"] > 0
+        assert [p["step"] for p in row["curve"]] == [2, 4]
+    forms = {row["variant"]: row["form"] for row in rows}
+    assert forms["peephole"].startswith("custom") and forms["lstm"].startswith("cudnn")
+
+    csv_lines = (out / "summary.csv").read_text().splitlines()
+    assert csv_lines[0].split(",")[:4] == ["variant", "form", "hidden", "params"]
+    assert len(csv_lines) == 1 + len(VARIANTS)
+    assert len((out / "runs.csv").read_text().splitlines()) == 1 + len(VARIANTS)
+    for variant in VARIANTS:
+        run = out / f"{variant}-seed1"
+        assert (run / "result.json").is_file() and (run / "metrics.jsonl").is_file()
+        assert (run / "latest").is_file(), "each run's checkpoint is kept"
+
+    if plots.have_matplotlib():
+        for stem in ("curves-step", "curves-time"):
+            assert (out / f"{stem}.png").stat().st_size > 0
+            assert (out / f"{stem}.svg").read_text().lstrip().startswith("<?xml")
+    else:
+        assert INSTALL in r.stderr
+
+
+def test_json_is_one_object_on_stdout_and_seeds_give_mean_and_std(work):
+    r = invoke(*NO_PLOT, "--variants", "rnn", "--seeds", "1,2", "--out", work / "cmp", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)  # the whole of stdout is one JSON object
+    assert data["task"] == "corpus"
+    (row,) = data["rows"]
+    assert row["seeds"] == 2
+    seed_losses = [run["best_val_loss"] for run in data["runs"]]
+    assert row["best_val_loss_mean"] == pytest.approx(sum(seed_losses) / 2)
+    assert row["best_val_loss_std"] > 0, "different seeds give different runs"
+    table = invoke(*NO_PLOT, "--variants", "rnn", "--seeds", "1,2", "--out", work / "cmp")
+    assert "±" in table.stdout
+
+
+# --------------------------------------------------------------------------- resume and interruption
+
+def test_rerun_skips_finished_runs_and_continues_an_unfinished_one(work, train_calls):
+    out = work / "cmp"
+    args = [*NO_PLOT, "--variants", "rnn,gru", "--out", out]
+    assert invoke(*args).exit_code == 0
+    assert [c["variant"] for c in train_calls] == ["rnn", "gru"]
+    first = json.loads((out / "summary.json").read_text())
+
+    train_calls.clear()
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert train_calls == [], "finished runs are not trained again"
+    assert "2 of 2 runs already finished" in r.stderr
+    assert json.loads((out / "summary.json").read_text())["rows"] == first["rows"]
+
+    # A run without its result (stopped after its last checkpoint) is continued, not restarted.
+    (out / "gru-seed1" / "result.json").unlink()
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert [(c["variant"], c["resume"]) for c in train_calls] == [("gru", out / "gru-seed1")]
+    assert (out / "gru-seed1" / "result.json").is_file()
+
+
+def test_ctrl_c_keeps_finished_runs_and_the_rerun_resumes(work, monkeypatch, train_calls):
+    out = work / "cmp"
+    args = [*NO_PLOT, "--variants", "rnn,lstm,gru", "--out", out]
+    spy = train_mod.train
+
+    def interrupted_second(model_cfg, train_cfg, **kw):
+        result = spy(model_cfg, train_cfg, **kw)
+        if len(train_calls) == 2:  # as train.train reports a first Ctrl-C: saved, then stopped
+            result.interrupted = True
+        return result
+
+    monkeypatch.setattr(train_mod, "train", interrupted_second)
+    r = invoke(*args)
+    assert r.exit_code == 130
+    assert "1 of 3 runs finished" in r.stderr
+    assert (out / "rnn-seed1" / "result.json").is_file()
+    assert not (out / "lstm-seed1" / "result.json").exists()
+    assert (out / "lstm-seed1" / "latest").is_file()
+    assert not (out / "gru-seed1").exists()
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    train_calls.clear()
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert [(c["variant"], c["resume"]) for c in train_calls] == [("lstm", out / "lstm-seed1"), ("gru", None)]
+    assert len(json.loads((out / "summary.json").read_text())["rows"]) == 3
+
+
+def test_other_settings_in_the_same_directory_are_refused(work):
+    out = work / "cmp"
+    assert invoke(*NO_PLOT, "--variants", "rnn", "--out", out).exit_code == 0
+    before = (out / "rnn-seed1" / "result.json").read_text()
+    r = invoke(*NO_PLOT, "--variants", "rnn", "--out", out, "--lr", "0.01")
+    assert r.exit_code == 1
+    assert "different settings" in r.stderr and "lr" in r.stderr
+    assert "Traceback" not in r.output
+    assert (out / "rnn-seed1" / "result.json").read_text() == before
+
+
+def test_parallel_jobs_give_the_same_results(work):
+    seq = invoke(*NO_PLOT, "--variants", "rnn,lstm", "--out", work / "seq", "--json")
+    assert seq.exit_code == 0, seq.output
+    # two processes of one thread each (the last --threads wins), as the sequential runs had
+    par = invoke(*NO_PLOT, "--variants", "rnn,lstm", "--out", work / "par", "--jobs", "2", "--threads", "2", "--json")
+    assert par.exit_code == 0, par.output
+    a, b = json.loads(seq.stdout), json.loads(par.stdout)
+    assert {r["variant"]: r["best_val_loss_mean"] for r in a["rows"]} == \
+        pytest.approx({r["variant"]: r["best_val_loss_mean"] for r in b["rows"]}, abs=1e-5)
+    assert b["settings"]["jobs"] == 2
+
+
+# --------------------------------------------------------------------------- options
+
+def test_bad_options_are_usage_errors(work):
+    for args, needle in ((["--variants", "lstm,foo"], "unknown variant"), (["--seeds", "1,x"], "--seeds"),
+                         (["--task", "nope"], "--task"), (["--jobs", "0"], "--jobs")):
+        r = invoke(*NO_PLOT, *args)
+        assert r.exit_code == 2, (args, r.output)
+        assert needle in r.stderr
+
+
+def test_max_time_alone_replaces_the_default_step_budget():
+    s = compare.settings_from_options({"max_time": "90s"})
+    assert s.max_steps is None and s.max_time == 90.0
+    s = compare.settings_from_options({})
+    assert s.max_steps == 500 and s.max_time is None
+    s = compare.settings_from_options({"task": "long-gap", "max_time": "2m", "max_steps": 300})
+    assert (s.max_steps, s.max_time, s.hidden, s.layers) == (300, 120.0, 64, 1)
+
+
+def test_threads_are_split_among_jobs():
+    s = compare.settings_from_options({"jobs": 3, "threads": 8})
+    assert s.threads_per_job() == 2
+    assert compare.settings_from_options({"jobs": 4, "threads": 2}).threads_per_job() == 1
+    assert compare.settings_from_options({"threads": 2}).threads_per_job() == 2
+
+
+# --------------------------------------------------------------------------- matched parameter counts
+
+@pytest.mark.parametrize("extra", [{}, {"backend": "custom"}, {"peephole_form": "full", "layers": 1}])
+def test_matched_sizes_are_within_two_percent(extra):
+    opts = {"hidden": 48, "layers": 2, "embed": 16, "match_params": True, **extra}
+    s = compare.settings_from_options(opts)
+    sizes = compare.match_parameters(s, vocab_size=70)
+    target = compare.reference_parameters(s, 70)
+    assert set(sizes) == set(VARIANTS)
+    for variant, (hidden, params) in sizes.items():
+        assert abs(params - target) <= 0.02 * target, (variant, hidden, params, target)
+        # the count is the real model's
+        from charlstm.model import build_model
+
+        assert build_model(s.model_config(variant, hidden, 70)).num_parameters() == params
+    assert sizes["lstm"][0] == 48
+    assert sizes["rnn"][0] > sizes["gru"][0] > 48 >= sizes["peephole"][0]
+
+
+def test_matching_a_tiny_model_is_refused_with_a_reason():
+    s = compare.settings_from_options({"hidden": 1, "layers": 1, "embed": 1, "variants": "rnn"})
+    with pytest.raises(UsageError, match="more than 2%"):
+        compare.match_parameters(s, vocab_size=3)
+
+
+def test_match_params_sizes_the_runs(work):
+    r = invoke(*NO_PLOT, "--variants", "rnn,lstm", "--match-params", "--hidden", "12", "--out", work / "m", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    by = {row["variant"]: row for row in data["rows"]}
+    assert by["lstm"]["hidden"] == 12 and by["rnn"]["hidden"] > 12
+    assert abs(by["rnn"]["params"] - data["reference_params"]) <= 0.02 * data["reference_params"]
+
+
+# --------------------------------------------------------------------------- summaries and plots
+
+def test_mean_std_and_mean_curve():
+    assert compare.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert compare.mean_std([5.0]) == (5.0, 0.0)
+    curve = compare.mean_curve([
+        [{"step": 10, "time": 1.0, "val_loss": 2.0}, {"step": 20, "time": 2.0, "val_loss": 1.0}],
+        [{"step": 10, "time": 3.0, "val_loss": 4.0}],
+    ])
+    assert curve == [{"step": 10, "time": 2.0, "val_loss": 3.0, "val_loss_std": pytest.approx(2 ** 0.5)}]
+    assert compare.format_pm(1.23456, 0.1, 1) == "1.235"
+    assert compare.format_pm(1.23456, 0.1, 3) == "1.235 ± 0.100"
+    assert compare.finite_json({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
+
+
+def test_plot_lines_writes_png_and_svg(tmp_path):
+    pytest.importorskip("matplotlib")
+    series = [plots.Series("a", [1, 2, 3], [3.0, 2.0, 1.5], spread=[0.1, 0.1, 0.1]),
+              plots.Series("b", [1, 2, 3], [3.0, float("nan"), 2.0])]
+    written = plots.plot_lines(series, tmp_path / "sub" / "fig", title="t", xlabel="x", ylabel="y",
+                               hlines=[(1.0, "chance")])
+    assert [p.name for p in written] == ["fig.png", "fig.svg"]
+    assert (tmp_path / "sub" / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (tmp_path / "sub" / "fig.svg").read_text()
+
+
+def test_without_matplotlib_the_message_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
+    with pytest.raises(CharlstmError, match=r"pip install 'charlstm\[plot\]'"):
+        plots.plot_lines([plots.Series("a", [1], [1.0])], tmp_path / "fig")
+    written, message = plots.try_plot_lines([plots.Series("a", [1], [1.0])], tmp_path / "fig")
+    assert written == [] and INSTALL in message
+    assert not list(tmp_path.iterdir())
+
+    out = tmp_path / "lg"
+    r = CliRunner().invoke(app, ["compare-variants", "--task", "long-gap", "--variants", "rnn", "--gaps", "2",
+                                 "--hidden", "4", "--embed", "2", "--max-steps", "2", "--eval-size", "10",
+                                 "--threads", "1", "--no-progress", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert INSTALL in r.stderr
+    assert (out / "summary.json").is_file() and (out / "summary.csv").is_file()
+    assert not list(out.glob("*.png"))
