@@ -242,6 +242,7 @@ def compare_variants(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     out: Optional[Path] = typer.Option(None, "--out", help="Comparison directory; one run directory per variant and seed inside.  [default: checkpoints/compare-<data> or checkpoints/compare-long-gap]"),
     no_plot: bool = typer.Option(False, "--no-plot", help="Write the data files but no figures."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars or per-run messages on stderr."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (the table is not printed)."),
 ) -> None:
     """Train several cell variants under one budget and compare them.
