@@ -24,7 +24,7 @@ install: $(VENV)/.stamp-install
 install-test: $(VENV)/.stamp-test
 
 demo: install
-	$(BIN)/charlstm train --data pystdlib --preset demo --name demo
+	$(BIN)/charlstm train --data pystdlib --preset demo --name demo --overwrite
 	$(BIN)/charlstm sample checkpoints/demo --length 600 --temperature 0.8
 
 test: install-test

@@ -510,12 +510,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
     # ------------------------------------------------------------ the loop
     from tqdm import tqdm
 
-    step_budget = [b for b in (train_cfg.max_steps,
-                               int(math.ceil(train_cfg.max_epochs * batcher.steps_per_epoch)) if train_cfg.max_epochs else None)
-                   if b]
-    bar = tqdm(total=min(step_budget) if step_budget else None, initial=step, unit="step", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True, desc=run_dir.name, leave=True)
-    session_start_time, session_start_frac = train_time, budget_fraction(train_cfg, step, epochs_done(), train_time)
+    # The bar measures the budget (steps, epochs or time, whichever runs out first), so that its
+    # percentage and ETA mean the same thing for every kind of budget.
+    session_start_time = train_time
+    session_start_frac = budget_fraction(train_cfg, step, epochs_done(), train_time)
+    bar = tqdm(total=1.0, initial=session_start_frac, file=sys.stderr, disable=not progress, dynamic_ncols=True,
+               desc=run_dir.name, leave=True, bar_format="{percentage:3.0f}%|{bar}| {desc}")
     window_losses: list[float] = []
     last_loss = None
     ema = None
@@ -586,12 +586,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
                 ema = loss_value if ema is None else 0.95 * ema + 0.05 * loss_value
 
                 if progress:
-                    done = budget_fraction(train_cfg, step, epochs_done(), train_time)
+                    done = min(budget_fraction(train_cfg, step, epochs_done(), train_time), 1.0)
                     rate = (done - session_start_frac) / max(train_time - session_start_time, 1e-9)
                     eta = (1.0 - done) / rate if rate > 0 else float("nan")
-                    bar.update(1)
-                    bar.set_postfix_str(f"loss {ema:.3f}, {chars_seen / max(train_time, 1e-9):,.0f} chars/s, "
-                                        f"ETA {_fmt_time(eta) if math.isfinite(eta) else '?'}", refresh=False)
+                    bar.update(done - bar.n)
+                    bar.set_description_str(f"{run_dir.name}: step {step}, loss {ema:.3f}, "
+                                            f"{chars_seen / max(train_time, 1e-9):,.0f} chars/s, "
+                                            f"ETA {_fmt_time(eta) if math.isfinite(eta) else '?'}", refresh=False)
 
                 is_best = False
                 if step % train_cfg.log_every == 0:
