@@ -280,3 +280,28 @@ def test_evaluate_loss_covers_the_split_and_leaves_the_rng_alone():
     assert again == loss                                       # deterministic: no dropout at evaluation
     windowed, m = train_mod.evaluate_loss(model, tokens, batch_size=5, seq_len=64, device="cpu", carry_state=False)
     assert m == n and windowed != loss
+
+
+def test_budgets_epochs_time_and_the_default(work):
+    spe = StreamBatcher(torch.zeros(int(len(tiny_text()) * 0.9), dtype=torch.long), 8, 32).steps_per_epoch
+    r = invoke(*TINY, "--max-epochs", "0.5", "--max-steps", "1000", "--eval-every", "1000", "--out", "epochs")
+    assert r.exit_code == 0, r.output
+    assert ck.load_checkpoint(work / "epochs").step == math.ceil(0.5 * spe)
+    r = invoke(*TINY, "--max-time", "1s", "--max-steps", "100000", "--eval-every", "100000", "--out", "timed")
+    assert r.exit_code == 0 and "finished (max_time)" in r.stderr
+    state = ck.load_checkpoint(work / "timed").trainer_state
+    assert 1.0 <= state["train_time"] < 30 and state["step"] >= 1
+    r = invoke(*TINY, "--eval-every", "1000", "--out", "default")
+    assert r.exit_code == 0 and "no budget given: training for 1 epoch" in r.stderr
+    assert ck.load_checkpoint(work / "default").step == spe
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_with_bf16_autocast_loads_on_the_cpu(work):
+    r = invoke(*TINY, "--device", "cuda", "--max-steps", "5", "--out", "gpu")
+    assert r.exit_code == 0, r.output
+    loaded = ck.load_checkpoint(work / "gpu")                      # mapped to the CPU by default
+    assert next(loaded.model.parameters()).device.type == "cpu"
+    assert "torch_cuda" in loaded.trainer_state["rng"] and math.isfinite(loaded.metrics["val_loss"])
+    r = CliRunner().invoke(app, ["train", "--resume", "gpu", "--max-steps", "8", "--device", "cuda", "--no-progress"])
+    assert r.exit_code == 0, r.output
