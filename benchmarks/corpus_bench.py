@@ -129,7 +129,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2000, help="batching steps per corpus (default 2000)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--no-unicode", action="store_true", help="skip the non-ASCII 100 MB corpus")
+    ap.add_argument("--no-unicode", action="store_true", help="skip the non-ASCII corpora")
+    ap.add_argument("--unicode-sizes", help="sizes in MB of the non-ASCII corpora (default: the largest of --sizes)")
     ap.add_argument("--workdir", help="where to build the corpora (default: a temporary directory)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     opts = ap.parse_args()
@@ -146,7 +147,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"baseline": run_phase("baseline", None, None, opts), "corpora": []}
     base = results["baseline"]["peak_rss_mb"]
-    cases = [(s, False) for s in sizes] + ([(max(sizes), True)] if not opts.no_unicode else [])
+    uni_sizes = [int(s) for s in opts.unicode_sizes.split(",")] if opts.unicode_sizes else [max(sizes)]
+    cases = [(s, False) for s in sizes] + ([(s, True) for s in uni_sizes] if not opts.no_unicode else [])
     try:
         for size, uni in cases:
             label = f"{size}MB{'-unicode' if uni else ''}"

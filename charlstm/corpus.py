@@ -42,7 +42,6 @@ PYSTDLIB_EXCLUDED_DIRS = frozenset({
     "encodings", "pydoc_data", "lib-dynload",
 })
 
-NAMED_SOURCES = ("pystdlib", "tinyshakespeare")
 CACHE_FORMAT = 1                  # bump when the token cache layout changes
 CHUNK_BYTES = 4 * 1024 * 1024     # bytes read, decoded and encoded at a time (bounds memory)
 BINARY_SNIFF_BYTES = 8192         # a NUL byte in the first 8 KiB marks a binary file (as git does)
@@ -297,29 +296,33 @@ def download_tinyshakespeare(data_dir: Path = Path("data"), *, progress: bool = 
                     "and pass it with --data PATH/TO/input.txt")
     h = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as out:
-            total = response.headers.get("Content-Length") if hasattr(response, "headers") else None
-            from tqdm import tqdm
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as out:
+                total = response.headers.get("Content-Length") if hasattr(response, "headers") else None
+                from tqdm import tqdm
 
-            with tqdm(total=int(total) if total and total.isdigit() else None, unit="B", unit_scale=True,
-                      desc="downloading tinyshakespeare", file=sys.stderr, leave=False,
-                      disable=not progress) as bar:
-                for block in iter(lambda: response.read(64 * 1024), b""):
-                    out.write(block)
-                    h.update(block)
-                    bar.update(len(block))
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        part.unlink(missing_ok=True)
-        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
-        raise CharlstmError(f"could not download tinyshakespeare from {url}: {reason}; {offline_hint}") from e
-    digest = h.hexdigest()
-    if digest != TINYSHAKESPEARE_SHA256:
-        part.unlink(missing_ok=True)
-        raise CharlstmError(
-            f"the file downloaded from {url} has sha256 {digest}, expected {TINYSHAKESPEARE_SHA256}; "
-            f"nothing was kept. Check the URL ({TINYSHAKESPEARE_URL_ENV} overrides it) or pass a file with --data PATH"
-        )
-    os.replace(part, target)
+                with tqdm(total=int(total) if total and total.isdigit() else None, unit="B", unit_scale=True,
+                          desc="downloading tinyshakespeare", file=sys.stderr, leave=False,
+                          disable=not progress) as bar:
+                    for block in iter(lambda: response.read(64 * 1024), b""):
+                        out.write(block)
+                        h.update(block)
+                        bar.update(len(block))
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            if isinstance(e, urllib.error.HTTPError):
+                reason = f"HTTP {e.code} {e.reason}"
+            else:
+                reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+            raise CharlstmError(f"could not download tinyshakespeare from {url}: {reason}; {offline_hint}") from e
+        digest = h.hexdigest()
+        if digest != TINYSHAKESPEARE_SHA256:
+            raise CharlstmError(
+                f"the file downloaded from {url} has sha256 {digest}, expected {TINYSHAKESPEARE_SHA256}; "
+                f"nothing was kept. Check the URL ({TINYSHAKESPEARE_URL_ENV} overrides it) or pass a file with --data PATH"
+            )
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)  # after a failure or an interruption; gone after os.replace
     return target
 
 

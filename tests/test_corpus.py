@@ -297,6 +297,13 @@ def test_tinyshakespeare_checksum_mismatch(tmp_path, monkeypatch, http_server):
     assert not list((tmp_path / "data").glob("tinyshakespeare*"))  # nothing kept
 
 
+def test_tinyshakespeare_http_error(tmp_path, monkeypatch, http_server):
+    monkeypatch.setenv(TINYSHAKESPEARE_URL_ENV, f"{http_server(tmp_path)}/no/such/input.txt")
+    with pytest.raises(CharlstmError, match="could not download tinyshakespeare .*HTTP 404"):
+        load("tinyshakespeare", tmp_path)
+    assert not list((tmp_path / "data").glob("tinyshakespeare*"))
+
+
 def test_tinyshakespeare_offline_says_to_pass_a_file(tmp_path, monkeypatch):
     monkeypatch.setenv(TINYSHAKESPEARE_URL_ENV, "http://127.0.0.1:9/input.txt")  # discard port: refused
     with pytest.raises(CharlstmError) as e:
