@@ -44,6 +44,7 @@ PYSTDLIB_EXCLUDED_DIRS = frozenset({
 
 CACHE_FORMAT = 1                  # bump when the token cache layout changes
 CHUNK_BYTES = 4 * 1024 * 1024     # bytes read, decoded and encoded at a time (bounds memory)
+UTF32_SLICE_CHARS = 1024 * 1024   # characters turned into a UTF-32 buffer at a time
 BINARY_SNIFF_BYTES = 8192         # a NUL byte in the first 8 KiB marks a binary file (as git does)
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024  # no progress bar for work smaller than this
 
@@ -546,10 +547,13 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
                 ascii_seen += bytes(torch.nonzero(counts).flatten().tolist())
                 continue
             text = rest.decode("utf-8")
-        if len(text) < 1_000_000:   # set() is faster on short text, bincount on long
-            new = [ord(c) for c in set(text)]
+        if len(text) < UTF32_SLICE_CHARS:   # set() is faster on short text, bincount on long
+            new = {ord(c) for c in set(text)}
         else:
-            new = torch.nonzero(torch.bincount(_code_points(text))).flatten().tolist()
+            new = set()
+            for start in range(0, len(text), UTF32_SLICE_CHARS):
+                counts = torch.bincount(_code_points(text[start:start + UTF32_SLICE_CHARS]))
+                new.update(torch.nonzero(counts).flatten().tolist())
         seen.update(new)
         ascii_seen += bytes(sorted(cp for cp in new if cp < 128 and cp not in ascii_seen))
     bar.close()
@@ -626,9 +630,13 @@ def _write_ids(src: _Source, vocab: Vocab, lut: torch.Tensor, invalid_utf8: str,
             out.write(raw.translate(table))
             written += len(raw)
             continue
-        cps = _code_points(text) if text is not None else torch.frombuffer(bytearray(raw), dtype=torch.uint8).int()
-        out.write(_tensor_bytes(lut.index_select(0, cps)))  # (n,) ids in the cache dtype
-        written += cps.numel()
+        if text is None:
+            text = raw.decode("ascii")
+        for start in range(0, len(text), UTF32_SLICE_CHARS):  # bounds the UTF-32 buffer
+            cps = _code_points(text[start:start + UTF32_SLICE_CHARS])   # (n,) int32
+            out.write(_tensor_bytes(lut.index_select(0, cps)))           # (n,) ids in the cache dtype
+            written += cps.numel()
+            del cps
     bar.close()
     return written
 

@@ -73,6 +73,15 @@ def test_chunk_boundaries_inside_multibyte_characters(tmp_path, monkeypatch):
     assert decoded(c) == text
 
 
+def test_long_text_in_utf32_slices(tmp_path, monkeypatch):
+    text = "".join(chr(0x4E00 + (i * 37) % 500) for i in range(3000)) + "\nabc🙂\n"
+    path = tmp_path / "u.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(corpus_mod, "UTF32_SLICE_CHARS", 64)  # bincount and encoding in slices
+    c = load(path, tmp_path)
+    assert decoded(c) == text and c.tokens.dtype == torch.int16
+
+
 def test_large_vocabulary_uses_int16(tmp_path):
     text = "".join(chr(cp) for cp in range(0x4E00, 0x4E00 + 400)) + "\n"
     path = tmp_path / "cjk.txt"
