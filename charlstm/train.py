@@ -262,40 +262,52 @@ def default_run_name(model_cfg: ModelConfig, data: str) -> str:
 _RUN_ENTRIES = ("best", "latest", "metrics.jsonl")
 
 
-def _prepare_run_dir(run_dir: Path, *, named: bool, overwrite: bool) -> Path:
+def _holds_run(path: Path) -> bool:
+    return path.exists() and (any((path / e).exists() for e in _RUN_ENTRIES) or bool(ckpt_mod.list_checkpoints(path)))
+
+
+def choose_run_dir(run_dir: Path, *, named: bool, overwrite: bool) -> Path:
     """The directory a fresh run writes to; never silently reuses one that holds a run.
 
     An unnamed run picks a free name (``lstm-pystdlib-2``); a named one that
-    exists is an error unless ``overwrite`` (then only charlstm's own files
-    are removed, and only if nothing else is there).
+    exists is an error unless ``overwrite`` (see :func:`clear_run_dir`).
+    Nothing is deleted here.
     """
-    def holds_run(p: Path) -> bool:
-        return p.exists() and (any((p / e).exists() for e in _RUN_ENTRIES) or bool(ckpt_mod.list_checkpoints(p)))
-
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir} exists and is not a directory; choose another --out or --name")
-    if not holds_run(run_dir):
+    if not _holds_run(run_dir):
         return run_dir
     if overwrite:
-        ours = [p for p in run_dir.iterdir()
-                if p.name in _RUN_ENTRIES or ckpt_mod.CKPT_PATTERN.match(p.name)
-                or p.name.startswith((".tmp-ckpt-", ".old-ckpt-", ".best.tmp", ".latest.tmp", ".metrics.jsonl.tmp"))]
-        foreign = [p.name for p in run_dir.iterdir() if p not in ours]
-        if foreign:
-            raise UsageError(f"--overwrite: {run_dir} also holds files charlstm did not write ({', '.join(sorted(foreign)[:5])}); "
-                             "remove them or choose another --out")
-        import shutil
-
-        for p in ours:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _run_files(run_dir)  # refuses a directory with files charlstm did not write
         return run_dir
     if named:
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
                          "replace it with --overwrite, or choose another --name/--out")
     k = 2
-    while holds_run(run_dir.with_name(f"{run_dir.name}-{k}")):
+    while _holds_run(run_dir.with_name(f"{run_dir.name}-{k}")):
         k += 1
     return run_dir.with_name(f"{run_dir.name}-{k}")
+
+
+def _run_files(run_dir: Path) -> list[Path]:
+    """charlstm's own entries in a run directory; UsageError if anything else is there."""
+    ours = [p for p in run_dir.iterdir()
+            if p.name in _RUN_ENTRIES or ckpt_mod.CKPT_PATTERN.match(p.name)
+            or p.name.startswith((".tmp-ckpt-", ".old-ckpt-", ".best.tmp", ".latest.tmp", ".metrics.jsonl.tmp"))]
+    foreign = sorted(p.name for p in run_dir.iterdir() if p not in ours)
+    if foreign:
+        raise UsageError(f"--overwrite: {run_dir} also holds files charlstm did not write ({', '.join(foreign[:5])}); "
+                         "remove them or choose another --out")
+    return ours
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove a previous run's checkpoints, pointers and metrics (for --overwrite)."""
+    import shutil
+
+    if run_dir.is_dir():
+        for p in _run_files(run_dir):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 class MetricsLog:
@@ -361,6 +373,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
 
     resume_path = ckpt_mod.resolve_checkpoint(resume, prefer="latest") if resume is not None else None
     resume_config = ckpt_mod.verify_checkpoint(resume_path) if resume_path is not None else None
+    if resume_path is not None:
+        run_dir = resume_path.parent
+    else:
+        # Chosen before the (possibly slow) corpus load so that a taken name fails at once.
+        name = train_cfg.name or default_run_name(model_cfg, train_cfg.data)
+        run_dir = Path(train_cfg.out) if train_cfg.out else Path("checkpoints") / name
+        run_dir = choose_run_dir(run_dir, named=bool(train_cfg.out or train_cfg.name), overwrite=overwrite)
+        train_cfg = dataclasses.replace(train_cfg, name=run_dir.name, out=str(run_dir))
 
     corpus = load_corpus(train_cfg.data, invalid_utf8=train_cfg.invalid_utf8, progress=progress)
     vocab = corpus.vocab
@@ -431,13 +451,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
         _set_rng_state(ts["rng"], device)
 
     # ------------------------------------------------------------ run directory
-    if resume_path is not None:
-        run_dir = resume_path.parent
-    else:
-        name = train_cfg.name or default_run_name(model_cfg, train_cfg.data)
-        run_dir = Path(train_cfg.out) if train_cfg.out else Path("checkpoints") / name
-        run_dir = _prepare_run_dir(run_dir, named=bool(train_cfg.out or train_cfg.name), overwrite=overwrite)
-        train_cfg = dataclasses.replace(train_cfg, name=run_dir.name, out=str(run_dir))
+    if resume_path is None:
+        if overwrite:
+            clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
 
     if not (train_cfg.max_steps or train_cfg.max_epochs or train_cfg.max_time):
