@@ -1,0 +1,144 @@
+"""Sampling speed: characters per second of the fast step against nn.LSTM called step by step.
+
+    .venv/bin/python benchmarks/sampling.py                 # 2 x 384 and 2 x 256, 1 and 32 streams
+    .venv/bin/python benchmarks/sampling.py --hidden 384 --json
+
+Every stepper generates from the same randomly initialised 2-layer LSTM
+(vocabulary 65, embedding 64: tinyshakespeare's sizes) in the same process,
+interleaved over several rounds so that a slow moment of a shared machine hits
+all of them; the best round of each is reported, and the median beside it.
+Before timing, the benchmark checks that the steppers agree (same greedy text);
+it exits with status 1 if they do not, or, with --strict, if a target of
+docs/sampling.md is missed.
+
+Steppers:
+  nn.LSTM stepped     model.forward on one character at a time (torch's nn.LSTM, T = 1)
+  fast (eager)        charlstm.sample.FastStep, its Python loop
+  fast (TorchScript)  the same, the loop compiled (what `charlstm sample` uses)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from charlstm.config import ModelConfig
+from charlstm.model import build_model
+from charlstm.sample import FastStep, ModelStep, SamplingOptions, read_prime
+
+TARGETS = {  # (hidden, streams): chars/s, and the ratio to stepped nn.LSTM, for 2 layers (issue 6 / issue 8)
+    (384, 1): (4000, 2.0),
+    (384, 32): (25000, None),
+    (256, 1): (20000, None),
+}
+
+
+def make_model(hidden: int, layers: int, vocab: int, embed: int, variant: str = "lstm"):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=vocab, variant=variant, hidden=hidden, layers=layers, embed=embed))
+    return model.eval()
+
+
+def steppers(model):
+    return {
+        "nn.LSTM stepped": lambda: ModelStep(model),
+        "fast (eager)": lambda: FastStep(model, script=False),
+        "fast (TorchScript)": lambda: FastStep(model, script=True),
+    }
+
+
+def run(model, make, streams: int, chars: int, seed: int = 0, greedy: bool = False) -> tuple[float, torch.Tensor]:
+    """Seconds to generate `chars` characters per stream after a one-character prime, and the ids."""
+    opts = SamplingOptions(temperature=1.0, greedy=greedy)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        stepper = make()
+        logits, state = read_prime(model, torch.tensor([0]), streams)
+        stepper.load_state(state)
+        stepper.generate(logits, 8, opts, gen)          # warm-up (first TorchScript call optimises)
+        t0 = time.perf_counter()
+        out, _ = stepper.generate(logits, chars, opts, gen)
+        return time.perf_counter() - t0, out
+
+
+def check_agreement(model) -> None:
+    """The steppers must produce the same greedy text (the fast step computes model.forward's logits)."""
+    ref = None
+    for name, make in steppers(model).items():
+        _, out = run(model, make, 2, 64, greedy=True)
+        if ref is None:
+            ref = out
+        elif not torch.equal(out, ref):
+            print(f"FAIL: {name} generates a different greedy text than nn.LSTM stepped", file=sys.stderr)
+            sys.exit(1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[384, 256])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=0.6, help="rough time per measurement")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = []
+    missed = []
+    for H in args.hidden:
+        model = make_model(H, args.layers, 65, 64)
+        check_agreement(model)
+        for B in args.streams:
+            rates: dict[str, list[float]] = {}
+            sizes = {}
+            for name, make in steppers(model).items():   # calibrate: about args.seconds per measurement
+                dt, _ = run(model, make, B, 64)
+                sizes[name] = max(32, int(64 * args.seconds / max(dt, 1e-6)))
+            for _ in range(args.rounds):
+                for name, make in steppers(model).items():
+                    dt, _ = run(model, make, B, sizes[name])
+                    rates.setdefault(name, []).append(sizes[name] * B / dt)
+            row = {"hidden": H, "layers": args.layers, "streams": B,
+                   "chars_per_sec": {n: max(r) for n, r in rates.items()},
+                   "median_chars_per_sec": {n: statistics.median(r) for n, r in rates.items()}}
+            best = row["chars_per_sec"]["fast (TorchScript)"]
+            base = row["chars_per_sec"]["nn.LSTM stepped"]
+            row["speedup_vs_stepped"] = best / base
+            target = TARGETS.get((H, B)) if args.layers == 2 else None
+            if target:
+                rate, ratio = target
+                ok = best >= rate and (ratio is None or best / base >= ratio)
+                row["target"] = {"chars_per_sec": rate, "speedup": ratio, "met": ok}
+                if not ok:
+                    missed.append(f"{args.layers}x{H}, {B} stream(s): {best:,.0f} chars/s, {best / base:.1f}x "
+                                  f"(target {rate:,} chars/s" + (f", {ratio}x" if ratio else "") + ")")
+            results.append(row)
+            if not args.json:
+                print(f"{args.layers} x {H}, {B:>2} stream(s): " + ", ".join(
+                    f"{n} {row['chars_per_sec'][n]:>8,.0f} (median {row['median_chars_per_sec'][n]:,.0f})"
+                    for n in rates) + f"  chars/s; fast/stepped {row['speedup_vs_stepped']:.1f}x"
+                    + ("" if "target" not in row else "  target " + ("met" if row["target"]["met"] else "MISSED")),
+                    flush=True)
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "machine": platform.machine()}
+    if args.json:
+        print(json.dumps({"results": results, "missed": missed, **info}))
+    else:
+        print(f"torch {info['torch']}, {info['threads']} threads")
+        for m in missed:
+            print("target missed: " + m)
+    return 1 if (args.strict and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
