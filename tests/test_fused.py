@@ -84,8 +84,10 @@ def test_every_cell_has_a_fused_path(case):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_fused_matches_the_step_by_step_layer(case, dtype):
-    """Outputs, final states and gradients of a 2-layer stack, fused against basic."""
+def test_fused_matches_the_step_by_step_layer(case, dtype, monkeypatch):
+    """Outputs, final states and gradients of a 2-layer stack, fused against basic
+    (backward factors in blocks of 3 steps, so that T=7 crosses block boundaries)."""
+    monkeypatch.setattr(fused, "CHUNK", 3)
     _, variant, extra = case
     cells = make_cells(variant, extra, dtype=dtype)
     T, B = 7, 3
@@ -117,11 +119,11 @@ TORCH_TWINS = [
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("twin", TORCH_TWINS, ids=[t[0] for t in TORCH_TWINS])
 def test_fused_matches_torch_modules(twin, bias):
-    """2 layers, float32, T=9, B=4, H=8: the fused layers loaded with nn.LSTM/GRU/RNN's
+    """2 layers, float32, T=20, B=4, H=8: the fused layers loaded with nn.LSTM/GRU/RNN's
     weights give its outputs, final states and weight/input/state gradients."""
     _, cell_cls, module_cls, kwargs = twin
     torch.manual_seed(0)
-    E, H, L, T, B = 5, 8, 2, 9, 4
+    E, H, L, T, B = 5, 8, 2, 20, 4
     ref = module_cls(E, H, num_layers=L, bias=bias, **kwargs)
     cells = [cell_cls(E if k == 0 else H, H, bias=bias) for k in range(L)]
     with torch.no_grad():
@@ -159,9 +161,10 @@ GRADCHECK = [c for c in CASES if c[0] not in ("lstm-nobias", "peephole-diag-f", 
 
 
 @pytest.mark.parametrize("case", GRADCHECK, ids=[c[0] for c in GRADCHECK])
-def test_gradcheck_fused(case):
+def test_gradcheck_fused(case, monkeypatch):
     """torch.autograd.gradcheck in float64 through one fused layer, w.r.t. input, initial
-    state and every parameter (E=2, H=3, T=4, B=2)."""
+    state and every parameter (E=2, H=3, T=4, B=2, backward factors in blocks of 3 steps)."""
+    monkeypatch.setattr(fused, "CHUNK", 3)
     _, variant, extra = case
     (cell,) = make_cells(variant, extra, E=2, H=3, L=1)
     names = [n for n, _ in cell.named_parameters()]
@@ -220,3 +223,11 @@ def test_truncated_bptt_windows_carry_state():
     first, state = fused.run_layer(cell, x[:6], None)
     second, _ = fused.run_layer(cell, x[6:], tuple(s.detach() for s in state))
     torch.testing.assert_close(torch.cat([first, second]), whole)
+
+
+def test_autocast_is_left_to_the_step_by_step_layer():
+    (cell,) = make_cells("lstm", {}, L=1, dtype=torch.float32)
+    x = torch.randn(3, 2, 3)
+    assert fused.supports(cell, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused.supports(cell, x)
