@@ -12,19 +12,28 @@ it exits with status 1 if they do not, or, with --strict, if a target of
 docs/sampling.md is missed.
 
 Steppers:
-  nn.LSTM stepped     model.forward on one character at a time (torch's nn.LSTM, T = 1)
-  fast (eager)        charlstm.sample.FastStep, its Python loop
-  fast (TorchScript)  the same, the loop compiled (what `charlstm sample` uses)
+  nn.LSTM stepped             model.forward on one character at a time (torch's nn.LSTM, T = 1)
+  nn.LSTM stepped, no oneDNN  the same with torch.backends.mkldnn disabled (torch 2.13's CPU
+                              nn.LSTM goes through oneDNN, which costs several ms per call)
+  fast (eager)                charlstm.sample.FastStep, its Python loop
+  fast (TorchScript)          the same, the loop compiled (what `charlstm sample` uses)
+
+The ratio "fast/stepped" divides by the faster of the two nn.LSTM baselines.
+Threads default to 1: on a machine whose cores are shared, a second torch
+thread mostly waits for its time slice (see docs/sampling.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import sys
 import time
+
+import warnings
 
 import torch
 
@@ -45,37 +54,43 @@ def make_model(hidden: int, layers: int, vocab: int, embed: int, variant: str = 
     return model.eval()
 
 
+BASELINES = ("nn.LSTM stepped", "nn.LSTM stepped, no oneDNN")
+
+
 def steppers(model):
     return {
         "nn.LSTM stepped": lambda: ModelStep(model),
+        "nn.LSTM stepped, no oneDNN": lambda: ModelStep(model),
         "fast (eager)": lambda: FastStep(model, script=False),
         "fast (TorchScript)": lambda: FastStep(model, script=True),
     }
 
 
-def run(model, make, streams: int, chars: int, seed: int = 0, greedy: bool = False) -> tuple[float, torch.Tensor]:
+def run(model, make, streams: int, chars: int, seed: int = 0, greedy: bool = False,
+        onednn: bool = True) -> tuple[float, torch.Tensor]:
     """Seconds to generate `chars` characters per stream after a one-character prime, and the ids."""
     opts = SamplingOptions(temperature=1.0, greedy=greedy)
     gen = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():
+    flags = contextlib.nullcontext() if onednn else torch.backends.mkldnn.flags(enabled=False)
+    with torch.inference_mode(), flags:
         stepper = make()
         logits, state = read_prime(model, torch.tensor([0]), streams)
         stepper.load_state(state)
         stepper.generate(logits, 8, opts, gen)          # warm-up (first TorchScript call optimises)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out, _ = stepper.generate(logits, chars, opts, gen)
-        return time.perf_counter() - t0, out
+        return (time.perf_counter() - t0, time.process_time() - c0), out
 
 
 def check_agreement(model) -> None:
     """The steppers must produce the same greedy text (the fast step computes model.forward's logits)."""
     ref = None
     for name, make in steppers(model).items():
-        _, out = run(model, make, 2, 64, greedy=True)
+        _, out = run(model, make, 2, 64, greedy=True, onednn="no oneDNN" not in name)
         if ref is None:
             ref = out
         elif not torch.equal(out, ref):
-            print(f"FAIL: {name} generates a different greedy text than nn.LSTM stepped", file=sys.stderr)
+            print(f"FAIL: {name} generates a different greedy text than nn.LSTM stepped", file=sys.stderr, flush=True)
             sys.exit(1)
 
 
@@ -86,12 +101,12 @@ def main() -> int:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.6, help="rough time per measurement")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", UserWarning)   # torch's notes about NumPy and oneDNN's TF32 are not ours
 
     results = []
     missed = []
@@ -99,20 +114,23 @@ def main() -> int:
         model = make_model(H, args.layers, 65, 64)
         check_agreement(model)
         for B in args.streams:
-            rates: dict[str, list[float]] = {}
+            wall: dict[str, list[float]] = {}
+            cpu: dict[str, list[float]] = {}
             sizes = {}
             for name, make in steppers(model).items():   # calibrate: about args.seconds per measurement
-                dt, _ = run(model, make, B, 64)
+                (dt, _), _ = run(model, make, B, 64, onednn="no oneDNN" not in name)
                 sizes[name] = max(32, int(64 * args.seconds / max(dt, 1e-6)))
             for _ in range(args.rounds):
                 for name, make in steppers(model).items():
-                    dt, _ = run(model, make, B, sizes[name])
-                    rates.setdefault(name, []).append(sizes[name] * B / dt)
+                    (dt, dc), _ = run(model, make, B, sizes[name], onednn="no oneDNN" not in name)
+                    wall.setdefault(name, []).append(sizes[name] * B / dt)
+                    cpu.setdefault(name, []).append(sizes[name] * B / max(dc, 1e-9))
             row = {"hidden": H, "layers": args.layers, "streams": B,
-                   "chars_per_sec": {n: max(r) for n, r in rates.items()},
-                   "median_chars_per_sec": {n: statistics.median(r) for n, r in rates.items()}}
+                   "chars_per_sec": {n: max(r) for n, r in wall.items()},
+                   "median_chars_per_sec": {n: statistics.median(r) for n, r in wall.items()},
+                   "chars_per_cpu_sec": {n: statistics.median(r) for n, r in cpu.items()}}
             best = row["chars_per_sec"]["fast (TorchScript)"]
-            base = row["chars_per_sec"]["nn.LSTM stepped"]
+            base = max(row["chars_per_sec"][n] for n in BASELINES)
             row["speedup_vs_stepped"] = best / base
             target = TARGETS.get((H, B)) if args.layers == 2 else None
             if target:
@@ -124,11 +142,13 @@ def main() -> int:
                                   f"(target {rate:,} chars/s" + (f", {ratio}x" if ratio else "") + ")")
             results.append(row)
             if not args.json:
-                print(f"{args.layers} x {H}, {B:>2} stream(s): " + ", ".join(
-                    f"{n} {row['chars_per_sec'][n]:>8,.0f} (median {row['median_chars_per_sec'][n]:,.0f})"
-                    for n in rates) + f"  chars/s; fast/stepped {row['speedup_vs_stepped']:.1f}x"
-                    + ("" if "target" not in row else "  target " + ("met" if row["target"]["met"] else "MISSED")),
-                    flush=True)
+                print(f"{args.layers} x {H}, {B} stream(s)"
+                      + ("" if "target" not in row else "  target " + ("met" if row["target"]["met"] else "MISSED"))
+                      + f"; fast/stepped {row['speedup_vs_stepped']:.1f}x", flush=True)
+                for n in wall:
+                    print(f"    {n:<28} {row['chars_per_sec'][n]:>9,.0f} chars/s best "
+                          f"(median {row['median_chars_per_sec'][n]:>9,.0f})   "
+                          f"{row['chars_per_cpu_sec'][n]:>9,.0f} chars per CPU second", flush=True)
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine()}
     if args.json:

@@ -160,7 +160,7 @@ def sample(
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the text at the end instead of as it is generated."),
     unknown: str = typer.Option("error", "--unknown", help="Prime characters outside the vocabulary: error or skip."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch intra-op threads (default: torch's)."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads while generating (one stream's steps are too small to share; try 2 for many --num-samples on an idle machine)."),
 ) -> None:
     """Generate text from a checkpoint."""
     try:
@@ -257,9 +257,33 @@ def compare_variants(
 # --------------------------------------------------------------------------- bench
 
 @app.command()
-def bench(ctx: typer.Context) -> None:
-    """Throughput of variants and backends, side by side."""
-    raise NotImplementedYet("charlstm bench")
+def bench(
+    variants: str = typer.Option("lstm,peephole,coupled,gru", "--variants", help="Comma-separated variants (rnn, lstm, peephole, coupled, gru); a form after a colon: gru:cho, peephole:full."),
+    backends: str = typer.Option("cudnn,custom", "--backends", help="Comma-separated backends: cudnn (torch.nn modules), custom (our cells, fused loop), basic (our cells, plain unbind loop)."),
+    hidden: str = typer.Option("256", "--hidden", help="Hidden sizes H, comma-separated (every combination of the size options is measured)."),
+    layers: str = typer.Option("2", "--layers", help="Layer counts L, comma-separated."),
+    batch_size: str = typer.Option("32", "--batch-size", help="Streams B (training batch and batched sampling), comma-separated."),
+    seq_len: str = typer.Option("128", "--seq-len", help="Training windows T, comma-separated."),
+    embed: int = typer.Option(64, "--embed", help="Embedding size E."),
+    vocab: int = typer.Option(65, "--vocab", help="Vocabulary size V (random tokens)."),
+    peephole_form: str = typer.Option("diag", "--peephole-form", help="Form of the peephole variant: diag or full."),
+    gru_form: str = typer.Option("cudnn", "--gru-form", help="Form of the gru variant: cudnn or cho."),
+    measures: str = typer.Option("train,sample,sample-batch", "--measures", help="What to time: train (fwd+bwd+AdamW), sample (one stream), sample-batch (B streams)."),
+    sample_length: int = typer.Option(256, "--sample-length", help="Characters generated per sampling measurement."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch.  [default: torch's]"),
+    repeats: int = typer.Option(5, "--repeats", help="Timed rounds; figures are medians over them."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed rounds before the timed ones."),
+    peak_size: int = typer.Option(2048, "--peak-size", help="n of the n x n x n torch.mm product that gives the peak (0: skip it)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights and random tokens."),
+    clock: str = typer.Option("wall", "--clock", help="wall (elapsed time) or cpu (this process's CPU time: steadier on a busy shared machine, use with --threads 1)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of the table."),
+) -> None:
+    """Throughput of variants and backends, side by side: training and sampling chars/s,
+    as ratios to nn.LSTM and as GFLOP/s against this machine's torch.mm peak."""
+    from . import bench as bench_mod
+
+    bench_mod.run_from_cli(**{k: v for k, v in locals().items() if k != "bench_mod"})
 
 
 # --------------------------------------------------------------------------- visualize

@@ -504,9 +504,28 @@ def _note(message: str) -> None:
 
 def run_from_cli(*, run: Path | None, prime: str, length: int, temperature: float, top_k: int | None,
                  top_p: float | None, greedy: bool, seed: int | None, num_samples: int, output: Path | None,
-                 no_stream: bool, unknown: str, device: str, threads: int | None = None,
+                 no_stream: bool, unknown: str, device: str, threads: int | None = 1,
                  checkpoints: Path = Path("checkpoints")) -> Generation:
-    """`charlstm sample`: load the checkpoint RUN names and print (or write) what it generates."""
+    """`charlstm sample`: load the checkpoint RUN names and print (or write) what it generates.
+
+    ``threads`` torch threads (restored afterwards; None leaves torch's setting): one step
+    is a few small operations, and a second thread mostly waits for the first, or, on a
+    busy machine, for its time slice (see docs/sampling.md)."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1 (got {threads})")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _sample_command(run=run, prime=prime, length=length, temperature=temperature, top_k=top_k,
+                               top_p=top_p, greedy=greedy, seed=seed, num_samples=num_samples, output=output,
+                               no_stream=no_stream, unknown=unknown, device=device, checkpoints=checkpoints)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sample_command(*, run, prime, length, temperature, top_k, top_p, greedy, seed, num_samples, output,
+                    no_stream, unknown, device, checkpoints) -> Generation | None:
     from .checkpoint import load_checkpoint, resolve_checkpoint, write_text_atomic
     from .train import resolve_device
 
@@ -517,10 +536,6 @@ def run_from_cli(*, run: Path | None, prime: str, length: int, temperature: floa
         raise UsageError(f"--num-samples must be >= 1 (got {num_samples})")
     if unknown not in ("error", "skip"):
         raise UsageError(f"--unknown must be error or skip (got {unknown!r})")
-    if threads is not None:
-        if threads < 1:
-            raise UsageError(f"--threads must be >= 1 (got {threads})")
-        torch.set_num_threads(threads)
     if output is not None and Path(output).is_dir():
         raise UsageError(f"--output {output} is a directory; give a file name")
     dev = resolve_device(device)
