@@ -129,10 +129,26 @@ def gate_model(model):
     return twin.to(device=w.device, dtype=w.dtype).eval()
 
 
-@torch.no_grad()
 def record(model, ids: Tensor, vocab: list[str], *, top_k: int = DEFAULT_TOP_K, progress: bool = False) -> Recording:
     """Run ``model`` over the token ids (T,) as one stream with the state carried, and record
-    h, C, every gate and the next-character predictions at every step."""
+    h, C, every gate and the next-character predictions at every step.
+
+    On the CPU this runs on one thread: one stream means one small matrix product
+    per step, which extra threads only slow down (more than tenfold on a busy
+    machine, measured)."""
+    threads = torch.get_num_threads()
+    on_cpu = model.head.weight.device.type == "cpu"
+    if on_cpu:
+        torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return _record(model, ids, vocab, top_k=top_k, progress=progress)
+    finally:
+        if on_cpu:
+            torch.set_num_threads(threads)
+
+
+def _record(model, ids: Tensor, vocab: list[str], *, top_k: int, progress: bool) -> Recording:
     model.eval()
     twin = gate_model(model)
     cfg = model.cfg
