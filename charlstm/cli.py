@@ -179,6 +179,7 @@ def eval_(
     text_file: Optional[Path] = typer.Option(None, "--text-file", help="Evaluate on this text file instead of a split."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Streams evaluated in parallel (default: the run's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch intra-op threads (default: torch's)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Loss (nats/char) and bits per character of a checkpoint on text."""
