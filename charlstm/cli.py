@@ -140,7 +140,7 @@ def train(
     result = train_mod.run_from_cli(options, preset=preset, resume=resume, init_from=init_from,
                                     overwrite=overwrite, progress=not no_progress)
     if result is not None and result.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(result.exit_code)
 
 
 # --------------------------------------------------------------------------- sample

@@ -79,6 +79,12 @@ class TrainResult:
     chars_per_sec: float
     stopped_by: str                   # max_steps | max_epochs | max_time | interrupted | already_done
     interrupted: bool = False
+    signal: int | None = None         # the signal that interrupted it (SIGINT, SIGTERM)
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + the signal for an interrupted run (130 for Ctrl-C), as shells report it."""
+        return 128 + (self.signal or signal.SIGINT) if self.interrupted else 0
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -227,30 +233,35 @@ def _python_rng_to_json(st) -> list:
 
 
 class _StopFlag:
-    """SIGINT handler: the first Ctrl-C asks the loop to stop after the current step (and save);
-    a second one aborts at once."""
+    """SIGINT/SIGTERM handler: the first Ctrl-C (or a kill) asks the loop to stop after the current
+    step and save; a second one aborts at once without saving."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals keep their usual effect
+                pass
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)",
+        self.requested, self.signum = True, signum
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{what}: stopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)",
               file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 
@@ -648,6 +659,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
     best = ckpt_mod.read_pointer(run_dir, "best")
     result = _result(run_dir, last_ckpt, best, step, epochs_done(), last_loss, last_val, best_val, params,
                      train_time, time.perf_counter() - wall_start, chars_seen, stopped_by, interrupted)
+    result.signal = stop.signum
     print_summary(result, model_cfg)
     return result
 

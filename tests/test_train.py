@@ -305,3 +305,22 @@ def test_cuda_training_with_bf16_autocast_loads_on_the_cpu(work):
     assert "torch_cuda" in loaded.trainer_state["rng"] and math.isfinite(loaded.metrics["val_loss"])
     r = CliRunner().invoke(app, ["train", "--resume", "gpu", "--max-steps", "8", "--device", "cuda", "--no-progress"])
     assert r.exit_code == 0, r.output
+
+
+def test_sigterm_saves_and_exits_like_ctrl_c(work, monkeypatch):
+    real_next = StreamBatcher.next_batch
+    calls = {"n": 0}
+
+    def next_batch_then_kill(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_next(self)
+
+    monkeypatch.setattr(StreamBatcher, "next_batch", next_batch_then_kill)
+    before = signal.getsignal(signal.SIGTERM)
+    r = invoke(*TINY, "--max-steps", "20", "--out", "run")
+    assert r.exit_code == 128 + signal.SIGTERM, r.output
+    assert "SIGTERM: stopping after this step" in r.stderr
+    assert ck.load_checkpoint(work / "run").step == 4
+    assert signal.getsignal(signal.SIGTERM) == before                    # handlers restored
