@@ -94,6 +94,44 @@ def check_agreement(model) -> None:
             sys.exit(1)
 
 
+def limits(model, rounds: int, seconds: float) -> dict:
+    """What bounds one stream: the weight reads alone (the step's matrix products, in the same order
+    on the same tensors, nothing else) and the step without its weights (the same 2-layer step at
+    H = 8: per-operation overhead). Chars/s and the bandwidth of the weight reads, CPU time."""
+    step = FastStep(model)
+    mats = [w for layer in step.layers for w in (layer[0], layer[2]) if w.numel()] + [step.head_w]
+    weight_bytes = sum(w.numel() * w.element_size() for w in mats) + step.table.shape[1] * 4
+    xs = [torch.zeros(1, w.shape[0]) for w in mats]
+
+    def reads(n: int) -> None:
+        for _ in range(n):
+            for x, w in zip(xs, mats):
+                torch.mm(x, w)
+
+    tiny = make_model(8, model.cfg.layers, 65, 8)
+    tiny_step = lambda: FastStep(tiny, script=True)  # noqa: E731
+
+    out = {"weight_bytes_per_char": weight_bytes}
+    with torch.inference_mode():
+        reads(20)
+        n = max(50, int(seconds / 2e-4))
+        best = min(_cpu_time(reads, n) for _ in range(rounds)) / n
+        out["weights_only_chars_per_cpu_sec"] = 1.0 / best
+        out["weight_read_gb_per_sec"] = weight_bytes / best / 1e9
+        rates = []
+        for _ in range(rounds):
+            (_, dc), _ = run(tiny, tiny_step, 1, 2000)
+            rates.append(2000 / dc)
+        out["overhead_only_chars_per_cpu_sec"] = max(rates)
+    return out
+
+
+def _cpu_time(fn, n: int) -> float:
+    c0 = time.process_time()
+    fn(n)
+    return time.process_time() - c0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, nargs="+", default=[384, 256])
@@ -104,6 +142,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--limits", action="store_true", help="also measure what bounds one stream: weight reads alone, "
+                                                          "per-operation overhead alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)   # torch's notes about NumPy and oneDNN's TF32 are not ours
@@ -140,6 +180,8 @@ def main() -> int:
                 if not ok:
                     missed.append(f"{args.layers}x{H}, {B} stream(s): {best:,.0f} chars/s, {best / base:.1f}x "
                                   f"(target {rate:,} chars/s" + (f", {ratio}x" if ratio else "") + ")")
+            if args.limits and B == 1:
+                row["limits"] = limits(model, args.rounds, args.seconds)
             results.append(row)
             if not args.json:
                 print(f"{args.layers} x {H}, {B} stream(s)"
@@ -149,6 +191,12 @@ def main() -> int:
                     print(f"    {n:<28} {row['chars_per_sec'][n]:>9,.0f} chars/s best "
                           f"(median {row['median_chars_per_sec'][n]:>9,.0f})   "
                           f"{row['chars_per_cpu_sec'][n]:>9,.0f} chars per CPU second", flush=True)
+                if "limits" in row:
+                    lim = row["limits"]
+                    print(f"    limits: weight reads alone ({lim['weight_bytes_per_char'] / 1e6:.1f} MB per char) "
+                          f"{lim['weights_only_chars_per_cpu_sec']:,.0f} chars per CPU second "
+                          f"({lim['weight_read_gb_per_sec']:.1f} GB/s); per-operation overhead alone (H = 8) "
+                          f"{lim['overhead_only_chars_per_cpu_sec']:,.0f} chars per CPU second", flush=True)
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine()}
     if args.json:

@@ -145,6 +145,15 @@ def test_top_k_and_top_p_keep_only_the_likely_characters():
     assert cold > 0.9 and hot < 0.4
 
 
+def test_draws_follow_the_softmax_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0, -3.0, 1.5]])
+    for temperature in (1.0, 0.7):
+        ids = choose_next(logits.expand(40000, 7), temperature, 0, 1.0, False, g)
+        freq = torch.bincount(ids, minlength=7).double() / ids.numel()
+        torch.testing.assert_close(freq, torch.softmax(logits[0].double() / temperature, 0), atol=0.01, rtol=0)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=0.0), "--temperature must be > 0"),
     (dict(temperature=-1.0), "--temperature must be > 0"),
