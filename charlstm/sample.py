@@ -299,6 +299,7 @@ class FastStep:
         return t
 
     def _prepare(self, k: int, w_ih, w_hh, b_x, b_h, peep) -> List[Tensor]:
+        """Layer k's tensors in the layout the step functions read (see the comment above `_peep`)."""
         H, dev, dt = self.H, w_ih.device, w_ih.dtype
         empty = torch.empty(0, device=dev, dtype=dt)
         w_x = empty if k == 0 else self._order(w_ih).t().contiguous()               # (in, G*H)
