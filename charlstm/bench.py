@@ -24,6 +24,7 @@ medians; a ratio is the median of the per-round ratios.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -69,6 +70,7 @@ class BenchSettings:
     repeats: int = 5                      # timed rounds (medians over these)
     warmup: int = 2                       # untimed rounds first
     sample_length: int = 256              # characters per sampling measurement
+    sample_threads: int | None = 1        # torch threads while sampling (charlstm sample's default)
     measures: list[str] = field(default_factory=lambda: list(MEASURES))
     peak_size: int = PEAK_SQUARE          # n of the square mm peak (0: skip)
     seed: int = 0
@@ -108,8 +110,10 @@ class BenchSettings:
             raise UsageError(f"--clock must be one of {', '.join(CLOCKS)} (got {self.clock!r})")
         if self.clock == "cpu" and self.device != "cpu":
             raise UsageError("--clock cpu measures CPU time and only makes sense with --device cpu")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be >= 1 (got {self.threads})")
+        for name in ("threads", "sample_threads"):
+            n = getattr(self, name)
+            if n is not None and n < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {n})")
 
 
 def parse_int_list(text: str, option: str) -> list[int]:
@@ -222,12 +226,25 @@ def train_job(model, cfg: ModelConfig, sizes: Sizes, device: torch.device, seed:
     return job
 
 
+@contextlib.contextmanager
+def _onednn(enabled: bool):
+    """torch's use of oneDNN (mkldnn) switched on or off inside the block."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 def sample_job(model, streams: int, length: int, device: torch.device, seed: int, *,
-               reference: bool = False, clock: Callable[[], float] = time.perf_counter
-               ) -> tuple[Callable[[], float], str]:
+               reference: str | None = None, threads: int | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> tuple[Callable[[], float], str]:
     """A closure timing ``length`` characters of sampling in ``streams`` streams, and the
-    stepper's name: the sampler's own stepper, or (``reference``) model.forward one
-    character at a time."""
+    stepper's name. The sampler's own stepper (``sample.make_stepper``, what ``charlstm
+    sample`` runs), or a reference: ``reference='onednn'`` is model.forward one character
+    at a time (nn.LSTM as torch runs it), ``'no-onednn'`` the same with oneDNN switched off.
+    ``threads``: torch threads while sampling (restored afterwards)."""
     try:
         from . import sample as sample_mod
     except ImportError as e:  # pragma: no cover - only before the sampler exists
@@ -236,16 +253,21 @@ def sample_job(model, streams: int, length: int, device: torch.device, seed: int
     with torch.inference_mode():
         stepper = sample_mod.ModelStep(model) if reference else sample_mod.make_stepper(model)
     name = stepper.name + (" (TorchScript)" if getattr(stepper, "scripted", False) else "")
+    if reference:
+        name = f"nn.LSTM stepped through model.forward ({'oneDNN' if reference == 'onednn' else 'oneDNN off'})"
     opts = sample_mod.SamplingOptions()
     gen = torch.Generator(device=device).manual_seed(seed)
     state0 = model.init_state(streams, device=device)
     logits0 = torch.zeros(streams, model.cfg.vocab_size, device=device)   # (B, V)
+    mkldnn_on = reference != "no-onednn"
 
     def job() -> float:
-        was_training = model.training
+        was_training, before = model.training, torch.get_num_threads()
         model.eval()
+        if threads is not None:
+            torch.set_num_threads(threads)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _onednn(mkldnn_on):
                 stepper.load_state(state0)
                 _sync(device)
                 t0 = clock()
@@ -253,6 +275,7 @@ def sample_job(model, streams: int, length: int, device: torch.device, seed: int
                 _sync(device)
                 return clock() - t0
         finally:
+            torch.set_num_threads(before)
             model.train(was_training)
 
     return job, name
@@ -363,20 +386,18 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
             rows.append(row)
             if "train" in measures:
                 jobs[(id(row), "train")] = train_job(model, cfg, sizes, device, s.seed, clock)
-            if "sample" in measures:
-                jobs[(id(row), "sample")], steppers[(id(row), "sample")] = sample_job(
-                    model, 1, s.sample_length, device, s.seed, clock=clock)
-            if "sample-batch" in measures:
-                jobs[(id(row), "sample-batch")], steppers[(id(row), "sample-batch")] = sample_job(
-                    model, sizes.batch_size, s.sample_length, device, s.seed, clock=clock)
-            if baseline:
-                # nn.LSTM stepped one character at a time: the reference for sampling
-                if "sample" in measures:
-                    jobs[(id(row), "sample-ref")], _ = sample_job(model, 1, s.sample_length, device, s.seed,
-                                                                  reference=True, clock=clock)
-                if "sample-batch" in measures:
-                    jobs[(id(row), "sample-batch-ref")], _ = sample_job(
-                        model, sizes.batch_size, s.sample_length, device, s.seed, reference=True, clock=clock)
+            for measure, streams in (("sample", 1), ("sample-batch", sizes.batch_size)):
+                if measure not in measures:
+                    continue
+                jobs[(id(row), measure)], steppers[(id(row), measure)] = sample_job(
+                    model, streams, s.sample_length, device, s.seed, threads=s.sample_threads, clock=clock)
+                if baseline:
+                    # nn.LSTM stepped one character at a time, with and without oneDNN: the
+                    # faster of the two is the reference of the sampling ratios
+                    for ref in ("onednn", "no-onednn"):
+                        jobs[(id(row), measure, ref)], steppers[(id(row), measure, ref)] = sample_job(
+                            model, streams, s.sample_length, device, s.seed, reference=ref,
+                            threads=s.sample_threads, clock=clock)
     peak_shapes = sorted({(z.batch_size, z.hidden) for z in all_sizes})
     for B, H in peak_shapes:
         jobs[("peak", "recurrent", B, H)] = mm_job(B, H, 4 * H, device, transposed=True, clock=clock)
@@ -418,12 +439,16 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
                 continue
             chars = streams if measure == "train" else streams * s.sample_length
             t = times[key]
-            ref_key = (id(base), measure) if measure == "train" else (id(base), measure + "-ref")
+            if measure == "train":
+                ref_times = times[(id(base), measure)]
+            else:
+                ref_times = min((times[(id(base), measure, ref)] for ref in ("onednn", "no-onednn")),
+                                key=statistics.median)
             fig = {
                 "chars_per_s": chars / statistics.median(t),
                 "seconds_median": statistics.median(t),
                 "seconds": t,
-                "ratio_to_nn_lstm": _ratio(times[ref_key], t),
+                "ratio_to_nn_lstm": _ratio(ref_times, t),
                 "gflops": flops_per_weight * row["weights"] * chars / statistics.median(t) / 1e9,
             }
             if peak["square"]:
@@ -443,10 +468,13 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
             t = times[(id(row), "train")]
             entry["train_chars_per_s"] = row["batch_size"] * row["seq_len"] / statistics.median(t)
         for measure, streams in (("sample", 1), ("sample-batch", row["batch_size"])):
-            key = (id(row), measure + "-ref")
-            if key in times:
-                entry[measure.replace("-", "_") + "_chars_per_s"] = streams * s.sample_length / statistics.median(times[key])
-        entry["sample_stepper"] = "model.forward (nn.LSTM, one character per call)"
+            for ref in ("onednn", "no-onednn"):
+                key = (id(row), measure, ref)
+                if key in times:
+                    name = f"{measure.replace('-', '_')}_{ref.replace('-', '_')}_chars_per_s"
+                    entry[name] = streams * s.sample_length / statistics.median(times[key])
+        entry["sample_reference"] = ("nn.LSTM stepped one character at a time through model.forward, "
+                                     "with oneDNN (torch's default) and without; ratios use the faster")
         baselines.append(entry)
 
     # per FLOP against custom lstm at the same sizes
@@ -525,14 +553,17 @@ def table_footer(report: dict) -> list[str]:
     """Lines printed under the table: the sampling reference and the method."""
     lines = []
     for b in report["baselines"]:
-        ref = [f"{k.replace('_chars_per_s', '').replace('_', ' ')} {_fmt_rate(v)} chars/s"
+        ref = [f"{k.replace('_chars_per_s', '').replace('_', ' ').replace('onednn', 'oneDNN')} "
+               f"{_fmt_rate(v)} chars/s"
                for k, v in b.items() if k.endswith("_chars_per_s") and k.startswith("sample")]
         if ref:
-            lines.append(f"sampling ratios are to nn.LSTM stepped through model.forward "
+            lines.append(f"sampling ratios are to the faster nn.LSTM stepped through model.forward "
                          f"(H={b['hidden']} L={b['layers']} B={b['batch_size']}): " + ", ".join(ref))
     steppers = {r[m]["stepper"] for r in report["results"] for m in ("sample", "sample_batch") if m in r}
     if steppers:
-        lines.append("sampler stepper: " + ", ".join(sorted(steppers)))
+        st = report["settings"]["sample_threads"]
+        lines.append("sampler stepper: " + ", ".join(sorted(steppers))
+                     + (f", {st} torch thread(s) while sampling" if st else ""))
     s = report["settings"]
     clock = "wall-clock time" if s["clock"] == "wall" else "this process's CPU time"
     lines.append(f"{clock}; medians of {s['repeats']} interleaved rounds after {s['warmup']} warm-up round(s); "
@@ -544,7 +575,7 @@ def table_footer(report: dict) -> list[str]:
 def run_from_cli(*, variants: str, backends: str, hidden: str, layers: str, batch_size: str, seq_len: str,
                  embed: int, vocab: int, peephole_form: str, gru_form: str, device: str, threads: int | None,
                  repeats: int, warmup: int, sample_length: int, measures: str, peak_size: int, seed: int,
-                 clock: str, json_out: bool) -> dict:
+                 clock: str, json_out: bool, sample_threads: int | None = 1) -> dict:
     """`charlstm bench`: measure, then print a table (or one JSON object with --json)."""
     import json
 
@@ -561,7 +592,8 @@ def run_from_cli(*, variants: str, backends: str, hidden: str, layers: str, batc
         hidden=parse_int_list(hidden, "--hidden"), layers=parse_int_list(layers, "--layers"),
         batch_size=parse_int_list(batch_size, "--batch-size"), seq_len=parse_int_list(seq_len, "--seq-len"),
         embed=embed, vocab=vocab, peephole_form=peephole_form, gru_form=gru_form, device=device,
-        threads=threads, repeats=repeats, warmup=warmup, sample_length=sample_length,
+        threads=threads, sample_threads=sample_threads, repeats=repeats, warmup=warmup,
+        sample_length=sample_length,
         measures=parse_name_list(measures), peak_size=peak_size, seed=seed, clock=clock,
     )
     report = run_bench(settings, progress=True)

@@ -271,6 +271,7 @@ def bench(
     gru_form: str = typer.Option("cudnn", "--gru-form", help="Form of the gru variant: cudnn or cho."),
     measures: str = typer.Option("train,sample,sample-batch", "--measures", help="What to time: train (fwd+bwd+AdamW), sample (one stream), sample-batch (B streams)."),
     sample_length: int = typer.Option(256, "--sample-length", help="Characters generated per sampling measurement."),
+    sample_threads: int = typer.Option(1, "--sample-threads", help="CPU threads for torch while sampling (charlstm sample's default)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch.  [default: torch's]"),
     repeats: int = typer.Option(5, "--repeats", help="Timed rounds; figures are medians over them."),

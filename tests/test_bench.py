@@ -70,7 +70,8 @@ def test_figures_follow_their_definitions(report):
             assert (r["variant"], r["backend"]) == ("lstm", "cudnn")
             assert train["ratio_to_nn_lstm"] == pytest.approx(1.0)
     (base,) = report["baselines"]
-    assert base["sample_chars_per_s"] > 0 and base["sample_batch_chars_per_s"] > 0
+    assert base["sample_onednn_chars_per_s"] > 0 and base["sample_no_onednn_chars_per_s"] > 0
+    assert base["sample_batch_onednn_chars_per_s"] > 0 and base["sample_batch_no_onednn_chars_per_s"] > 0
     assert report["machine"]["threads"] == 1 and report["machine"]["cpu"]
     assert report["flops"]["train_per_weight_per_char"] == 6
 
