@@ -39,8 +39,6 @@ from torch import Tensor
 
 from .errors import CharlstmError, UsageError
 
-# Kinds of step: the variant, with the "gru"'s two forms apart.
-KINDS = ("rnn", "lstm", "peephole", "coupled", "gru", "gru_cho")
 PRIME_WINDOW = 1024      # prime characters read per model.forward call
 CHUNK = 32               # characters generated between two streaming callbacks
 
@@ -142,7 +140,7 @@ def _cell(kind: str, H: int, xpart: Tensor, h: Tensor, c: Tensor, w: List[Tensor
         r, z = torch.sigmoid(torch.addmm(x_rz, h, w[2])).chunk(2, 1)
         n = torch.tanh(torch.addmm(x_n, r * h, w[4]))
         return torch.lerp(h, n, z), c                                        # (1 - z) * h + z * n
-    # "peephole" (gate order i, f, g, o as stored)
+    # peephole (gate order i, f, g, o as stored)
     i, f, g, o = torch.addmm(xpart, h, w[2]).chunk(4, 1)
     i = torch.sigmoid(_peep(i, w[4], c))
     f = torch.sigmoid(_peep(f, w[5], c))
@@ -244,6 +242,7 @@ class FastStep:
 
     def __init__(self, model, *, script: bool = True):
         cfg = model.cfg
+        # the step's kind: the variant, with the GRU's two forms apart ('gru' is the cudnn form)
         self.kind = "gru_cho" if cfg.variant == "gru" and cfg.gru_form == "cho" else cfg.variant
         self.H, self.L = cfg.hidden, cfg.layers
         self.has_c = cfg.variant in ("lstm", "peephole", "coupled")
