@@ -66,9 +66,8 @@ class ModelConfig:
         if self.peepholes and (set(self.peepholes) - set("fio") or len(set(self.peepholes)) != len(self.peepholes)):
             raise UsageError(f"--peepholes must be a subset of 'fio' without repeats (got {self.peepholes!r})")
         # Normalise the gate subset to the canonical order f, i, o.
+        # Peephole options only matter for the peephole variant; other variants ignore them.
         self.peepholes = "".join(g for g in "fio" if g in self.peepholes)
-        if self.variant == "coupled" and "i" in self.peepholes and self.peepholes != "fio":
-            pass  # coupled has no input gate; peephole options are ignored for non-peephole variants
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
