@@ -35,12 +35,15 @@ LN2 = math.log(2.0)
 
 # Named recipes: values below explicit options, above the dataclass defaults.
 PRESETS: dict[str, dict] = {
-    # About two CPU minutes on two cores; recognisable Python on the built-in corpus.
+    # About two CPU minutes on two cores; recognisable Python on the built-in corpus. Small
+    # batches and a high rate: in two minutes more updates beat larger ones (measured against
+    # B 32, T 128, lr 3e-3 at equal time: val 2.27 vs 3.05 nats/char on a busy machine).
     "demo": {
         "data": "pystdlib",
         "variant": "lstm", "layers": 2, "hidden": 256, "embed": 64, "dropout": 0.0,
-        "batch_size": 32, "seq_len": 128, "lr": 3e-3, "schedule": "cosine", "warmup": 50,
-        "max_time": 120.0, "eval_every": 250, "checkpoint_every": 250, "sample_chars": 200,
+        "batch_size": 16, "seq_len": 64, "lr": 6e-3, "schedule": "cosine", "warmup": 20,
+        "max_time": 120.0, "eval_every": 400, "checkpoint_every": 400, "sample_chars": 200,
+        "val_frac": 0.02,   # 120k characters: a few seconds per evaluation, not half a minute
     },
     # The README's 10-minute CPU quality recipe on tinyshakespeare (see docs/training.md).
     "shakespeare": {
