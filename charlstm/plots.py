@@ -18,6 +18,7 @@ from .errors import CharlstmError
 
 INSTALL_HINT = "plots need matplotlib, an optional extra: pip install 'charlstm[plot]' (the data files were written)"
 FORMATS = ("png", "svg")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 class PlottingUnavailable(CharlstmError):
@@ -79,12 +80,17 @@ def plot_lines(
     Figure = require_matplotlib()
     fig = Figure(figsize=size, dpi=dpi, layout="constrained")
     ax = fig.add_subplot()
-    for s in series:
+    n = max(len(series), 1)
+    for k, s in enumerate(series):
         points = [(x, y) for x, y in zip(s.x, s.y) if _finite(x) and _finite(y)]
         if not points:
             continue
         xs, ys = zip(*points)
-        style = {"marker": "o" if len(xs) < 20 else None, "markersize": 4, **s.style}
+        # Earlier lines are drawn wider with larger markers, so that lines lying on top of
+        # each other (e.g. several variants at 100%) stay visible as nested outlines.
+        width = 1.0 + 1.4 * (n - 1 - k) / max(n - 1, 1)
+        style = {"marker": MARKERS[k % len(MARKERS)] if len(xs) < 20 else None,
+                 "markersize": 2.5 + 2 * width, "linewidth": width, **s.style}
         (line,) = ax.plot(xs, ys, label=s.label, **style)
         if s.spread is not None:
             band = [(x, y, d) for x, y, d in zip(s.x, s.y, s.spread) if _finite(x) and _finite(y) and _finite(d)]
