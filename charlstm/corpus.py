@@ -501,6 +501,79 @@ class _Progress:
 
 # --------------------------------------------------------------------------- token cache
 
+def _writer_tag() -> str:
+    """host-pid: unique among processes that may share data/ (torchrun ranks, hosts on a shared disk)."""
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in platform.node()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+_MAPPED_FILES: set[str] = set()   # token cache files this process has memory-mapped (for release_pages)
+MADV_DONTNEED = 4                 # <sys/mman.h> on Linux
+
+
+def _map_tokens(bin_path: Path, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N,) tokens of a cache file, memory-mapped privately: pages are read when first touched."""
+    path = os.path.realpath(bin_path)
+    tokens = torch.from_file(path, shared=False, size=n, dtype=dtype)  # (N,) memory-mapped
+    _MAPPED_FILES.add(path)
+    return tokens
+
+
+def _mappings_of(start: int, end: int) -> list[tuple[int, int]]:
+    """Parts of [start, end) that are, right now, mappings of a token cache file this process mapped."""
+    found = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 6 or fields[5].rstrip("\n") not in _MAPPED_FILES:
+                    continue
+                lo, hi = (int(a, 16) for a in fields[0].split("-"))
+                lo, hi = max(lo, start), min(hi, end)
+                if lo < hi:
+                    found.append((lo, hi))
+    except OSError:
+        return []
+    return found
+
+
+def release_pages(tokens: torch.Tensor) -> int:
+    """Drop this process's resident pages of memory-mapped tokens; returns the bytes advised.
+
+    Reading a memory-mapped corpus leaves its pages mapped into the process,
+    and they count in its RSS until the kernel needs the memory back. A long
+    run over a large corpus would show an RSS as large as the corpus although
+    the pages are only page cache. ``madvise(MADV_DONTNEED)`` unmaps them from
+    this process (they stay in the page cache, so reading them again is
+    cheap). Only address ranges that /proc/self/maps shows as a token cache
+    file are touched: never anonymous memory (tokens kept in memory, remapped
+    copies), so calling this on any tensor is safe. Linux only; elsewhere 0.
+    """
+    if not _MAPPED_FILES or not sys.platform.startswith("linux") or tokens.numel() == 0:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tokens.data_ptr()
+    end = start + tokens.numel() * tokens.element_size()
+    start, end = start - start % page, -(-end // page) * page
+    advised = 0
+    for lo, hi in _mappings_of(start, end):
+        if _madvise(lo, hi - lo, MADV_DONTNEED) == 0:
+            advised += hi - lo
+    return advised
+
+
+_libc = None
+
+
+def _madvise(addr: int, length: int, advice: int) -> int:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _libc.madvise.restype = ctypes.c_int
+    return _libc.madvise(addr, length, advice)
+
+
 def _cache_paths(data_dir: Path, key: str) -> tuple[Path, Path]:
     base = Path(data_dir) / "tokens"
     return base / f"{key}.json", base / f"{key}.bin"
@@ -519,8 +592,7 @@ def _load_cached(data_dir: Path, key: str) -> tuple[Vocab, torch.Tensor, dict] |
         itemsize = torch.empty(0, dtype=dtype).element_size()
         if n <= 0 or bin_path.stat().st_size != n * itemsize:
             return None
-        tokens = torch.from_file(str(bin_path), shared=False, size=n, dtype=dtype)  # (N,) memory-mapped
-        return vocab, tokens, header
+        return vocab, _map_tokens(bin_path, n, dtype), header
     except (OSError, ValueError, KeyError, TypeError, CharlstmError, RuntimeError):
         return None
 
@@ -577,8 +649,8 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
     }
     key = sha + ("-replace" if replaced else "")
     meta_path, bin_path = _cache_paths(data_dir, key)
-    tmp_bin = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
-    tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")
+    tmp_bin = bin_path.with_name(f"{bin_path.name}.tmp-{_writer_tag()}")
+    tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp-{_writer_tag()}")
     try:
         bin_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(tmp_bin, "wb")
@@ -603,8 +675,7 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
                     leftover.unlink(missing_ok=True)
                 except OSError:
                     pass
-    tokens = torch.from_file(str(bin_path), shared=False, size=n_tokens, dtype=dtype)  # (N,) memory-mapped
-    return vocab, tokens, header
+    return vocab, _map_tokens(bin_path, n_tokens, dtype), header
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
