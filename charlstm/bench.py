@@ -181,18 +181,11 @@ def label(variant: str, cfg: ModelConfig) -> str:
 
 def use_fused_path(model, on: bool) -> None:
     """Choose, for a custom model, between the fused layers (``on``) and the plain unbind loop."""
-    from . import fused
     from .layers import Recurrent
 
     for layer in getattr(model.rnn, "layers", []):
-        if not isinstance(layer, Recurrent):
-            continue
-        if hasattr(Recurrent, "use_fused"):
+        if isinstance(layer, Recurrent):
             layer.use_fused = on
-        elif on and fused.supports(layer.cell):
-            # layers.py does not dispatch to fused.py yet: run the fused loop for this layer
-            cell = layer.cell
-            layer.forward = lambda x, state=None, return_gates=False, _cell=cell: fused.run_layer(_cell, x, state)
 
 
 # --------------------------------------------------------------------------- timing

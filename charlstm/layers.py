@@ -4,6 +4,12 @@ The layer hoists the input projection out of the time loop: ``cell.project``
 is one matrix multiply over all T*B inputs, and the loop (over ``unbind(0)``,
 whose backward is linear in T, unlike indexing ``xp[t]``) only adds the
 recurrent product. A new cell needs no change here.
+
+For speed, a layer whose cell has a fused implementation (every cell of
+``cells.py``; see ``fused.py`` and docs/performance.md) runs that instead: the
+same equations, one ``torch.autograd.Function`` for the whole window. The
+step-by-step loop below stays the reference, and runs when ``use_fused`` is
+False, when the gate activations are asked for, and under autocast.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from . import fused
 from .cells import Cell, LayerState
 
 
 class Recurrent(nn.Module):
     """Runs one cell over a sequence: x (T, B, E) and a state -> outputs (T, B, H), final state."""
+
+    use_fused: bool = True  # run fused.py's loop where the cell has one (False: always step by step)
 
     def __init__(self, cell: Cell):
         super().__init__()
@@ -28,6 +37,8 @@ class Recurrent(nn.Module):
         every activation of the cell stacked over time, each (T, B, H)."""
         if state is None:
             state = self.cell.zero_state(x.shape[1], device=x.device, dtype=x.dtype)
+        if self.use_fused and not return_gates and fused.supports(self.cell, x):
+            return fused.run_layer(self.cell, x, state)
         xp = self.cell.project(x)  # (T, B, G*H), one matmul for all steps
         if return_gates:
             return self._forward_gates(xp, state)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from charlstm import fused
 from charlstm.cells import (ChoGRUCell, CoupledLSTMCell, GRUCell, LSTMCell, PeepholeLSTMCell,
                             RNNCell, make_cell)
 from charlstm.config import ModelConfig
@@ -179,9 +180,18 @@ def weighted_sum(out, finals, gen):
 
 
 # --------------------------------------------------------------------------- tests
+@pytest.fixture(params=["fused", "stepwise"])
+def layer_path(request, monkeypatch):
+    """Run the layers through fused.py's loops (the default) or the step-by-step loop of
+    layers.py; the fused backward works in blocks of 4 steps here so that T=6 crosses one."""
+    monkeypatch.setattr(Recurrent, "use_fused", request.param == "fused")
+    monkeypatch.setattr(fused, "CHUNK", 4)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_custom_cells_match_the_equations_step_by_step(case, dtype):
+def test_custom_cells_match_the_equations_step_by_step(case, dtype, layer_path):
     """Outputs, final states and gradients (all parameters, input, initial state) of a
     2-layer custom stack equal the step-by-step references."""
     _, variant, extra = case
@@ -211,7 +221,7 @@ GRADCHECK = [c for c in CASES if c[0] not in ("lstm-nobias", "peephole-diag-f", 
 
 
 @pytest.mark.parametrize("case", GRADCHECK, ids=[c[0] for c in GRADCHECK])
-def test_gradcheck_every_variant(case):
+def test_gradcheck_every_variant(case, layer_path):
     """torch.autograd.gradcheck (full mode) in float64 through one layer, w.r.t. input, initial
     state and every parameter (E=2, H=3, T=4, B=2); stacking is checked against the references."""
     _, variant, extra = case
