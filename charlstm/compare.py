@@ -80,7 +80,7 @@ class CompareSettings:
     init: str = "uniform"
     forget_bias: float = 1.0
     # training
-    seq_len: int | None = 128
+    seq_len: int | None = None    # corpus only (the task default fills it in)
     batch_size: int = 32
     lr: float = 3e-3
     schedule: str | None = None
@@ -117,6 +117,13 @@ class CompareSettings:
             raise UsageError(f"--eval-size must be >= 1 (got {self.eval_size})")
         if self.eval_every is not None and self.eval_every < 1:
             raise UsageError(f"--eval-every must be >= 1 (got {self.eval_every})")
+        if self.batch_size < 1 or self.lr <= 0 or self.clip < 0:
+            raise UsageError("--batch-size must be >= 1, --lr > 0 and --clip >= 0")
+        if self.task == "long-gap":
+            given = [f"--{k.replace('_', '-')}" for k in ("seq_len", "schedule", "warmup") if getattr(self, k) is not None]
+            if given:
+                raise UsageError(f"the long-gap task does not use {', '.join(given)} (its sequences are G + 2 long "
+                                 "and it trains at a constant --lr); leave them out")
         if self.out is None:
             self.out = Path("checkpoints") / default_name(self)
         self.out = Path(self.out)
@@ -238,7 +245,7 @@ def match_parameters(settings: CompareSettings, vocab_size: int) -> dict[str, tu
     sizes = {}
     for variant in settings.variants:
         cfg = settings.model_config(variant, vocab_size=vocab_size)
-        if variant == REFERENCE_VARIANT and cfg.backend == reference_cfg.backend:
+        if variant == REFERENCE_VARIANT:
             sizes[variant] = (settings.hidden, target)
             continue
         hidden, params = matched_hidden(cfg, target)
@@ -378,6 +385,8 @@ def plan_runs(settings: CompareSettings, vocab_size: int, hidden_sizes: dict[str
                         "run_dir": str(run_dir), "label": f"{variant} gap {gap} seed {seed}",
                         "model_cfg": model_cfg.to_dict(), "task": params, "fingerprint": fp,
                     })
+    for variant in settings.variants:
+        resolved_config(settings.model_config(variant, vocab_size=vocab_size))  # an impossible backend fails now, not mid-way
     for spec in specs:
         spec["device"] = settings.device
         spec["threads"] = settings.threads_per_job()
@@ -387,7 +396,7 @@ def plan_runs(settings: CompareSettings, vocab_size: int, hidden_sizes: dict[str
 def corpus_train_config(settings: CompareSettings, seed: int) -> TrainConfig:
     """The TrainConfig of one corpus run (the same for every variant)."""
     kwargs = {
-        "data": settings.data, "val_frac": settings.val_frac, "seq_len": settings.seq_len,
+        "data": settings.data, "val_frac": settings.val_frac, "seq_len": settings.seq_len or TrainConfig.seq_len,
         "batch_size": settings.batch_size, "lr": settings.lr, "clip": settings.clip,
         "max_steps": settings.max_steps, "max_time": settings.max_time, "seed": seed,
         "device": settings.device, "threads": settings.threads_per_job(),
