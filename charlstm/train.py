@@ -49,8 +49,8 @@ PRESETS: dict[str, dict] = {
     "shakespeare": {
         "data": "tinyshakespeare",
         "variant": "lstm", "layers": 2, "hidden": 384, "embed": 64, "dropout": 0.1,
-        "batch_size": 32, "seq_len": 128, "lr": 3e-3, "schedule": "cosine", "warmup": 100,
-        "max_time": 600.0, "eval_every": 100000, "checkpoint_every": 500, "sample_chars": 300,
+        "batch_size": 32, "seq_len": 64, "lr": 4e-3, "schedule": "cosine", "warmup": 100, "min_lr_frac": 0.0,
+        "max_time": 600.0, "eval_every": 100000, "checkpoint_every": 1000, "sample_chars": 300,
     },
 }
 
