@@ -109,6 +109,7 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Budget: optimizer steps."),
     max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Budget: passes over the training split."),
     max_time: Optional[str] = typer.Option(None, "--max-time", help="Budget: wall time, e.g. 90s, 10m, 1h."),
+    clock: Optional[str] = typer.Option(None, "--clock", help="What --max-time counts: wall (time of training steps) or cpu (this process's CPU time; for benchmarks on a shared machine).  [default: wall]"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate on the whole validation split every N steps.  [default: 500]"),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save a checkpoint every N steps.  [default: 500]"),
     keep: Optional[int] = typer.Option(None, "--keep", help="Keep the N latest checkpoints plus the best.  [default: 3]"),

@@ -115,6 +115,7 @@ class TrainConfig:
     max_steps: int | None = None  # budget: optimizer steps
     max_epochs: float | None = None  # budget: passes over the training split
     max_time: float | None = None    # budget: seconds of training
+    clock: str = "wall"           # what --max-time counts: wall (seconds of training steps) | cpu (CPU seconds of this process)
     eval_every: int = 500         # evaluate on the whole validation split every N steps (and at the end)
     checkpoint_every: int = 500   # save a checkpoint every N steps (and at the end)
     keep: int = 3                 # keep this many latest checkpoints (plus the best)
@@ -130,6 +131,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
+        _choice("clock", self.clock, ("wall", "cpu"))
         _choice("invalid_utf8", self.invalid_utf8, ("strict", "replace"))
         for name in ("seq_len", "batch_size", "lr", "eval_every", "checkpoint_every", "keep", "log_every",
                      "lr_decay_every"):

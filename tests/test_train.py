@@ -198,6 +198,7 @@ def test_init_from_takes_the_weights_and_checks_the_vocabulary(work):
     (["--resume", "run", "--init-from", "run"], 2, "cannot be combined"),
     (["--batch-size", "4000"], 1, "needs at least"),
     (["--min-lr-frac", "2"], 2, "--min-lr-frac must be in"),
+    (["--clock", "sundial"], 2, "--clock must be one of"),
 ])
 def test_bad_options_give_one_clear_line(work, args, code, message):
     r = invoke("--max-steps", "1", "--no-progress", *args)
@@ -291,6 +292,9 @@ def test_budgets_epochs_time_and_the_default(work):
     assert r.exit_code == 0 and "finished (max_time)" in r.stderr
     state = ck.load_checkpoint(work / "timed").trainer_state
     assert 1.0 <= state["train_time"] < 30 and state["step"] >= 1
+    r = invoke(*TINY, "--max-time", "1s", "--clock", "cpu", "--eval-every", "100000", "--out", "cpu")
+    assert r.exit_code == 0 and "finished (max_time)" in r.stderr
+    assert ck.load_checkpoint(work / "cpu").config["train"]["clock"] == "cpu"
     r = invoke(*TINY, "--eval-every", "1000", "--out", "default")
     assert r.exit_code == 0 and "no budget given: training for 1 epoch" in r.stderr
     assert ck.load_checkpoint(work / "default").step == spe
