@@ -46,7 +46,8 @@ class _PageReleaser:
     """Calls corpus.release_pages on a memory-mapped split every `every_bytes` of text read,
     so that the pages a long pass maps into the process do not pile up in its RSS."""
 
-    def __init__(self, tokens: Tensor, bytes_per_call: int, every_bytes: int = RELEASE_EVERY_BYTES):
+    def __init__(self, tokens: Tensor, bytes_per_call: int, every_bytes: int | None = None):
+        every_bytes = RELEASE_EVERY_BYTES if every_bytes is None else every_bytes
         self.tokens = tokens
         self.every = max(1, every_bytes // max(1, bytes_per_call))
         self.calls = 0
