@@ -356,7 +356,7 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
     rows: list[dict] = []
     skipped: list[str] = []
     steppers: dict = {}
-    for k, sizes in enumerate(all_sizes):
+    for sizes in all_sizes:
         combos = [("lstm", "cudnn", True)]                     # the baseline, always measured
         combos += [(v, b, False) for v in s.variants for b in s.backends]
         seen = set()
@@ -367,7 +367,9 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
                 continue
             seen.add(key)
             if backend == "cudnn" and not has_torch_module(cfg):
-                skipped.append(f"{label(variant, cfg)} has no torch.nn module (cudnn backend): skipped")
+                note = f"{label(variant, cfg)} has no torch.nn module (cudnn backend): skipped"
+                if note not in skipped:
+                    skipped.append(note)
                 continue
             torch.manual_seed(s.seed)
             model = build_model(cfg).to(device)
