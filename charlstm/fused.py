@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["supports", "run_layer", "FUSED_VARIANTS"]
 
-# Cell class name -> the function below that runs it.
+# The cells.py classes that have a fused path (see run_layer).
 FUSED_VARIANTS = ("RNNCell", "LSTMCell", "PeepholeLSTMCell", "CoupledLSTMCell", "GRUCell", "ChoGRUCell")
 
 
