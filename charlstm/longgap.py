@@ -16,7 +16,7 @@ set drawn from a different stream of the same seed.
 
 from __future__ import annotations
 
-import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -216,9 +216,10 @@ def train_long_gap(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
-        bar = tqdm(total=max_steps, desc=desc or f"{model_cfg.variant} gap {task.gap}", unit="step", leave=False)
+        bar = tqdm(total=max_steps, desc=desc or f"{model_cfg.variant} gap {task.gap}", unit="step", leave=False,
+                   file=sys.stderr, dynamic_ncols=True)
 
     curve: list[dict] = []
     best = 0.0
@@ -253,11 +254,10 @@ def train_long_gap(
     if bar is not None:
         bar.close()
     final = curve[-1]
-    loss_value = final["loss"] if math.isfinite(final["loss"]) else float("nan")
     return LongGapResult(
         accuracy=final["accuracy"],
         best_accuracy=best,
-        final_loss=loss_value,
+        final_loss=final["loss"],
         steps=step,
         wall_time=train_time,
         params=model.num_parameters(),
