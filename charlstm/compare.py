@@ -686,8 +686,12 @@ def print_table(summary: dict) -> None:
     """The rich table on stdout."""
     from rich.console import Console
 
-    console = Console(file=sys.stdout, soft_wrap=False, width=max(120, Console().width))
     table = long_gap_table(summary) if summary["task"] == "long-gap" else corpus_table(summary)
+    console = Console(file=sys.stdout)
+    if not console.is_terminal:
+        # Into a file or a pipe: as wide as the table needs, never wrapped cells.
+        needed = Console(file=io.StringIO(), width=1000).measure(table).maximum
+        console = Console(file=sys.stdout, width=max(needed, 80))
     console.print(table)
 
 
@@ -929,9 +933,13 @@ def corpus_table(summary: dict):
 
     s = summary["settings"]
     n_seeds = len(s["seeds"])
+    size = (f"sized to match an lstm of {s['hidden']} ({summary['reference_params']:,} params)"
+            if s["match_params"] else f"{s['hidden']} units")
     table = Table(
-        title=f"Variants on {Path(s['data']).name}: {s['layers']} x {'matched' if s['match_params'] else s['hidden']} units, "
-              f"{_budget_text_dict(s)} per run, {n_seeds} seed{'s' if n_seeds > 1 else ''} (sorted by best val loss)",
+        title=f"{Path(s['data']).name}: {s['layers']} layer{'s' if s['layers'] > 1 else ''}, {size}, "
+              f"{_budget_text_dict(s)} per run, {n_seeds} seed{'s' if n_seeds > 1 else ''}",
+        caption="sorted by best validation loss; nats/char, and bits/char (bpc) = nats / ln 2"
+                + ("; mean ± std over seeds" if n_seeds > 1 else ""),
     )
     for name, justify in (("variant", "left"), ("form/backend", "left"), ("hidden", "right"), ("params", "right"),
                           ("best val nats", "right"), ("best val bpc", "right"), ("final val nats", "right"),
