@@ -93,13 +93,14 @@ class TrainResult:
 # --------------------------------------------------------------------------- evaluation
 
 def evaluate_loss(model, tokens: torch.Tensor, *, batch_size: int, seq_len: int, device,
-                  carry_state: bool = True) -> tuple[float, int]:
+                  carry_state: bool = True, token_map: torch.Tensor | None = None) -> tuple[float, int]:
     """Mean cross-entropy in nats/char over the whole of ``tokens`` and the number of chars scored.
 
     ``batch_size`` streams run in parallel and each window starts from the
     previous window's final state (``carry_state=False`` starts every window
-    from zeros instead: the windowed protocol). The model's training mode and
-    the global RNG are left as they were.
+    from zeros instead: the windowed protocol). ``token_map`` (V_corpus,) long
+    translates the ids into the model's vocabulary (a run --init-from another
+    model). The model's training mode and the global RNG are left as they were.
     """
     from .batches import eval_windows
     from .model import detach_state
@@ -111,7 +112,7 @@ def evaluate_loss(model, tokens: torch.Tensor, *, batch_size: int, seq_len: int,
     state = None
     try:
         with torch.no_grad():
-            for x, y, mask in eval_windows(tokens, batch_size, seq_len):
+            for x, y, mask in eval_windows(tokens, batch_size, seq_len, token_map=token_map):
                 x, y, mask = x.to(device), y.to(device), mask.to(device)
                 if not carry_state or state is None or state.h.shape[1] != x.shape[1]:
                     state = None
@@ -241,9 +242,11 @@ class _StopFlag:
 
     SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
 
-    def __init__(self):
+    def __init__(self, distributed: bool = False):
         self.requested = False
         self.signum: int | None = None
+        self.distributed = distributed   # under torchrun: torchrun's copy of the signal does not abort
+        self._first = 0.0
         self._old: dict = {}
 
     def __enter__(self):
@@ -255,9 +258,13 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and self.distributed and (signum != signal.SIGINT or time.monotonic() - self._first < 2.0):
+            # Ctrl-C reaches every process and torchrun, which passes it on to them (or sends
+            # SIGTERM): that copy is the same request, not a second Ctrl-C.
+            return
         if self.requested:
             raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
+        self.requested, self.signum, self._first = True, signum, time.monotonic()
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(f"\n{what}: stopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)",
               file=sys.stderr, flush=True)
@@ -349,6 +356,16 @@ class MetricsLog:
         self._f.close()
 
 
+class _NullLog:
+    """Stands in for MetricsLog on the processes other than rank 0 (only rank 0 writes)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
@@ -374,6 +391,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
     checkpoint's weights with a fresh optimizer. Raises CharlstmError when the
     loss becomes NaN or infinite (the last good checkpoint is kept).
     """
+    from . import distributed as dist_mod
     from .batches import StreamBatcher
     from .corpus import load_corpus
     from .model import build_model, detach_state, State
@@ -383,7 +401,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
         raise UsageError("--resume and --init-from cannot be combined: resume continues a run, init-from starts a new one")
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
-    device = resolve_device(train_cfg.device)
+    # Under torchrun: join the process group, take GPU LOCAL_RANK; rank 0 alone talks and writes.
+    env = dist_mod.env_context()
+    streams = dist_mod.stream_range(train_cfg.batch_size, env or dist_mod.SINGLE)  # this process's share of B
+    if env is None:
+        ctx, device = dist_mod.SINGLE, resolve_device(train_cfg.device)
+    else:
+        ctx, device = dist_mod.setup(train_cfg.device)
+    corpus_progress = progress and ctx.is_local_main   # the process that fills this host's token cache
+    progress = progress and ctx.is_main
 
     resume_path = ckpt_mod.resolve_checkpoint(resume, prefer="latest") if resume is not None else None
     resume_config = ckpt_mod.verify_checkpoint(resume_path) if resume_path is not None else None
@@ -393,11 +419,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
         # Chosen before the (possibly slow) corpus load so that a taken name fails at once.
         name = train_cfg.name or default_run_name(model_cfg, train_cfg.data)
         run_dir = Path(train_cfg.out) if train_cfg.out else Path("checkpoints") / name
-        run_dir = choose_run_dir(run_dir, named=bool(train_cfg.out or train_cfg.name), overwrite=overwrite)
+        run_dir = dist_mod.on_main(
+            lambda: choose_run_dir(run_dir, named=bool(train_cfg.out or train_cfg.name), overwrite=overwrite), ctx)
         train_cfg = dataclasses.replace(train_cfg, name=run_dir.name, out=str(run_dir))
 
-    corpus = load_corpus(train_cfg.data, invalid_utf8=train_cfg.invalid_utf8, progress=progress)
+    with dist_mod.local_main_first(ctx):   # one process per host fills the token cache
+        corpus = load_corpus(train_cfg.data, invalid_utf8=train_cfg.invalid_utf8, progress=corpus_progress)
+    if len(set(dist_mod.gather_objects(corpus.sha256, ctx))) > 1:
+        raise CharlstmError(f"--data {train_cfg.data} is not the same text on every host (sha256 differs); "
+                            "give every process the same corpus")
     vocab = corpus.vocab
+    token_map = None                       # corpus ids -> the model's ids (--init-from another vocabulary)
     splits = corpus.split(train_cfg.val_frac, train_cfg.test_frac)
     train_tokens, val_tokens = splits["train"], splits["val"]
 
@@ -421,8 +453,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
             )
         if vocab != source.vocab:
             # Re-encode the corpus with the source model's vocabulary (a superset of this one's).
-            table = torch.tensor([source.vocab.stoi[c] for c in vocab.chars], dtype=torch.long)
-            train_tokens, val_tokens = table[train_tokens.long()], table[val_tokens.long()]
+            # Translated window by window (never a full copy of the corpus).
+            token_map = torch.tensor([source.vocab.stoi[c] for c in vocab.chars], dtype=torch.long)
             vocab = source.vocab
 
     # ------------------------------------------------------------ model, optimizer, data
@@ -436,7 +468,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
     model_cfg = model.cfg
     if source is not None:
         model.load_state_dict(source.model.state_dict())
-    batcher = StreamBatcher(train_tokens, train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed)
+    if ctx.rank:   # after the (identical) initialisation: every process draws its own dropout masks
+        torch.manual_seed(dist_mod.rank_seed(train_cfg.seed, ctx.rank))
+    batcher = StreamBatcher(train_tokens, train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed,
+                            streams=streams, token_map=token_map)
     has_val = val_tokens.numel() > 1
 
     step, best_val, best_step, train_time, chars_seen = 0, None, None, 0.0, 0
@@ -456,24 +491,34 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
         step = int(ts["step"])
         batcher.load_state_dict(ts["batcher"])
         if ts.get("hidden") is not None:
-            h = ts["hidden"]
-            hidden = State(h["h"].to(device), None if h.get("c") is None else h["c"].to(device))
+            # The full (L, B, H) state of the global streams; this process takes its share.
+            h = {k: None if v is None else dist_mod.my_streams(v, train_cfg.batch_size, ctx).to(device)
+                 for k, v in ts["hidden"].items()}
+            hidden = State(h["h"], h.get("c"))
         best_val, best_step = ts.get("best_val_loss"), ts.get("best_step")
         last_val = ts.get("val_loss")
         train_time = float(ts.get("train_time", 0.0))
         chars_seen = int(ts.get("chars_seen", 0))
-        _set_rng_state(ts["rng"], device)
+        rng_ranks = ts.get("rng_ranks") or [ts["rng"]]
+        if len(rng_ranks) == ctx.world_size:
+            _set_rng_state(rng_ranks[ctx.rank], device)
+        elif ctx.rank == 0:
+            _set_rng_state(ts["rng"], device)
+        else:   # saved by another number of processes: new dropout draws for the added ones
+            torch.manual_seed(dist_mod.rank_seed(train_cfg.seed + step, ctx.rank))
+    net = dist_mod.wrap_model(model, ctx, device)   # DDP under torchrun (averages gradients), else the model
 
     # ------------------------------------------------------------ run directory
-    if resume_path is None:
+    if resume_path is None and ctx.is_main:
         if overwrite:
             clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
 
     if not (train_cfg.max_steps or train_cfg.max_epochs or train_cfg.max_time):
         train_cfg = dataclasses.replace(train_cfg, max_epochs=1.0)
-        _err(f"no budget given: training for 1 epoch ({batcher.steps_per_epoch} steps); "
-             "set --max-time, --max-steps or --max-epochs")
+        if ctx.is_main:
+            _err(f"no budget given: training for 1 epoch ({batcher.steps_per_epoch} steps); "
+                 "set --max-time, --max-steps or --max-epochs")
 
     # What --max-time measures: wall time of the training steps, or this process's CPU time
     # (for benchmarks on a shared machine: other processes do not eat into the budget).
@@ -484,7 +529,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
     use_bf16 = device.type == "cuda" and train_cfg.bf16 and torch.cuda.is_bf16_supported()
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     extra_config = {"preset": preset, "init_from": str(init_from) if init_from else None,
-                    "argv": sys.argv[1:]}
+                    "argv": sys.argv[1:], "world_size": ctx.world_size}
     if resume_config is not None:
         extra_config["preset"] = resume_config.get("preset")
         extra_config["init_from"] = resume_config.get("init_from")
@@ -493,14 +538,20 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
         return batcher.epochs_done
 
     def trainer_state(train_loss) -> dict:
+        """What resumes the run. Under torchrun a collective: the carried state of every process's
+        streams is joined into the full (L, B, H) one, and every process's RNG state is kept."""
+        def full(t):
+            return None if t is None else dist_mod.gather_streams(t.detach(), ctx).float().cpu().contiguous()
+
+        rngs = dist_mod.gather_objects(_rng_state(device), ctx)
         return {
             "step": step,
             "epoch": batcher.epoch,
             "epochs_done": epochs_done(),
-            "batcher": batcher.state_dict(),
-            "hidden": None if hidden is None else {"h": hidden.h.detach().float().cpu().contiguous(),
-                                                   "c": None if hidden.c is None else hidden.c.detach().float().cpu().contiguous()},
-            "rng": _rng_state(device),
+            "batcher": batcher.state_dict(),              # global position: the same on every process
+            "hidden": None if hidden is None else {"h": full(hidden.h), "c": full(hidden.c)},
+            "rng": rngs[0],
+            **({"rng_ranks": rngs, "world_size": ctx.world_size} if ctx.enabled else {}),
             "best_val_loss": best_val,
             "best_step": best_step,
             "val_loss": last_val,
@@ -519,23 +570,27 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
     saved_step = -1
 
     def save(train_loss, is_best: bool) -> Path:
+        """Write a checkpoint (rank 0 writes; under torchrun the others wait for it)."""
         nonlocal last_ckpt, saved_step
-        last_ckpt = ckpt_mod.save_checkpoint(
+        state = trainer_state(train_loss)
+        last_ckpt = dist_mod.on_main(lambda: ckpt_mod.save_checkpoint(
             run_dir, step=step, model=model, optimizer=optimizer, model_cfg=model_cfg, train_cfg=train_cfg,
-            vocab=vocab, corpus_meta=corpus.meta(), trainer_state=trainer_state(train_loss),
-            is_best=is_best, keep=train_cfg.keep, extra_config=extra_config)
+            vocab=vocab, corpus_meta=corpus.meta(), trainer_state=state,
+            is_best=is_best, keep=train_cfg.keep, extra_config=extra_config), ctx)
         saved_step = step
         return last_ckpt
 
     if resume_path is not None:
         last_ckpt, saved_step = resume_path, step
-    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume_path is not None else None)
+    metrics = (MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if resume_path is not None else None)
+               if ctx.is_main else _NullLog())
 
     if resume_path is not None and budget_fraction(train_cfg, step, epochs_done(), train_time) >= 1.0:
         metrics.close()
-        _err(f"{run_dir} already reached its budget at step {step} "
-             f"({_which_budget(train_cfg, step, epochs_done(), train_time)}); "
-             "give a larger --max-steps, --max-epochs or --max-time to continue it")
+        if ctx.is_main:
+            _err(f"{run_dir} already reached its budget at step {step} "
+                 f"({_which_budget(train_cfg, step, epochs_done(), train_time)}); "
+                 "give a larger --max-steps, --max-epochs or --max-time to continue it")
         return _result(run_dir, last_ckpt, ckpt_mod.read_pointer(run_dir, "best"), step, epochs_done(), None,
                        last_val, best_val, params, train_time, time.perf_counter() - wall_start, chars_seen,
                        "already_done", False)
@@ -557,20 +612,29 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
     eval_step = -1
 
     def run_eval() -> tuple[float, bool]:
-        """Evaluate on the whole validation split; print a line and a sample; return (loss, improved)."""
+        """Evaluate on the whole validation split; print a line and a sample; return (loss, improved).
+
+        Under torchrun rank 0 evaluates the whole split and the others wait for its figure.
+        """
         nonlocal best_val, best_step, last_val, eval_step
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            val, n = evaluate_loss(model, val_tokens, batch_size=train_cfg.batch_size,
-                                   seq_len=train_cfg.seq_len, device=device)
-            text = sample_text(model, vocab, train_cfg.sample_chars, device=device, seed=train_cfg.seed + step)
+
+        def evaluate() -> tuple[float, int, str]:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                val, n = evaluate_loss(model, val_tokens, batch_size=train_cfg.batch_size,
+                                       seq_len=train_cfg.seq_len, device=device, token_map=token_map)
+                text = sample_text(model, vocab, train_cfg.sample_chars, device=device, seed=train_cfg.seed + step)
+            return val, n, text
+
+        val, n, text = dist_mod.on_main(evaluate, ctx)
         last_val, eval_step = val, step
         improved = best_val is None or val < best_val
         if improved:
             best_val, best_step = val, step
-        _err(f"step {step}: val loss {val:.4f} nats/char ({val / LN2:.4f} bpc) over {n} chars"
-             + ("  (best)" if improved else f"  (best {best_val:.4f} at step {best_step})"))
-        if text:
-            _err("-" * 20 + " sample " + "-" * 20 + "\n" + text + "\n" + "-" * 48)
+        if ctx.is_main:
+            _err(f"step {step}: val loss {val:.4f} nats/char ({val / LN2:.4f} bpc) over {n} chars"
+                 + ("  (best)" if improved else f"  (best {best_val:.4f} at step {best_step})"))
+            if text:
+                _err("-" * 20 + " sample " + "-" * 20 + "\n" + text + "\n" + "-" * 48)
         return val, improved
 
     def log(record: dict) -> None:
@@ -579,13 +643,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
                        "elapsed": round(train_time, 3), **record})
 
     try:
-        with _StopFlag() as stop:
+        with _StopFlag(distributed=ctx.enabled) as stop:
             while True:
+                # Under torchrun every process takes the same decision: the slowest clock, any signal.
+                stop_requested, train_time = dist_mod.agree(ctx, stop=stop.requested, elapsed=train_time)
                 frac = budget_fraction(train_cfg, step, epochs_done(), train_time)
                 if frac >= 1.0:
                     stopped_by = _which_budget(train_cfg, step, epochs_done(), train_time)
                     break
-                if stop.requested:
+                if stop_requested:
                     stopped_by, interrupted = "interrupted", True
                     break
                 t0 = clock()
@@ -595,12 +661,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
                 x, y, starts_epoch = batcher.next_batch()
                 if starts_epoch:
                     hidden = None
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (T, B)
-                model.train()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (T, B/W)
+                net.train()
                 with autocast():
-                    logits, new_hidden = model(x, hidden)                            # (T, B, V)
+                    logits, new_hidden = net(x, hidden)                              # (T, B/W, V)
+                # The mean over this process's targets; DDP averages the gradients over the W
+                # processes, which gives the gradient of the mean over all T x B targets.
                 loss = F.cross_entropy(logits.float().reshape(-1, V), y.reshape(-1))
-                loss_value = float(loss.item())
+                loss_value = dist_mod.mean(loss, ctx)                                # the global mean
                 if not math.isfinite(loss_value):
                     raise _Diverged(step + 1, f"the training loss became {loss_value}")
                 optimizer.zero_grad(set_to_none=True)
@@ -666,7 +734,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
     result = _result(run_dir, last_ckpt, best, step, epochs_done(), last_loss, last_val, best_val, params,
                      train_time, time.perf_counter() - wall_start, chars_seen, stopped_by, interrupted)
     result.signal = stop.signum
-    print_summary(result, model_cfg)
+    if ctx.is_main:
+        print_summary(result, model_cfg)
     return result
 
 
@@ -793,8 +862,13 @@ def run_from_cli(options: dict, *, preset=None, resume=None, init_from=None, ove
             model_cfg, train_cfg = _init_from_configs(Path(init_from), options, preset)
         else:
             model_cfg, train_cfg = build_configs(options, preset)
-    return train(model_cfg, train_cfg, resume=resume, init_from=init_from, progress=progress,
-                 overwrite=overwrite, preset=preset)
+    from . import distributed as dist_mod
+
+    try:
+        return train(model_cfg, train_cfg, resume=resume, init_from=init_from, progress=progress,
+                     overwrite=overwrite, preset=preset)
+    finally:
+        dist_mod.shutdown()   # under torchrun: leave the process group (nothing otherwise)
 
 
 def _init_from_configs(init_from: Path, options: dict, preset: str | None) -> tuple[ModelConfig, TrainConfig]:
