@@ -16,8 +16,9 @@ $(VENV)/.stamp-install: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP_INSTALL) -e .
 	touch $@
 
+# Tests run with the optional plotting extra too, so the PNG/SVG paths are exercised.
 $(VENV)/.stamp-test: $(VENV)/.stamp-install
-	$(PIP_INSTALL) -e '.[test]'
+	$(PIP_INSTALL) -e '.[test,plot]'
 	touch $@
 
 install: $(VENV)/.stamp-install

@@ -19,10 +19,14 @@ B. See docs/distributed.md.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import ctypes
 import datetime
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -232,22 +236,90 @@ def agree(ctx: DistContext, *, stop: bool, elapsed: float) -> tuple[bool, float]
     return bool(v[0] > 0), float(v[1])
 
 
+# Small Python values (paths, losses, RNG states) cross between processes as
+# JSON, tensors inside them as base64 of their bytes. torch's own object
+# collectives would pickle them and need NumPy, which charlstm does not depend on.
+
+def _to_jsonable(obj):
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        raw = ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+        return {"__tensor__": base64.b64encode(raw).decode("ascii"),
+                "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+    if isinstance(obj, Path):
+        return {"__path__": str(obj)}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_jsonable(v) for v in obj]}
+    if isinstance(obj, list):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def _from_jsonable(obj):
+    if isinstance(obj, list):
+        return [_from_jsonable(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        raw = bytearray(base64.b64decode(obj["__tensor__"]))
+        dtype = getattr(torch, obj["dtype"])
+        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return flat.reshape(obj["shape"]).clone()
+    if "__path__" in obj:
+        return Path(obj["__path__"])
+    if "__tuple__" in obj:
+        return tuple(_from_jsonable(v) for v in obj["__tuple__"])
+    return {k: _from_jsonable(v) for k, v in obj.items()}
+
+
+def _encode(obj) -> torch.Tensor:
+    data = json.dumps(_to_jsonable(obj)).encode("utf-8")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def _decode(t: torch.Tensor):
+    return _from_jsonable(json.loads(bytes(t.cpu().tolist()).decode("utf-8")))
+
+
+def _wire_device(ctx: DistContext) -> torch.device:
+    """Where collective buffers live: the process's GPU under nccl, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if ctx.backend == "nccl" else torch.device("cpu")
+
+
 def gather_objects(obj, ctx: DistContext) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every process (picklable objects; a collective)."""
+    """[obj of rank 0, obj of rank 1, ...] on every process (a collective).
+
+    Objects are JSON-able values, paths, tuples and tensors.
+    """
     if not ctx.enabled:
         return [obj]
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    device = _wire_device(ctx)
+    data = _encode(obj).to(device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(s.item()) for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    parts = [torch.zeros_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded)
+    return [_decode(p[: int(s.item())]) for p, s in zip(parts, sizes)]
 
 
 def broadcast_object(obj, ctx: DistContext, src: int = 0):
     """Rank ``src``'s object on every process (a collective)."""
     if not ctx.enabled:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    device = _wire_device(ctx)
+    data = _encode(obj).to(device) if ctx.rank == src else None
+    size = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src)
+    if data is None:
+        data = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(data, src=src)
+    return _decode(data)
 
 
 def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
