@@ -34,8 +34,20 @@ def _positive(name: str, value, *, allow_zero: bool = False) -> None:
         raise UsageError(f"--{name.replace('_', '-')} must be {bound} (got {value})")
 
 
+class _JsonConfig:
+    """to_dict / from_dict for the config dataclasses (unknown keys of older files are ignored)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_JsonConfig):
     """Everything needed to rebuild a model (stored in config.json of each checkpoint)."""
 
     vocab_size: int = 0           # V, set from the corpus vocabulary
@@ -69,14 +81,6 @@ class ModelConfig:
         # Peephole options only matter for the peephole variant; other variants ignore them.
         self.peepholes = "".join(g for g in "fio" if g in self.peepholes)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
 
 def parse_duration(text: str | None) -> float | None:
     """Parse ``90s``, ``10m``, ``1h``, ``1h30m`` or a bare number of seconds; None stays None."""
@@ -95,7 +99,7 @@ def parse_duration(text: str | None) -> float | None:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_JsonConfig):
     """Options of a training run (stored in config.json beside the ModelConfig)."""
 
     data: str = "pystdlib"        # pystdlib | tinyshakespeare | a text file | a directory
@@ -146,11 +150,3 @@ class TrainConfig:
             raise UsageError(f"--lr-decay must be in (0, 1] (got {self.lr_decay})")
         if not 0.0 <= self.val_frac < 1.0 or not 0.0 <= self.test_frac < 1.0 or self.val_frac + self.test_frac >= 1.0:
             raise UsageError("--val-frac and --test-frac must be in [0, 1) and sum to less than 1")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import CharlstmError, UsageError
+from .runtime import torch_threads
 
 LN2 = math.log(2.0)
 SPLITS = ("train", "val", "test")
@@ -135,16 +136,9 @@ def evaluate_checkpoint(ckpt, *, split: str = "val", text_file: Path | None = No
 def run_from_cli(*, run: Path | None, split: str, text_file: Path | None, batch_size: int | None, device: str,
                  json_out: bool, threads: int | None = None, checkpoints: Path = Path("checkpoints")) -> dict:
     """`charlstm eval`: print the loss of the checkpoint RUN names (one JSON object with --json)."""
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1 (got {threads})")
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _eval_command(run=run, split=split, text_file=text_file, batch_size=batch_size, device=device,
                              json_out=json_out, checkpoints=checkpoints)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _eval_command(*, run, split, text_file, batch_size, device, json_out, checkpoints) -> dict:

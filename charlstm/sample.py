@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .errors import CharlstmError, UsageError
+from .runtime import torch_threads
 
 PRIME_WINDOW = 1024      # prime characters read per model.forward call
 CHUNK = 32               # characters generated between two streaming callbacks
@@ -515,17 +516,10 @@ def run_from_cli(*, run: Path | None, prime: str, length: int, temperature: floa
     ``threads`` torch threads (restored afterwards; None leaves torch's setting): one step
     is a few small operations, and a second thread mostly waits for the first, or, on a
     busy machine, for its time slice (see docs/sampling.md)."""
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1 (got {threads})")
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _sample_command(run=run, prime=prime, length=length, temperature=temperature, top_k=top_k,
                                top_p=top_p, greedy=greedy, seed=seed, num_samples=num_samples, output=output,
                                no_stream=no_stream, unknown=unknown, device=device, checkpoints=checkpoints)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sample_command(*, run, prime, length, temperature, top_k, top_p, greedy, seed, num_samples, output,
