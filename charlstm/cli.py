@@ -105,6 +105,7 @@ def train(
     lr_decay: Optional[float] = typer.Option(None, "--lr-decay", help="step schedule: multiply the learning rate by this...  [default: 0.97]"),
     lr_decay_every: Optional[int] = typer.Option(None, "--lr-decay-every", help="...every this many steps.  [default: 500]"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (not on biases or embeddings).  [default: 0.0]"),
+    beta2: Optional[float] = typer.Option(None, "--beta2", help="AdamW's second-moment decay (0.99 suits small batches of characters; torch's default is 0.999).  [default: 0.99]"),
     clip: Optional[float] = typer.Option(None, "--clip", help="Clip gradients to this global norm (0 disables).  [default: 1.0]"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Budget: optimizer steps."),
     max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Budget: passes over the training split."),

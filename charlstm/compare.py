@@ -502,7 +502,8 @@ def _execute_corpus_run(spec: dict, progress: bool) -> dict:
             stored_train, device=train_cfg.device, threads=train_cfg.threads)
     elif run_dir.is_dir() and any(run_dir.iterdir()):
         overwrite = True  # stopped before its first checkpoint: start it again (only charlstm's files go)
-    result = train_mod.train(model_cfg, train_cfg, resume=resume, progress=progress, overwrite=overwrite)
+    result = train_mod.train(model_cfg, train_cfg, resume=resume, progress=progress, overwrite=overwrite,
+                             next_steps=False)  # compare-variants says itself how to continue
     if result.interrupted:
         raise KeyboardInterrupt
     curve = read_val_curve(run_dir / "metrics.jsonl")

@@ -115,6 +115,7 @@ class TrainConfig(_JsonConfig):
     lr_decay: float = 0.97        # step schedule: multiply lr by this ...
     lr_decay_every: int = 500     # ... every this many steps
     weight_decay: float = 0.0     # AdamW decoupled weight decay (not on biases, embeddings, norms)
+    beta2: float = 0.99           # AdamW second-moment decay (beta1 is 0.9)
     clip: float = 1.0             # gradient clipping by global norm (0 disables)
     max_steps: int | None = None  # budget: optimizer steps
     max_epochs: float | None = None  # budget: passes over the training split
@@ -144,6 +145,8 @@ class TrainConfig(_JsonConfig):
             _positive(name, getattr(self, name))
         for name in ("warmup", "weight_decay", "clip"):
             _positive(name, getattr(self, name), allow_zero=True)
+        if not 0.0 < self.beta2 < 1.0:
+            raise UsageError(f"--beta2 must be in (0, 1) (got {self.beta2})")
         if not 0.0 <= self.min_lr_frac <= 1.0:
             raise UsageError(f"--min-lr-frac must be in [0, 1] (got {self.min_lr_frac})")
         if not 0.0 < self.lr_decay <= 1.0:

@@ -198,6 +198,7 @@ def test_init_from_takes_the_weights_and_checks_the_vocabulary(work):
     (["--resume", "run", "--init-from", "run"], 2, "cannot be combined"),
     (["--batch-size", "4000"], 1, "needs at least"),
     (["--min-lr-frac", "2"], 2, "--min-lr-frac must be in"),
+    (["--beta2", "1"], 2, "--beta2 must be in"),
     (["--clock", "sundial"], 2, "--clock must be one of"),
 ])
 def test_bad_options_give_one_clear_line(work, args, code, message):
@@ -265,6 +266,13 @@ def test_weight_decay_skips_biases_and_embeddings():
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert names == {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1", "head.weight"}
+
+
+def test_beta2_reaches_the_optimizer():
+    model = build_model(ModelConfig(vocab_size=7, hidden=8, embed=4))
+    assert all(g["betas"] == (0.9, 0.99) for g in train_mod.make_optimizer(model, TrainConfig()).param_groups)
+    opt = train_mod.make_optimizer(model, TrainConfig(beta2=0.999))
+    assert all(g["betas"] == (0.9, 0.999) for g in opt.param_groups)
 
 
 def test_evaluate_loss_covers_the_split_and_leaves_the_rng_alone():
