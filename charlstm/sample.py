@@ -71,39 +71,65 @@ class SamplingOptions:
         self.top_p = float(self.top_p)
 
 
-def choose_next(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy: bool,
-                generator: Optional[torch.Generator]) -> Tensor:
-    """The next character of each stream: logits (B, V) -> ids (B,) long."""
-    if greedy:
+def gumbel_noise(n: int, B: int, V: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """Noise for n draws of B streams from V characters: (n, B, V) float32, -log of Exp(1) variates.
+
+    Drawn once per chunk of characters, so that each step adds it and takes an argmax (two operations
+    instead of a softmax and a fresh draw)."""
+    q = torch.empty(n, B, V, device=device).exponential_(1.0, generator=generator)
+    return q.clamp_min_(1e-30).log_().neg_()
+
+
+def _choose(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy: bool,
+            noise: Optional[Tensor]) -> Tensor:
+    """The next character of each stream: logits (B, V) and its row of `gumbel_noise` -> ids (B,) long.
+
+    The Gumbel-max draw: with q_i ~ Exp(1), argmax (l_i / T - log q_i) is i with probability
+    softmax(l / T)_i, the distribution torch.multinomial draws from (the same race as argmax p_i / q_i,
+    taken in logs, so the softmax is never needed)."""
+    if greedy or noise is None:
         return logits.argmax(1)
-    if temperature != 1.0:
-        logits = logits / temperature
-    if 0 < top_k < logits.size(1):
+    V = logits.size(1)
+    if 0 < top_k < V:
         kth = torch.topk(logits, top_k, 1).values[:, -1:]                    # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, 1)                                         # (B, V)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(1, descending=True)                     # (B, V)
+        probs = torch.softmax(logits / temperature, 1)                       # (B, V)
+        sorted_p, order = probs.sort(1, descending=True)
         before = sorted_p.cumsum(1) - sorted_p                               # mass of the likelier ones
-        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)               # the most likely one always stays
-        probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
-    # The exponential race: with q_i ~ Exp(1), argmax p_i / q_i is i with probability p_i / sum(p),
-    # as torch.multinomial draws, for a quarter of its cost on one stream (the clamp keeps q > 0).
-    q = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-30)   # (B, V)
-    return (probs / q).argmax(1)
+        drop = torch.zeros_like(probs).scatter(1, order, (before >= top_p).to(probs.dtype))   # the likeliest stays
+        logits = logits.masked_fill(drop > 0, float("-inf"))
+    return torch.add(noise, logits, alpha=1.0 / temperature).argmax(1)
+
+
+def choose_next(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy: bool,
+                generator: Optional[torch.Generator]) -> Tensor:
+    """The next character of each stream: logits (B, V) -> ids (B,) long, drawn with `generator`."""
+    noise = None if greedy else gumbel_noise(1, logits.size(0), logits.size(1), generator, logits.device)[0]
+    return _choose(logits, temperature, top_k, top_p, greedy, noise)
 
 
 # --------------------------------------------------------------------------- the fast step
 #
 # Written in the TorchScript subset of Python so that `_generate_chunk` can be
 # scripted; the same functions run eagerly when scripting is unavailable.
+#
+# The hidden states of all layers live side by side in one buffer z (B, L*H),
+# layer k's h in columns [kH, (k+1)H). A layer k >= 1 finds its input (the new h
+# of layer k - 1) and its own previous h next to each other, z[:, (k-1)H:(k+1)H],
+# so for the LSTMs and the RNN one matrix product by the stacked weights
+# [W_ih; W_hh]^T gives all its gates; every layer writes its new h straight
+# back into its columns (`out=`). Fewer operations per character is what makes
+# one stream fast: the weights are read once either way.
 # `layers[k]` holds the tensors of layer k, prepared by FastStep:
-#   [0] w_x  (in, G*H)   input weights, transposed (an empty tensor for layer 0: the table has them)
-#   [1] b_x  (G*H,)      every bias that simply adds (zeros without biases)
-#   [2] w_h  (H, G*H)    recurrent weights, transposed (gru cho: only the r and z blocks, (H, 2H))
-#   [3] b_h  (G*H,)      gru (cudnn form): b_hh, which sits inside r * (...) for the n block
-#   [4] w_hn (H, H)      gru cho: the n block's recurrent weights, applied to r * h
-#   [4..6] p_i, p_f, p_o peephole: (H,) diag, (H, H) full transposed, or empty without that peephole
+#   [0] w_x  (in, G*H)    input weights, transposed; (in + H, G*H) [W_ih; W_hh]^T for a stacked layer
+#                         (k >= 1 and not a GRU); empty for layer 0 (the table has them)
+#   [1] b_x  (G*H,)       every bias that simply adds (zeros without biases)
+#   [2] w_h  (H, G*H)     recurrent weights, transposed (empty for a stacked layer; gru cho: only
+#                         the r and z blocks, (H, 2H))
+#   [3] b_h  (G*H,)       gru (cudnn form): b_hh, which sits inside r * (...) for the n block
+#   [4] w_hn (H, H)       gru cho: the n block's recurrent weights, applied to r * h
+#   [4..6] p_i, p_f, p_o  peephole: (H,) diag, (H, H) full transposed, or empty without that peephole
 # Gate blocks are reordered where it saves calls: lstm i,f,o,g; coupled f,o,g.
 
 
@@ -116,70 +142,88 @@ def _peep(pre: Tensor, p: Tensor, c: Tensor) -> Tensor:
     return torch.addmm(pre, c, p)
 
 
-def _cell(kind: str, H: int, xpart: Tensor, h: Tensor, c: Tensor, w: List[Tensor]) -> Tuple[Tensor, Tensor]:
-    """One layer, one step: the input half of the gates xpart (B, G*H) and the state -> new (h, c), each (B, H)."""
+def _cell(kind: str, H: int, pre: Tensor, h: Tensor, c: Tensor, w: List[Tensor]) -> Tensor:
+    """One layer, one step. `pre` is the gates' pre-activation (B, G*H), all of it for the LSTMs and
+    the RNN, the input half for the GRUs; h (B, H) is the layer's columns of z, overwritten with the
+    new h. Returns the new c (c itself for the GRUs and the RNN)."""
     if kind == "lstm":
-        s, g = torch.addmm(xpart, h, w[2]).split([3 * H, H], 1)             # (B, 3H), (B, H)
+        s, g = pre.split([3 * H, H], 1)                                      # (B, 3H), (B, H)
         i, f, o = torch.sigmoid(s).chunk(3, 1)
         c = torch.addcmul(f * c, i, torch.tanh(g))
-        return o * torch.tanh(c), c
+        torch.mul(o, torch.tanh(c), out=h)
+        return c
     if kind == "gru":
-        x_rz, x_n = xpart.split([2 * H, H], 1)
+        x_rz, x_n = pre.split([2 * H, H], 1)
         h_rz, h_n = torch.addmm(w[3], h, w[2]).split([2 * H, H], 1)
         r, z = torch.sigmoid(x_rz + h_rz).chunk(2, 1)
         n = torch.tanh(torch.addcmul(x_n, r, h_n))
-        return torch.lerp(n, h, z), c                                        # (1 - z) * n + z * h
+        torch.lerp(n, h, z, out=h)                                           # (1 - z) * n + z * h
+        return c
     if kind == "rnn":
-        return torch.tanh(torch.addmm(xpart, h, w[2])), c
+        torch.tanh(pre, out=h)
+        return c
     if kind == "coupled":
-        s, g = torch.addmm(xpart, h, w[2]).split([2 * H, H], 1)
+        s, g = pre.split([2 * H, H], 1)
         f, o = torch.sigmoid(s).chunk(2, 1)
         c = torch.lerp(torch.tanh(g), c, f)                                  # f * c + (1 - f) * g
-        return o * torch.tanh(c), c
+        torch.mul(o, torch.tanh(c), out=h)
+        return c
     if kind == "gru_cho":
-        x_rz, x_n = xpart.split([2 * H, H], 1)
+        x_rz, x_n = pre.split([2 * H, H], 1)
         r, z = torch.sigmoid(torch.addmm(x_rz, h, w[2])).chunk(2, 1)
         n = torch.tanh(torch.addmm(x_n, r * h, w[4]))
-        return torch.lerp(h, n, z), c                                        # (1 - z) * h + z * n
+        torch.lerp(h, n, z, out=h)                                           # (1 - z) * h + z * n
+        return c
     # peephole (gate order i, f, g, o as stored)
-    i, f, g, o = torch.addmm(xpart, h, w[2]).chunk(4, 1)
+    i, f, g, o = pre.chunk(4, 1)
     i = torch.sigmoid(_peep(i, w[4], c))
     f = torch.sigmoid(_peep(f, w[5], c))
     c = torch.addcmul(f * c, i, torch.tanh(g))
     o = torch.sigmoid(_peep(o, w[6], c))
-    return o * torch.tanh(c), c
+    torch.mul(o, torch.tanh(c), out=h)
+    return c
 
 
 def _advance(kind: str, H: int, table: Tensor, layers: List[List[Tensor]], head_w: Tensor, head_b: Tensor,
-             x: Tensor, hs: List[Tensor], cs: List[Tensor]) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    """Feed characters x (B,) through every layer: the logits (B, V) of the next one, and the new state."""
-    new_h: List[Tensor] = []
+             x: Tensor, z: Tensor, cs: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+    """Feed characters x (B,) through every layer, updating the hidden states z (B, L*H) in place:
+    the logits (B, V) of the next one, and the new cell states."""
+    gru = kind == "gru" or kind == "gru_cho"
     new_c: List[Tensor] = []
-    inp = x
-    for k in range(len(layers)):
+    L = len(layers)
+    for k in range(L):
         w = layers[k]
+        h = z[:, k * H:(k + 1) * H]
         if k == 0:
-            xpart = table.index_select(0, x)                                 # (B, G*H), embedding folded in
+            pre = table.index_select(0, x)                                   # (B, G*H), embedding folded in
+            if not gru:
+                pre = torch.addmm(pre, h, w[2])
+        elif gru:
+            pre = torch.addmm(w[1], z[:, (k - 1) * H:k * H], w[0])          # the input half
         else:
-            xpart = torch.addmm(w[1], inp, w[0])                             # (B, G*H)
-        h, c = _cell(kind, H, xpart, hs[k], cs[k], w)
-        new_h.append(h)
-        new_c.append(c)
-        inp = h
-    return torch.addmm(head_b, inp, head_w), new_h, new_c                   # (B, V)
+            pre = torch.addmm(w[1], z[:, (k - 1) * H:(k + 1) * H], w[0])    # [x, h] @ [W_ih; W_hh]^T
+        new_c.append(_cell(kind, H, pre, h, cs[k], w))
+    return torch.addmm(head_b, z[:, (L - 1) * H:], head_w), new_c           # (B, V)
 
 
 def _generate_chunk(kind: str, H: int, table: Tensor, layers: List[List[Tensor]], head_w: Tensor, head_b: Tensor,
-                    logits: Tensor, hs: List[Tensor], cs: List[Tensor], n: int,
+                    logits: Tensor, z: Tensor, cs: List[Tensor], n: int,
                     temperature: float, top_k: int, top_p: float, greedy: bool,
-                    generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor, List[Tensor], List[Tensor]]:
-    """n characters per stream from the pending logits (B, V): ids (n, B), then the logits and state after them."""
+                    generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """n characters per stream from the pending logits (B, V): ids (n, B), then the logits after them
+    (z, the hidden states, is updated in place) and the cell states."""
+    noise: Optional[Tensor] = None
+    if not greedy:
+        noise = gumbel_noise(n, logits.size(0), logits.size(1), generator, logits.device)
     out: List[Tensor] = []
-    for _ in range(n):
-        x = choose_next(logits, temperature, top_k, top_p, greedy, generator)  # (B,)
+    for t in range(n):
+        row: Optional[Tensor] = None
+        if noise is not None:
+            row = noise[t]
+        x = _choose(logits, temperature, top_k, top_p, greedy, row)         # (B,)
         out.append(x)
-        logits, hs, cs = _advance(kind, H, table, layers, head_w, head_b, x, hs, cs)
-    return torch.stack(out), logits, hs, cs
+        logits, cs = _advance(kind, H, table, layers, head_w, head_b, x, z, cs)
+    return torch.stack(out), logits, cs
 
 
 _SCRIPTED: dict = {}
@@ -223,9 +267,11 @@ class ModelStep:
 
     def generate(self, logits: Tensor, n: int, opts: SamplingOptions, generator) -> tuple[Tensor, Tensor]:
         """n characters per stream from the pending logits: ids (n, B) and the logits after them."""
+        noise = None if opts.greedy else gumbel_noise(n, logits.size(0), logits.size(1), generator, logits.device)
         out = []
-        for _ in range(n):
-            x = choose_next(logits, opts.temperature, opts.top_k, opts.top_p, opts.greedy, generator)
+        for t in range(n):
+            x = _choose(logits, opts.temperature, opts.top_k, opts.top_p, opts.greedy,
+                        None if noise is None else noise[t])
             out.append(x)
             logits = self.advance(x)
         return torch.stack(out), logits
@@ -261,7 +307,7 @@ class FastStep:
             self.head_b = model.head.bias.clone()                                      # (V,)
         self._fn = _scripted_generate_chunk() if script else None
         self.scripted = self._fn is not None
-        self.hs: List[Tensor] = []
+        self.z = torch.empty(0, device=self.device, dtype=self.dtype)              # (B, L*H), see above
         self.cs: List[Tensor] = []
 
     # ------------------------------------------------------------------ weights
@@ -303,11 +349,12 @@ class FastStep:
         H, dev, dt = self.H, w_ih.device, w_ih.dtype
         empty = torch.empty(0, device=dev, dtype=dt)
         w_x = empty if k == 0 else self._order(w_ih).t().contiguous()               # (in, G*H)
-        w_h = self._order(w_hh)
+        w_h = self._order(w_hh).t().contiguous()                                     # (H, G*H)
         if self.kind == "gru_cho":
-            w_h, w_hn = w_hh[: 2 * H], w_hh[2 * H:]
-        out = [w_x, self._order(b_x).clone(), w_h.t().contiguous(),
-               (b_h if b_h is not None else empty).clone()]
+            w_h, w_hn = w_hh[: 2 * H].t().contiguous(), w_hh[2 * H:]
+        elif k > 0 and self.kind not in ("gru", "gru_cho"):
+            w_x, w_h = torch.cat([w_x, w_h], 0), empty                               # stacked: (in + H, G*H)
+        out = [w_x, self._order(b_x).clone(), w_h, (b_h if b_h is not None else empty).clone()]
         if self.kind == "gru_cho":
             out.append(w_hn.t().contiguous())                                        # (H, H)
         if self.kind == "peephole":
@@ -328,7 +375,8 @@ class FastStep:
     # ------------------------------------------------------------------ state
     def load_state(self, state) -> None:
         """Continue from a model State (h (L, B, H), c (L, B, H) or None)."""
-        self.hs = [t.contiguous() for t in state.h.to(self.dtype).unbind(0)]
+        L, B, H = state.h.shape
+        self.z = state.h.to(self.dtype).permute(1, 0, 2).reshape(B, L * H).clone()   # (B, L*H)
         if self.has_c:
             self.cs = [t.contiguous() for t in state.c.to(self.dtype).unbind(0)]
         else:
@@ -338,21 +386,23 @@ class FastStep:
         """The current state as a model State."""
         from .model import State
 
-        return State(torch.stack(self.hs), torch.stack(self.cs) if self.has_c else None)
+        B = self.z.shape[0]
+        h = self.z.view(B, self.L, self.H).transpose(0, 1).contiguous()             # (L, B, H)
+        return State(h, torch.stack(self.cs) if self.has_c else None)
 
     # ------------------------------------------------------------------ steps
     def advance(self, x: Tensor) -> Tensor:
         """Feed characters x (B,) and return the logits (B, V) of the next ones."""
-        logits, self.hs, self.cs = _advance(self.kind, self.H, self.table, self.layers, self.head_w, self.head_b,
-                                            x, self.hs, self.cs)
+        logits, self.cs = _advance(self.kind, self.H, self.table, self.layers, self.head_w, self.head_b,
+                                   x, self.z, self.cs)
         return logits
 
     def generate(self, logits: Tensor, n: int, opts: SamplingOptions, generator) -> tuple[Tensor, Tensor]:
         """n characters per stream from the pending logits (B, V): ids (n, B) and the logits after them."""
         fn = self._fn if self._fn is not None else _generate_chunk
-        ids, logits, self.hs, self.cs = fn(self.kind, self.H, self.table, self.layers, self.head_w, self.head_b,
-                                           logits, self.hs, self.cs, n, opts.temperature, opts.top_k, opts.top_p,
-                                           opts.greedy, generator)
+        ids, logits, self.cs = fn(self.kind, self.H, self.table, self.layers, self.head_w, self.head_b,
+                                  logits, self.z, self.cs, n, opts.temperature, opts.top_k, opts.top_p,
+                                  opts.greedy, generator)
         return ids, logits
 
 
