@@ -18,9 +18,10 @@ compute that step:
   reference (and the fallback for any other module with CharModel's interface).
 
 Sampling is temperature, top-k, nucleus (top-p) or greedy (argmax), drawn with
-a seeded ``torch.Generator`` (by the exponential race, which gives torch.multinomial's
-distribution with fewer operations): the same seed gives the same text on the same
-machine. ``--num-samples N`` runs N streams as one batch.
+a seeded ``torch.Generator`` (Gumbel-max: the noise of a chunk of characters is drawn
+at once, and each character is an add and an argmax; torch.multinomial's distribution
+with fewer operations): the same seed gives the same text on the same machine.
+``--num-samples N`` runs N streams as one batch.
 """
 
 from __future__ import annotations
