@@ -162,7 +162,8 @@ def sample(
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the text at the end instead of as it is generated."),
     unknown: str = typer.Option("error", "--unknown", help="Prime characters outside the vocabulary: error or skip."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    threads: int = typer.Option(1, "--threads", help="Torch threads while generating (one stream's steps are too small to share; try 2 for many --num-samples on an idle machine)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads while generating (default: all cores for the native LSTM step, one for the torch step, whose small operations a second thread mostly waits for)."),
+    precision: str = typer.Option("fp32", "--precision", help="Weights of the native LSTM step: fp32, or fp16 (half the bytes read per character; logits within ~1e-3 of fp32)."),
 ) -> None:
     """Generate text from a checkpoint."""
     try:

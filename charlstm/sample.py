@@ -407,16 +407,51 @@ class FastStep:
         return ids, logits
 
 
-def make_stepper(model, *, fast: bool = True, script: bool = True):
-    """The fast stepper for a CharModel (``fast=False``, or another kind of module: ModelStep)."""
+def make_stepper(model, *, fast: bool = True, script: bool = True, native: bool = True,
+                 precision: str = "fp32", options: SamplingOptions | None = None):
+    """The stepper for a CharModel: the native step where it can run this model and these options
+    (see charlstm/native.py), else the fast torch step (``fast=False``, or another kind of module:
+    ModelStep). ``precision='fp16'`` asks for the native step's float16 weights, and is an error
+    where that step cannot run."""
+    from . import native as native_mod
     from .model import CharModel
 
+    if precision not in native_mod.PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(native_mod.PRECISIONS)} (got {precision!r})")
+    why = native_unavailable(model, options) if native and fast else "the native step was not asked for"
+    if why is None:
+        return native_mod.NativeStep(model, precision)
+    if precision != "fp32":
+        raise UsageError(f"--precision {precision} needs the native step, which cannot run here: {why}")
     if fast and isinstance(model, CharModel):
         return FastStep(model, script=script)
     return ModelStep(model)
 
 
-# --------------------------------------------------------------------------- generation
+def native_unavailable(model, options: SamplingOptions | None = None) -> Optional[str]:
+    """Why the native step cannot sample from this model with these options (None: it can)."""
+    from . import native as native_mod
+    from .model import CharModel
+
+    if not isinstance(model, CharModel):
+        return "not a CharModel"
+    if options is not None and (options.top_k or options.top_p < 1.0) and not options.greedy:
+        return "top-k and top-p sampling use the torch step"
+    why = native_mod.unsupported(model)
+    if why is None:
+        lib, word = native_mod.library()
+        why = None if lib is not None else word
+    return why
+
+
+def stepping_threads(stepper, threads: int | None) -> int | None:
+    """Torch threads for generating with this stepper when the user gave ``threads`` (None: the
+    default): all cores for the native step, which shares each step out among them, one for the
+    torch steps, whose small operations a second thread mostly waits for (docs/sampling.md)."""
+    if threads is not None:
+        return threads
+    return None if getattr(stepper, "native", False) else 1
+
 
 def read_prime(model, ids: Tensor, batch_size: int, state=None) -> tuple[Tensor, object]:
     """Condition the model on ids (T,) for batch_size identical streams, PRIME_WINDOW characters
@@ -446,13 +481,14 @@ class Generation:
     prime: str                   # the prime as given
     skipped: list[str]           # distinct prime characters left out (``unknown='skip'``)
     seed: int
-    stepper: str                 # 'fast step (TorchScript)', 'fast step' or 'model.forward'
+    stepper: str                 # 'native step (fp32)', 'fast step (TorchScript)', 'fast step' or 'model.forward'
     generated: int               # characters generated per sample
 
 
 def generate(model, vocab, *, prime: str = "", length: int = 500, num_samples: int = 1,
              options: SamplingOptions | None = None, seed: int | None = None, unknown: str = "error",
              on_text: Callable[[list[str]], None] | None = None, fast: bool = True, script: bool = True,
+             native: bool = True, precision: str = "fp32", threads: int | None = None,
              chunk: int = CHUNK) -> Generation:
     """Generate ``num_samples`` texts of ``length`` characters after ``prime``, as one batch.
 
@@ -461,6 +497,8 @@ def generate(model, vocab, *, prime: str = "", length: int = 500, num_samples: i
     of every sample as it is produced (a list with one string per sample; the
     prime comes first). Characters of the prime outside the vocabulary raise
     CharlstmError naming them, or are left out with ``unknown='skip'``.
+    The stepper is ``make_stepper``'s choice (``native``, ``precision``);
+    ``threads`` torch threads generate (None: `stepping_threads`' default).
     """
     from .corpus import encode_text
 
@@ -496,18 +534,20 @@ def generate(model, vocab, *, prime: str = "", length: int = 500, num_samples: i
                     if on_text is not None:
                         on_text([vocab.chars[first]] * B)
             logits, state = read_prime(model, ids, B)
-            stepper = make_stepper(model, fast=fast, script=script)
+            stepper = make_stepper(model, fast=fast, script=script, native=native, precision=precision,
+                                   options=options)
             stepper.load_state(state)
             pieces: list[list[str]] = [[] for _ in range(B)]
-            while left > 0:
-                n = min(chunk, left)
-                out, logits = stepper.generate(logits, n, options, generator)    # (n, B)
-                new = [vocab.decode(col) for col in out.t().cpu().tolist()]
-                for piece, text in zip(pieces, new):
-                    piece.append(text)
-                if on_text is not None:
-                    on_text(new)
-                left -= n
+            with torch_threads(stepping_threads(stepper, threads)):
+                while left > 0:
+                    n = min(chunk, left)
+                    out, logits = stepper.generate(logits, n, options, generator)    # (n, B)
+                    new = [vocab.decode(col) for col in out.t().cpu().tolist()]
+                    for piece, text in zip(pieces, new):
+                        piece.append(text)
+                    if on_text is not None:
+                        on_text(new)
+                    left -= n
     finally:
         model.train(was_training)
     texts = [t + "".join(p) for t, p in zip(texts, pieces)]
@@ -560,21 +600,22 @@ def _note(message: str) -> None:
 
 def run_from_cli(*, run: Path | None, prime: str, length: int, temperature: float, top_k: int | None,
                  top_p: float | None, greedy: bool, seed: int | None, num_samples: int, output: Path | None,
-                 no_stream: bool, unknown: str, device: str, threads: int | None = 1,
+                 no_stream: bool, unknown: str, device: str, threads: int | None = None, precision: str = "fp32",
                  checkpoints: Path = Path("checkpoints")) -> Generation:
     """`charlstm sample`: load the checkpoint RUN names and print (or write) what it generates.
 
-    ``threads`` torch threads (restored afterwards; None leaves torch's setting): one step
-    is a few small operations, and a second thread mostly waits for the first, or, on a
-    busy machine, for its time slice (see docs/sampling.md)."""
-    with torch_threads(threads):
-        return _sample_command(run=run, prime=prime, length=length, temperature=temperature, top_k=top_k,
-                               top_p=top_p, greedy=greedy, seed=seed, num_samples=num_samples, output=output,
-                               no_stream=no_stream, unknown=unknown, device=device, checkpoints=checkpoints)
+    ``threads`` torch threads while generating (None: all cores for the native
+    step, one for the torch steps; see `stepping_threads` and docs/sampling.md)."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1 (got {threads})")
+    return _sample_command(run=run, prime=prime, length=length, temperature=temperature, top_k=top_k,
+                           top_p=top_p, greedy=greedy, seed=seed, num_samples=num_samples, output=output,
+                           no_stream=no_stream, unknown=unknown, device=device, threads=threads,
+                           precision=precision, checkpoints=checkpoints)
 
 
 def _sample_command(*, run, prime, length, temperature, top_k, top_p, greedy, seed, num_samples, output,
-                    no_stream, unknown, device, checkpoints) -> Generation | None:
+                    no_stream, unknown, device, threads, precision, checkpoints) -> Generation | None:
     from .checkpoint import load_checkpoint, resolve_checkpoint, write_text_atomic
     from .train import resolve_device
 
@@ -595,7 +636,7 @@ def _sample_command(*, run, prime, length, temperature, top_k, top_p, greedy, se
     stream = _Stream(num_samples) if output is None and not no_stream else None
     try:
         gen = generate(ckpt.model, ckpt.vocab, prime=prime, length=length, num_samples=num_samples, options=options,
-                       seed=seed, unknown=unknown, on_text=stream)
+                       seed=seed, unknown=unknown, on_text=stream, precision=precision, threads=threads)
         if gen.skipped:
             shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in gen.skipped)
             _note(f"left out of the prime {len(gen.skipped)} character(s) not in the vocabulary: {shown}")

@@ -1,0 +1,248 @@
+/* charlstm's native sampling step for the LSTM (x86-64, AVX2 + FMA + F16C).
+ *
+ * Generating text costs one step per character: every layer's gates from its
+ * input and its previous h, then the head's logits, then the next character
+ * chosen. With one stream the step reads every weight once per character and
+ * does two flops with it, so its speed is how fast the weights stream from
+ * cache, plus what each operation costs to start. Torch spends ~18 operations
+ * per character (see sample.py), and its one-row product reads weights at
+ * ~30 GB/s here; this file does the whole chunk of characters in one call, so
+ * the cost is the weight reads alone, and it can read them as float16 (half
+ * the bytes, converted to float32 in registers; all arithmetic is float32).
+ *
+ * The equations are those of ../shared/EQUATIONS.md for the LSTM:
+ *   i = sigmoid(.), f = sigmoid(.), o = sigmoid(.), g = tanh(.)   (the rows of W x + U h + b)
+ *   c' = f * c + i * g,   h' = o * tanh(c')
+ *
+ * Layout (prepared by charlstm/native.py): the gate columns are grouped in
+ * panels of 8 hidden units, each panel holding the i, f, o and g columns of
+ * its units side by side (32 floats), so one panel's products end in the
+ * registers that its units' update needs.
+ *   table   (V, H/8, 32)       layer 0's input pre-activation of each character (embedding and biases folded in)
+ *   w[0]    (H/8, H, 32)       layer 0's recurrent weights U
+ *   w[k]    (H/8, 2H, 32)      layer k >= 1: [W; U] (its input is [h of layer k-1, its own h])
+ *   b[k]    (H/8, 32)          layer k >= 1: b_ih + b_hh
+ *   head_w  (Vp/32, H, 32)     the head, V padded to Vp (a multiple of 32) with zero columns
+ *   head_b  (Vp,)
+ * State: z (B, L*H) the hidden states of all layers of each stream side by side,
+ * c (L, B, H), logits (B, V); scratch hnew (B, H).
+ */
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    int32_t L, H, V, B;          /* layers, hidden units, vocabulary, streams */
+    int32_t half;                /* weights (not biases, not the table) stored as float16 */
+    int32_t threads;             /* threads sharing out each step (OpenMP; 1 without it) */
+    const float *table;
+    const void *const *w;        /* L pointers */
+    const float *const *b;       /* L pointers (b[0] unused) */
+    const void *head_w;
+    const float *head_b;
+    float *z, *c, *logits, *hnew;
+} Net;
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE __m256 load8(const void *w, size_t i, int half) {
+    if (half)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    return _mm256_loadu_ps((const float *)w + i);
+}
+
+/* exp(x) for float32 lanes: range reduction by ln 2 and a degree-6 polynomial
+ * (relative error ~2e-7); inputs clamped to [-87.3, 88.3]. */
+INLINE __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);      /* ln 2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+INLINE __m256 sigmoid8(__m256 x) {
+    __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+/* tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) */
+INLINE __m256 tanh8(__m256 x) {
+    __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 ax = _mm256_andnot_ps(sign, x);
+    __m256 e = exp8(_mm256_mul_ps(ax, _mm256_set1_ps(-2.0f)));
+    __m256 one = _mm256_set1_ps(1.0f);
+    __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    return _mm256_or_ps(t, _mm256_and_ps(sign, x));
+}
+
+/* acc[0..3] += x (K) @ panel (K, 32), one stream; two sets of accumulators for
+ * even and odd k, so that consecutive multiply-adds do not wait for each other. */
+INLINE void panel_one(const void *w, size_t off, int K, const float *x, __m256 acc[4], int half) {
+    __m256 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+    int k = 0;
+    for (; k + 1 < K; k += 2) {
+        size_t o = off + (size_t)k * 32;
+        __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
+        a0 = _mm256_fmadd_ps(x0, load8(w, o, half), a0);
+        a1 = _mm256_fmadd_ps(x0, load8(w, o + 8, half), a1);
+        a2 = _mm256_fmadd_ps(x0, load8(w, o + 16, half), a2);
+        a3 = _mm256_fmadd_ps(x0, load8(w, o + 24, half), a3);
+        b0 = _mm256_fmadd_ps(x1, load8(w, o + 32, half), b0);
+        b1 = _mm256_fmadd_ps(x1, load8(w, o + 40, half), b1);
+        b2 = _mm256_fmadd_ps(x1, load8(w, o + 48, half), b2);
+        b3 = _mm256_fmadd_ps(x1, load8(w, o + 56, half), b3);
+    }
+    if (k < K) {
+        size_t o = off + (size_t)k * 32;
+        __m256 x0 = _mm256_broadcast_ss(x + k);
+        a0 = _mm256_fmadd_ps(x0, load8(w, o, half), a0);
+        a1 = _mm256_fmadd_ps(x0, load8(w, o + 8, half), a1);
+        a2 = _mm256_fmadd_ps(x0, load8(w, o + 16, half), a2);
+        a3 = _mm256_fmadd_ps(x0, load8(w, o + 24, half), a3);
+    }
+    acc[0] = _mm256_add_ps(a0, b0);
+    acc[1] = _mm256_add_ps(a1, b1);
+    acc[2] = _mm256_add_ps(a2, b2);
+    acc[3] = _mm256_add_ps(a3, b3);
+}
+
+/* The same for two streams at once: each weight is loaded once for both. */
+INLINE void panel_two(const void *w, size_t off, int K, const float *x, const float *y,
+                      __m256 acc[4], __m256 bcc[4], int half) {
+    __m256 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    __m256 b0 = bcc[0], b1 = bcc[1], b2 = bcc[2], b3 = bcc[3];
+    for (int k = 0; k < K; k++) {
+        size_t o = off + (size_t)k * 32;
+        __m256 x0 = _mm256_broadcast_ss(x + k), y0 = _mm256_broadcast_ss(y + k);
+        __m256 w0 = load8(w, o, half), w1 = load8(w, o + 8, half);
+        __m256 w2 = load8(w, o + 16, half), w3 = load8(w, o + 24, half);
+        a0 = _mm256_fmadd_ps(x0, w0, a0);
+        a1 = _mm256_fmadd_ps(x0, w1, a1);
+        a2 = _mm256_fmadd_ps(x0, w2, a2);
+        a3 = _mm256_fmadd_ps(x0, w3, a3);
+        b0 = _mm256_fmadd_ps(y0, w0, b0);
+        b1 = _mm256_fmadd_ps(y0, w1, b1);
+        b2 = _mm256_fmadd_ps(y0, w2, b2);
+        b3 = _mm256_fmadd_ps(y0, w3, b3);
+    }
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+    bcc[0] = b0; bcc[1] = b1; bcc[2] = b2; bcc[3] = b3;
+}
+
+/* The LSTM update of 8 units from their gates' pre-activations (i, f, o, g). */
+INLINE void update(const __m256 a[4], float *c, float *h) {
+    __m256 i = sigmoid8(a[0]), f = sigmoid8(a[1]), o = sigmoid8(a[2]), g = tanh8(a[3]);
+    __m256 cn = _mm256_fmadd_ps(i, g, _mm256_mul_ps(f, _mm256_loadu_ps(c)));
+    _mm256_storeu_ps(c, cn);
+    _mm256_storeu_ps(h, _mm256_mul_ps(o, tanh8(cn)));
+}
+
+INLINE void load_init(__m256 a[4], const float *p) {
+    for (int j = 0; j < 4; j++) a[j] = _mm256_loadu_ps(p + 8 * j);
+}
+
+/* Feed characters x (B,) through every layer and compute the logits (B, V).
+ * Called by every thread of a parallel region (or outside one): the panels,
+ * streams and head columns are shared out by the `omp for` loops, each of
+ * which ends in a barrier. */
+INLINE void step(const Net *n, const int64_t *x, int half) {
+    const int L = n->L, H = n->H, V = n->V, B = n->B, P = H / 8, LH = L * H;
+    for (int k = 0; k < L; k++) {
+        const int K = k == 0 ? H : 2 * H;
+        const int col = k == 0 ? 0 : (k - 1) * H;                 /* where the layer's input starts in z */
+        float *c = n->c + (size_t)k * B * H;
+        #pragma omp for schedule(static)
+        for (int p = 0; p < P; p++) {
+            size_t off = (size_t)p * K * 32;
+            int s = 0;
+            for (; s + 1 < B; s += 2) {
+                __m256 a[4], b[4];
+                if (k == 0) {
+                    load_init(a, n->table + ((size_t)x[s] * P + p) * 32);
+                    load_init(b, n->table + ((size_t)x[s + 1] * P + p) * 32);
+                } else {
+                    load_init(a, n->b[k] + (size_t)p * 32);
+                    load_init(b, n->b[k] + (size_t)p * 32);
+                }
+                panel_two(n->w[k], off, K, n->z + (size_t)s * LH + col, n->z + (size_t)(s + 1) * LH + col, a, b, half);
+                update(a, c + (size_t)s * H + 8 * p, n->hnew + (size_t)s * H + 8 * p);
+                update(b, c + (size_t)(s + 1) * H + 8 * p, n->hnew + (size_t)(s + 1) * H + 8 * p);
+            }
+            if (s < B) {
+                __m256 a[4];
+                if (k == 0)
+                    load_init(a, n->table + ((size_t)x[s] * P + p) * 32);
+                else
+                    load_init(a, n->b[k] + (size_t)p * 32);
+                panel_one(n->w[k], off, K, n->z + (size_t)s * LH + col, a, half);
+                update(a, c + (size_t)s * H + 8 * p, n->hnew + (size_t)s * H + 8 * p);
+            }
+        }
+        /* every panel has read the old h: the new one replaces it */
+        #pragma omp for schedule(static)
+        for (int s = 0; s < B; s++)
+            memcpy(n->z + (size_t)s * LH + (size_t)k * H, n->hnew + (size_t)s * H, sizeof(float) * H);
+    }
+    /* the head: logits = h of the last layer @ head_w + head_b */
+    const int Q = (V + 31) / 32;
+    #pragma omp for schedule(static)
+    for (int sq = 0; sq < B * Q; sq++) {
+        const int s = sq / Q, q = sq % Q;
+        const float *top = n->z + (size_t)s * LH + (size_t)(L - 1) * H;
+        __m256 a[4];
+        float out[32];
+        load_init(a, n->head_b + (size_t)q * 32);
+        panel_one(n->head_w, (size_t)q * H * 32, H, top, a, half);
+        for (int j = 0; j < 4; j++) _mm256_storeu_ps(out + 8 * j, a[j]);
+        int m = V - 32 * q < 32 ? V - 32 * q : 32;
+        memcpy(n->logits + (size_t)s * V + 32 * q, out, sizeof(float) * m);
+    }
+}
+
+/* n characters per stream: each is argmax(noise + logits / temperature) (the Gumbel-max draw;
+ * noise (n, B, V)), or argmax(logits) where noise is NULL; ids (n, B). */
+INLINE void generate(const Net *n, int count, const float *noise, float inv_t, int64_t *ids, int half) {
+    const int B = n->B, V = n->V;
+    for (int t = 0; t < count; t++) {
+        int64_t *x = ids + (size_t)t * B;
+        #pragma omp for schedule(static)
+        for (int s = 0; s < B; s++) {
+            const float *l = n->logits + (size_t)s * V;
+            const float *q = noise ? noise + ((size_t)t * B + s) * V : NULL;
+            int best = 0;
+            float top = q ? q[0] + l[0] * inv_t : l[0];
+            for (int v = 1; v < V; v++) {
+                float u = q ? q[v] + l[v] * inv_t : l[v];
+                if (u > top) { top = u; best = v; }
+            }
+            x[s] = best;
+        }
+        step(n, x, half);
+    }
+}
+
+void charlstm_step(const Net *n, const int64_t *x) {
+    #pragma omp parallel num_threads(n->threads)
+    {
+        if (n->half) step(n, x, 1); else step(n, x, 0);
+    }
+}
+
+void charlstm_generate(const Net *n, int count, const float *noise, float inv_t, int64_t *ids) {
+    #pragma omp parallel num_threads(n->threads)
+    {
+        if (n->half) generate(n, count, noise, inv_t, ids, 1); else generate(n, count, noise, inv_t, ids, 0);
+    }
+}

@@ -1,0 +1,241 @@
+"""The native sampling step: ``csrc/lstm_step.c``, compiled on first use and called through ctypes.
+
+One stream of an LSTM reads every weight once per character, so generating
+text is bound by how fast the weights stream from cache plus what each
+operation costs to start (see docs/sampling.md). The C step does a whole chunk
+of characters (every layer, the head and the Gumbel-max choice) in one call,
+and can keep the weights as float16 (half the bytes; arithmetic stays float32).
+
+It is an optional speed-up, never a requirement: it is used where the machine
+is x86-64 with AVX2, FMA and F16C, a C compiler (``$CC``, else ``cc``) is on
+the PATH, the model is an LSTM on the CPU in float32 with H a multiple of 8,
+and sampling is plain temperature or greedy (top-k and top-p use the torch
+step). Anything else, or ``CHARLSTM_NO_NATIVE=1``, uses :class:`FastStep`.
+The library is compiled once per source version into
+``$XDG_CACHE_HOME/charlstm`` (default ``~/.cache/charlstm``), written
+atomically; compiling takes about a second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .errors import UsageError
+
+SOURCE = Path(__file__).parent / "csrc" / "lstm_step.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared"]
+OPENMP = "-fopenmp"     # threads share out each step; without OpenMP the library is built single-threaded
+PRECISIONS = ("fp32", "fp16")
+
+_LIB: dict = {}
+
+
+class _Net(ctypes.Structure):
+    """The C struct `Net` (see csrc/lstm_step.c)."""
+
+    _fields_ = [("L", ctypes.c_int32), ("H", ctypes.c_int32), ("V", ctypes.c_int32), ("B", ctypes.c_int32),
+                ("half", ctypes.c_int32), ("threads", ctypes.c_int32),
+                ("table", ctypes.c_void_p), ("w", ctypes.c_void_p), ("b", ctypes.c_void_p),
+                ("head_w", ctypes.c_void_p), ("head_b", ctypes.c_void_p),
+                ("z", ctypes.c_void_p), ("c", ctypes.c_void_p), ("logits", ctypes.c_void_p),
+                ("hnew", ctypes.c_void_p)]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "charlstm"
+
+
+def _build(cc: str, flags: list[str]) -> tuple[Optional[Path], str]:
+    """Compile the source with these flags into the cache (once per source and flags): its path, or None and why."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"lstm_step-{key}.so"
+    if target.exists():
+        return target, "cached"
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            return None, f"compiling {SOURCE.name} failed: {done.stderr.strip()[:300]}"
+        os.replace(tmp, target)          # atomic: a concurrent run sees no file or the whole file
+    except (OSError, subprocess.SubprocessError) as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        return None, f"cannot compile into {target.parent}: {e}"
+    return target, "compiled"
+
+
+def _compile() -> tuple[Optional[ctypes.CDLL], str]:
+    """The compiled library, or None and why not."""
+    if os.environ.get("CHARLSTM_NO_NATIVE", "") not in ("", "0"):
+        return None, "turned off by CHARLSTM_NO_NATIVE"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
+    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
+    if missing:
+        return None, f"this CPU lacks {', '.join(sorted(missing))}"
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None, "no C compiler (set $CC or install cc)"
+    target, why, threaded = None, "", False
+    for flags in ([*FLAGS, OPENMP], FLAGS):
+        target, why = _build(cc, flags)
+        if target is not None:
+            threaded = OPENMP in flags
+            break
+    if target is None:
+        return None, why
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        return None, f"cannot load {target}: {e}"
+    lib.charlstm_step.argtypes = [ctypes.POINTER(_Net), ctypes.c_void_p]
+    lib.charlstm_step.restype = None
+    lib.charlstm_generate.argtypes = [ctypes.POINTER(_Net), ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
+                                      ctypes.c_void_p]
+    lib.charlstm_generate.restype = None
+    return lib, "ready" + ("" if threaded else " (built without OpenMP: one thread)")
+
+
+def library() -> tuple[Optional[ctypes.CDLL], str]:
+    """The native library (compiled on first use) and a word on it: 'compiled' or why it is unavailable."""
+    if "lib" not in _LIB:
+        _LIB["lib"], _LIB["why"] = _compile()
+    return _LIB["lib"], _LIB["why"]
+
+
+def unsupported(model) -> Optional[str]:
+    """Why the native step cannot run this model (None: it can)."""
+    cfg = model.cfg
+    w = model.head.weight
+    if cfg.variant != "lstm":
+        return f"the native step is for the lstm variant (this is {cfg.variant})"
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return "the native step runs float32 models on the CPU"
+    if cfg.hidden % 8:
+        return f"the native step needs a hidden size that is a multiple of 8 (this is {cfg.hidden})"
+    if cfg.layers < 1:
+        return "no layers"
+    return None
+
+
+def _panels(w: Tensor, H: int) -> Tensor:
+    """Columns i, f, o, g (each H) of w (..., 4H) grouped in panels of 8 units: (..., H/8, 32)."""
+    lead = w.shape[:-1]
+    return w.reshape(*lead, 4, H // 8, 8).transpose(-3, -2).reshape(*lead, H // 8, 32)
+
+
+class NativeStep:
+    """The LSTM step of ``csrc/lstm_step.c``, built from a :class:`FastStep`'s tensors.
+
+    Same interface as the torch steppers (``load_state``, ``get_state``,
+    ``advance``, ``generate``). With ``precision='fp16'`` the weight matrices
+    are rounded to float16 (the table of layer 0 and the biases stay float32).
+    """
+
+    native = True
+
+    def __init__(self, model, precision: str = "fp32"):
+        from .sample import FastStep
+
+        if precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+        why = unsupported(model)
+        if why:
+            raise UsageError(why)
+        lib, word = library()
+        if lib is None:
+            raise UsageError(f"the native step is unavailable: {word}")
+        self.lib, self.precision = lib, precision
+        self.name = f"native step ({precision})"
+        fast = FastStep(model, script=False)               # weights in the fast step's layout, gates i, f, o, g
+        H, L = fast.H, fast.L
+        self.H, self.L, self.V = H, L, fast.head_w.shape[1]
+        wt = torch.float16 if precision == "fp16" else torch.float32
+        P = H // 8
+
+        def panel_major(w: Tensor) -> Tensor:                # (K, 4H) -> (H/8, K, 32)
+            return _panels(w, H).transpose(0, 1).contiguous().to(wt)
+
+        self.table = _panels(fast.table, H).contiguous()                           # (V, H/8, 32)
+        self.weights = [panel_major(fast.layers[0][2])] + [panel_major(fast.layers[k][0]) for k in range(1, L)]
+        self.biases = [torch.zeros(P, 32)] + [_panels(fast.layers[k][1], H).contiguous() for k in range(1, L)]
+        Vp = -(-self.V // 32) * 32
+        head_w = torch.zeros(H, Vp)
+        head_w[:, :self.V] = fast.head_w
+        self.head_w = head_w.view(H, Vp // 32, 32).transpose(0, 1).contiguous().to(wt)   # (Vp/32, H, 32)
+        self.head_b = torch.zeros(Vp)
+        self.head_b[:self.V] = fast.head_b
+        self._w_ptrs = (ctypes.c_void_p * L)(*[t.data_ptr() for t in self.weights])
+        self._b_ptrs = (ctypes.c_void_p * L)(*[t.data_ptr() for t in self.biases])
+        self.z = torch.empty(0)
+
+    # ------------------------------------------------------------------ state
+    def load_state(self, state) -> None:
+        """Continue from a model State (h (L, B, H), c (L, B, H))."""
+        L, B, H = state.h.shape
+        self.B = B
+        self.z = state.h.float().permute(1, 0, 2).reshape(B, L * H).contiguous()   # (B, L*H)
+        self.c = state.c.float().contiguous().clone()                              # (L, B, H)
+        self.logits = torch.zeros(B, self.V)
+        self.hnew = torch.empty(B, H)
+        self.net = _Net(L=self.L, H=self.H, V=self.V, B=B, half=int(self.precision == "fp16"),
+                        table=self.table.data_ptr(), w=ctypes.addressof(self._w_ptrs),
+                        b=ctypes.addressof(self._b_ptrs), head_w=self.head_w.data_ptr(),
+                        head_b=self.head_b.data_ptr(), z=self.z.data_ptr(), c=self.c.data_ptr(),
+                        logits=self.logits.data_ptr(), hnew=self.hnew.data_ptr())
+
+    def get_state(self):
+        """The current state as a model State."""
+        from .model import State
+
+        B = self.z.shape[0]
+        return State(self.z.view(B, self.L, self.H).transpose(0, 1).contiguous(), self.c.clone())
+
+    # ------------------------------------------------------------------ steps
+    def advance(self, x: Tensor) -> Tensor:
+        """Feed characters x (B,) and return the logits (B, V) of the next ones."""
+        x = x.to(torch.int64).contiguous()
+        self.net.threads = torch.get_num_threads()
+        self.lib.charlstm_step(ctypes.byref(self.net), x.data_ptr())
+        return self.logits.clone()
+
+    def generate(self, logits: Tensor, n: int, opts, generator) -> tuple[Tensor, Tensor]:
+        """n characters per stream from the pending logits (B, V): ids (n, B) and the logits after them.
+        Temperature and greedy only (top-k and top-p take the torch step)."""
+        from .sample import gumbel_noise
+
+        if opts.top_k or opts.top_p < 1.0:
+            raise UsageError("the native step samples with temperature or greedily; top-k and top-p use the torch step")
+        self.logits.copy_(logits)
+        ids = torch.empty(n, self.B, dtype=torch.int64)
+        noise = None if opts.greedy else gumbel_noise(n, self.B, self.V, generator, self.logits.device).contiguous()
+        self.net.threads = torch.get_num_threads()
+        self.lib.charlstm_generate(ctypes.byref(self.net), n, None if noise is None else noise.data_ptr(),
+                                   1.0 / opts.temperature, ids.data_ptr())
+        return ids, self.logits.clone()
