@@ -1,7 +1,8 @@
-"""Sampling speed: characters per second of the fast step against nn.LSTM called step by step.
+"""Sampling speed: characters per second of charlstm's steps against nn.LSTM called step by step.
 
     .venv/bin/python benchmarks/sampling.py                 # 2 x 384 and 2 x 256, 1 and 32 streams
     .venv/bin/python benchmarks/sampling.py --hidden 384 --json
+    .venv/bin/python benchmarks/sampling.py --precision-error RUN   # fp16 against fp32 weights on RUN's val split
 
 Every stepper generates from the same randomly initialised 2-layer LSTM
 (vocabulary 65, embedding 64: tinyshakespeare's sizes) in the same process,
@@ -16,11 +17,16 @@ Steppers:
   nn.LSTM stepped, no oneDNN  the same with torch.backends.mkldnn disabled (torch 2.13's CPU
                               nn.LSTM goes through oneDNN, which costs several ms per call)
   fast (eager)                charlstm.sample.FastStep, its Python loop
-  fast (TorchScript)          the same, the loop compiled (what `charlstm sample` uses)
+  fast (TorchScript)          the same, the loop compiled (the torch step of `charlstm sample`)
+  native fp32                 charlstm.native.NativeStep: the C step (what `charlstm sample` uses
+                              for an LSTM where it can be compiled)
+  native fp16                 the same with float16 weights (`charlstm sample --precision fp16`)
 
-The ratio "fast/stepped" divides by the faster of the two nn.LSTM baselines.
-Threads default to 1: on a machine whose cores are shared, a second torch
-thread mostly waits for its time slice (see docs/sampling.md).
+The ratio "best/stepped" divides charlstm sample's own step (native fp32 where
+available, else fast (TorchScript)) by the faster of the two nn.LSTM baselines.
+Threads default to charlstm sample's: one for the torch steps (a second thread
+mostly waits for the first's small operations), all cores for the native step
+(which shares each step out); --threads N sets all of them.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ import warnings
 
 import torch
 
+from charlstm import native
 from charlstm.config import ModelConfig
 from charlstm.model import build_model
+from charlstm.runtime import torch_threads
 from charlstm.sample import FastStep, ModelStep, SamplingOptions, read_prime
 
 TARGETS = {  # (hidden, streams): chars/s, and the ratio to stepped nn.LSTM, for 2 layers (issue 6 / issue 8)
@@ -58,21 +66,39 @@ BASELINES = ("nn.LSTM stepped", "nn.LSTM stepped, no oneDNN")
 
 
 def steppers(model):
-    return {
+    out = {
         "nn.LSTM stepped": lambda: ModelStep(model),
         "nn.LSTM stepped, no oneDNN": lambda: ModelStep(model),
         "fast (eager)": lambda: FastStep(model, script=False),
         "fast (TorchScript)": lambda: FastStep(model, script=True),
     }
+    if native.library()[0] is not None and native.unsupported(model) is None:
+        out["native fp32"] = lambda: native.NativeStep(model, "fp32")
+        out["native fp16"] = lambda: native.NativeStep(model, "fp16")
+    return out
+
+
+def own_step(names) -> str:
+    """The step `charlstm sample` takes for an LSTM: the native one where it runs."""
+    return "native fp32" if "native fp32" in names else "fast (TorchScript)"
+
+
+THREADS: dict = {"all": None}      # set by main: torch threads of every stepper, or None (charlstm sample's)
+
+
+def threads_for(name: str) -> int | None:
+    if THREADS["all"] is not None:
+        return THREADS["all"]
+    return None if name.startswith("native") else 1
 
 
 def run(model, make, streams: int, chars: int, seed: int = 0, greedy: bool = False,
-        onednn: bool = True) -> tuple[float, torch.Tensor]:
+        onednn: bool = True, threads: int | None = 1) -> tuple[float, torch.Tensor]:
     """Seconds to generate `chars` characters per stream after a one-character prime, and the ids."""
     opts = SamplingOptions(temperature=1.0, greedy=greedy)
     gen = torch.Generator().manual_seed(seed)
     flags = contextlib.nullcontext() if onednn else torch.backends.mkldnn.flags(enabled=False)
-    with torch.inference_mode(), flags:
+    with torch.inference_mode(), flags, torch_threads(threads):
         stepper = make()
         logits, state = read_prime(model, torch.tensor([0]), streams)
         stepper.load_state(state)
@@ -83,10 +109,12 @@ def run(model, make, streams: int, chars: int, seed: int = 0, greedy: bool = Fal
 
 
 def check_agreement(model) -> None:
-    """The steppers must produce the same greedy text (the fast step computes model.forward's logits)."""
+    """The float32 steppers must produce the same greedy text (they compute model.forward's logits)."""
     ref = None
     for name, make in steppers(model).items():
-        _, out = run(model, make, 2, 64, greedy=True, onednn="no oneDNN" not in name)
+        if name == "native fp16":
+            continue                    # its logits differ by fp16 rounding: see --precision-error
+        _, out = run(model, make, 2, 64, greedy=True, onednn="no oneDNN" not in name, threads=threads_for(name))
         if ref is None:
             ref = out
         elif not torch.equal(out, ref):
@@ -112,7 +140,7 @@ def limits(model, rounds: int, seconds: float) -> dict:
     tiny_step = lambda: FastStep(tiny, script=True)  # noqa: E731
 
     out = {"weight_bytes_per_char": weight_bytes}
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_threads(threads_for("fast (TorchScript)")):
         reads(20)
         n = max(50, int(seconds / 2e-4))
         best = min(_cpu_time(reads, n) for _ in range(rounds)) / n
@@ -132,6 +160,49 @@ def _cpu_time(fn, n: int) -> float:
     return time.process_time() - c0
 
 
+def precision_error(run: str, as_json: bool, streams: int = 16, chars: int = 2000) -> int:
+    """Feed `streams` stretches of `chars` characters of RUN's validation split through the native step
+    with fp32 and with fp16 weights (the same inputs: the text, not what each would sample) and print
+    what rounding the weights to fp16 changes: the logits, the loss, the most likely next character."""
+    from pathlib import Path
+
+    from charlstm.checkpoint import load_checkpoint, resolve_checkpoint
+    from charlstm.evaluate import split_tokens
+
+    if native.library()[0] is None:
+        print(f"the native step is unavailable: {native.library()[1]}", file=sys.stderr)
+        return 1
+    ckpt = load_checkpoint(resolve_checkpoint(Path(run)))
+    model = ckpt.model.float().eval()
+    tokens, _ = split_tokens(ckpt, "val", progress=False)
+    span = tokens.numel() // streams
+    chars = min(chars, span - 1)
+    idx = torch.stack([tokens[s * span:s * span + chars + 1] for s in range(streams)], 1).long()   # (T + 1, B)
+    out = {}
+    with torch.inference_mode():
+        ref, _ = model(idx[:-1])                                                        # (T, B, V)
+        logits = {}
+        for precision in ("fp32", "fp16"):
+            step = native.NativeStep(model, precision)
+            step.load_state(model.init_state(streams))
+            logits[precision] = torch.stack([step.advance(x) for x in idx[:-1]])
+        for name, lg in (("model.forward", ref), *logits.items()):
+            out[f"loss_nats_{name}"] = torch.nn.functional.cross_entropy(lg.flatten(0, 1), idx[1:].flatten()).item()
+        d = (logits["fp16"] - logits["fp32"]).abs()
+        p32, p16 = logits["fp32"].log_softmax(-1), logits["fp16"].log_softmax(-1)
+        out.update(chars=chars * streams, max_abs_logit_diff_fp16_fp32=d.max().item(),
+                   mean_abs_logit_diff_fp16_fp32=d.mean().item(),
+                   max_abs_logit_diff_fp32_forward=(logits["fp32"] - ref).abs().max().item(),
+                   kl_fp32_to_fp16_nats=(p32.exp() * (p32 - p16)).sum(-1).mean().item(),
+                   same_argmax_fraction=(logits["fp16"].argmax(-1) == logits["fp32"].argmax(-1)).float().mean().item())
+    if as_json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:<36} {v:.6g}" if isinstance(v, float) else f"{k:<36} {v}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, nargs="+", default=[384, 256])
@@ -139,14 +210,19 @@ def main() -> int:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.6, help="rough time per measurement")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of every stepper (default: charlstm sample's, 1 for torch steps, all for native)")
+    ap.add_argument("--precision-error", metavar="RUN", default=None,
+                    help="instead: fp16 against fp32 weights of the native step on RUN's validation split")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--limits", action="store_true", help="also measure what bounds one stream: weight reads alone, "
                                                           "per-operation overhead alone")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    THREADS["all"] = args.threads
     warnings.simplefilter("ignore", UserWarning)   # torch's notes about NumPy and oneDNN's TF32 are not ours
+    if args.precision_error:
+        return precision_error(args.precision_error, args.json)
 
     results = []
     missed = []
@@ -158,18 +234,21 @@ def main() -> int:
             cpu: dict[str, list[float]] = {}
             sizes = {}
             for name, make in steppers(model).items():   # calibrate: about args.seconds per measurement
-                (dt, _), _ = run(model, make, B, 64, onednn="no oneDNN" not in name)
+                (dt, _), _ = run(model, make, B, 64, onednn="no oneDNN" not in name, threads=threads_for(name))
                 sizes[name] = max(32, int(64 * args.seconds / max(dt, 1e-6)))
             for _ in range(args.rounds):
                 for name, make in steppers(model).items():
-                    (dt, dc), _ = run(model, make, B, sizes[name], onednn="no oneDNN" not in name)
+                    (dt, dc), _ = run(model, make, B, sizes[name], onednn="no oneDNN" not in name,
+                                      threads=threads_for(name))
                     wall.setdefault(name, []).append(sizes[name] * B / dt)
                     cpu.setdefault(name, []).append(sizes[name] * B / max(dc, 1e-9))
             row = {"hidden": H, "layers": args.layers, "streams": B,
                    "chars_per_sec": {n: max(r) for n, r in wall.items()},
                    "median_chars_per_sec": {n: statistics.median(r) for n, r in wall.items()},
                    "chars_per_cpu_sec": {n: statistics.median(r) for n, r in cpu.items()}}
-            best = row["chars_per_sec"]["fast (TorchScript)"]
+            row["threads"] = {n: threads_for(n) or torch.get_num_threads() for n in wall}
+            row["own_step"] = own_step(wall)
+            best = row["chars_per_sec"][row["own_step"]]
             base = max(row["chars_per_sec"][n] for n in BASELINES)
             row["speedup_vs_stepped"] = best / base
             target = TARGETS.get((H, B)) if args.layers == 2 else None
@@ -178,17 +257,23 @@ def main() -> int:
                 ok = best >= rate and (ratio is None or best / base >= ratio)
                 row["target"] = {"chars_per_sec": rate, "speedup": ratio, "met": ok}
                 if not ok:
-                    missed.append(f"{args.layers}x{H}, {B} stream(s): {best:,.0f} chars/s, {best / base:.1f}x "
+                    missed.append(f"{args.layers}x{H}, {B} stream(s), {row['own_step']}: {best:,.0f} chars/s, "
+                                  f"{best / base:.1f}x "
                                   f"(target {rate:,} chars/s" + (f", {ratio}x" if ratio else "") + ")")
             if args.limits and B == 1:
-                row["limits"] = limits(model, args.rounds, args.seconds)
+                row["limits"] = lim = limits(model, args.rounds, args.seconds)
+                for n, half in (("native fp32", False), ("native fp16", True)):
+                    if n in row["chars_per_sec"]:   # the bytes it reads: the matrices (halved for fp16), a table row
+                        matrices = lim["weight_bytes_per_char"] - 4 * H * 4
+                        read = (matrices / 2 if half else matrices) + 4 * H * 4
+                        lim[f"{n.replace(' ', '_')}_gb_per_sec"] = read * row["chars_per_sec"][n] / 1e9
             results.append(row)
             if not args.json:
                 print(f"{args.layers} x {H}, {B} stream(s)"
                       + ("" if "target" not in row else "  target " + ("met" if row["target"]["met"] else "MISSED"))
-                      + f"; fast/stepped {row['speedup_vs_stepped']:.1f}x", flush=True)
+                      + f"; {row['own_step']}/stepped {row['speedup_vs_stepped']:.1f}x", flush=True)
                 for n in wall:
-                    print(f"    {n:<28} {row['chars_per_sec'][n]:>9,.0f} chars/s best "
+                    print(f"    {n:<28} {row['threads'][n]} thr {row['chars_per_sec'][n]:>9,.0f} chars/s best "
                           f"(median {row['median_chars_per_sec'][n]:>9,.0f})   "
                           f"{row['chars_per_cpu_sec'][n]:>9,.0f} chars per CPU second", flush=True)
                 if "limits" in row:
@@ -197,12 +282,16 @@ def main() -> int:
                           f"{lim['weights_only_chars_per_cpu_sec']:,.0f} chars per CPU second "
                           f"({lim['weight_read_gb_per_sec']:.1f} GB/s); per-operation overhead alone (H = 8) "
                           f"{lim['overhead_only_chars_per_cpu_sec']:,.0f} chars per CPU second", flush=True)
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+                    for n in ("native_fp32", "native_fp16"):
+                        if f"{n}_gb_per_sec" in lim:
+                            print(f"    {n.replace('_', ' ')} reads its weights at {lim[f'{n}_gb_per_sec']:.1f} GB/s "
+                                  f"(best round, {row['threads'][n.replace('_', ' ')]} thread(s))", flush=True)
+    info = {"torch": torch.__version__, "cores": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine()}
     if args.json:
         print(json.dumps({"results": results, "missed": missed, **info}))
     else:
-        print(f"torch {info['torch']}, {info['threads']} threads")
+        print(f"torch {info['torch']}, {info['cores']} torch threads by default (thr: threads used per stepper)")
         for m in missed:
             print("target missed: " + m)
     return 1 if (args.strict and missed) else 0

@@ -70,7 +70,7 @@ class BenchSettings:
     repeats: int = 5                      # timed rounds (medians over these)
     warmup: int = 2                       # untimed rounds first
     sample_length: int = 256              # characters per sampling measurement
-    sample_threads: int | None = 1        # torch threads while sampling (charlstm sample's default)
+    sample_threads: int | None = None     # threads while sampling (None: charlstm sample's default for the step)
     measures: list[str] = field(default_factory=lambda: list(MEASURES))
     peak_size: int = PEAK_SQUARE          # n of the square mm peak (0: skip)
     seed: int = 0
@@ -237,7 +237,8 @@ def sample_job(model, streams: int, length: int, device: torch.device, seed: int
     stepper's name. The sampler's own stepper (``sample.make_stepper``, what ``charlstm
     sample`` runs), or a reference: ``reference='onednn'`` is model.forward one character
     at a time (nn.LSTM as torch runs it), ``'no-onednn'`` the same with oneDNN switched off.
-    ``threads``: torch threads while sampling (restored afterwards)."""
+    ``threads``: torch threads while sampling (restored afterwards; None: charlstm sample's
+    default for the stepper, ``sample.stepping_threads``)."""
     try:
         from . import sample as sample_mod
     except ImportError as e:  # pragma: no cover - only before the sampler exists
@@ -245,6 +246,7 @@ def sample_job(model, streams: int, length: int, device: torch.device, seed: int
     model.eval()
     with torch.inference_mode():
         stepper = sample_mod.ModelStep(model) if reference else sample_mod.make_stepper(model)
+    threads = sample_mod.stepping_threads(stepper, threads)
     name = stepper.name + (" (TorchScript)" if getattr(stepper, "scripted", False) else "")
     if reference:
         name = f"nn.LSTM stepped through model.forward ({'oneDNN' if reference == 'onednn' else 'oneDNN off'})"
@@ -558,7 +560,8 @@ def table_footer(report: dict) -> list[str]:
     if steppers:
         st = report["settings"]["sample_threads"]
         lines.append("sampler stepper: " + ", ".join(sorted(steppers))
-                     + (f", {st} torch thread(s) while sampling" if st else ""))
+                     + (f", {st} thread(s) while sampling" if st else
+                        ", threads as charlstm sample: all cores for the native step, 1 for the torch steps"))
     s = report["settings"]
     clock = "wall-clock time" if s["clock"] == "wall" else "this process's CPU time"
     lines.append(f"{clock}; medians of {s['repeats']} interleaved rounds after {s['warmup']} warm-up round(s); "
@@ -570,7 +573,7 @@ def table_footer(report: dict) -> list[str]:
 def run_from_cli(*, variants: str, backends: str, hidden: str, layers: str, batch_size: str, seq_len: str,
                  embed: int, vocab: int, peephole_form: str, gru_form: str, device: str, threads: int | None,
                  repeats: int, warmup: int, sample_length: int, measures: str, peak_size: int, seed: int,
-                 clock: str, json_out: bool, sample_threads: int | None = 1) -> dict:
+                 clock: str, json_out: bool, sample_threads: int | None = None) -> dict:
     """`charlstm bench`: measure, then print a table (or one JSON object with --json)."""
     import json
 

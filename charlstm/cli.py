@@ -163,7 +163,7 @@ def sample(
     unknown: str = typer.Option("error", "--unknown", help="Prime characters outside the vocabulary: error or skip."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads while generating (default: all cores for the native LSTM step, one for the torch step, whose small operations a second thread mostly waits for)."),
-    precision: str = typer.Option("fp32", "--precision", help="Weights of the native LSTM step: fp32, or fp16 (half the bytes read per character; logits within ~1e-3 of fp32)."),
+    precision: str = typer.Option("fp32", "--precision", help="Weights of the native LSTM step: fp32, or fp16 (half the bytes read per character; logits within ~0.003 of fp32)."),
 ) -> None:
     """Generate text from a checkpoint."""
     try:
@@ -274,7 +274,7 @@ def bench(
     gru_form: str = typer.Option("cudnn", "--gru-form", help="Form of the gru variant: cudnn or cho."),
     measures: str = typer.Option("train,sample,sample-batch", "--measures", help="What to time: train (fwd+bwd+AdamW), sample (one stream), sample-batch (B streams)."),
     sample_length: int = typer.Option(256, "--sample-length", help="Characters generated per sampling measurement."),
-    sample_threads: int = typer.Option(1, "--sample-threads", help="CPU threads for torch while sampling (charlstm sample's default)."),
+    sample_threads: Optional[int] = typer.Option(None, "--sample-threads", help="Threads while sampling (default: charlstm sample's, all cores for the native step, 1 for the torch step)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch.  [default: torch's]"),
     repeats: int = typer.Option(5, "--repeats", help="Timed rounds; figures are medians over them."),

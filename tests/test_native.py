@@ -20,7 +20,7 @@ from test_sample import VOCAB, save_run
 LIB, WHY = native.library()
 needs_native = pytest.mark.skipif(LIB is None, reason=f"the native step is unavailable here: {WHY}")
 
-SHAPES = [(1, 8), (2, 16), (3, 24)]              # (layers, hidden)
+SHAPES = [(1, 8), (2, 16), (3, 24), (2, 72)]     # (layers, hidden); 2H = 144 rows: more than one block of 128
 
 
 def lstm(layers: int, hidden: int, vocab: int = 70, backend: str = "auto", bias: bool = True) -> torch.nn.Module:
@@ -42,7 +42,7 @@ def stepped(stepper, model, idx):
 
 
 @needs_native
-@pytest.mark.parametrize("B", [1, 2, 5])                      # one stream, pairs, pairs and one left over
+@pytest.mark.parametrize("B", [1, 2, 5, 17])                  # one stream, pairs, one left over, two groups
 @pytest.mark.parametrize("layers, hidden", SHAPES)
 @pytest.mark.parametrize("backend, bias", [("cudnn", True), ("custom", True), ("cudnn", False)])
 def test_native_step_gives_the_logits_and_state_of_forward(B, layers, hidden, backend, bias):

@@ -153,42 +153,54 @@ INLINE void load_init(__m256 a[4], const float *p) {
     for (int j = 0; j < 4; j++) a[j] = _mm256_loadu_ps(p + 8 * j);
 }
 
+/* Streams are taken GROUP at a time and the rows of a panel KBLOCK at a time, so
+ * that the block of weights being read (KBLOCK x 32 floats, 16 KB) stays in the
+ * L1 cache while every pair of the group multiplies it: with many streams the
+ * step is bound by arithmetic, not by reading the weights again from L2. */
+#define GROUP 16
+#define KBLOCK 128
+
+/* One panel p of layer k for streams s0 .. s0 + g - 1 (g <= GROUP): gates, then the update. */
+INLINE void panel_streams(const Net *n, int k, int p, int s0, int g, const int64_t *x, int half) {
+    const int H = n->H, B = n->B, P = H / 8, LH = n->L * H;
+    const int K = k == 0 ? H : 2 * H;
+    const int col = k == 0 ? 0 : (k - 1) * H;                     /* where the layer's input starts in z */
+    const size_t off = (size_t)p * K * 32;
+    const float *z = n->z + (size_t)s0 * LH + col;
+    __m256 acc[GROUP][4];
+    for (int j = 0; j < g; j++)
+        load_init(acc[j], k == 0 ? n->table + ((size_t)x[s0 + j] * P + p) * 32 : n->b[k] + (size_t)p * 32);
+    if (g == 1) {
+        panel_one(n->w[k], off, K, z, acc[0], half);
+    } else {
+        for (int k0 = 0; k0 < K; k0 += KBLOCK) {
+            const int kn = K - k0 < KBLOCK ? K - k0 : KBLOCK;
+            int j = 0;
+            for (; j + 1 < g; j += 2)
+                panel_two(n->w[k], off + (size_t)k0 * 32, kn, z + (size_t)j * LH + k0, z + (size_t)(j + 1) * LH + k0,
+                          acc[j], acc[j + 1], half);
+            if (j < g)
+                panel_one(n->w[k], off + (size_t)k0 * 32, kn, z + (size_t)j * LH + k0, acc[j], half);
+        }
+    }
+    float *c = n->c + ((size_t)k * B + s0) * H + 8 * p;
+    float *h = n->hnew + (size_t)s0 * H + 8 * p;
+    for (int j = 0; j < g; j++)
+        update(acc[j], c + (size_t)j * H, h + (size_t)j * H);
+}
+
 /* Feed characters x (B,) through every layer and compute the logits (B, V).
  * Called by every thread of a parallel region (or outside one): the panels,
  * streams and head columns are shared out by the `omp for` loops, each of
  * which ends in a barrier. */
 INLINE void step(const Net *n, const int64_t *x, int half) {
     const int L = n->L, H = n->H, V = n->V, B = n->B, P = H / 8, LH = L * H;
+    const int groups = (B + GROUP - 1) / GROUP;
     for (int k = 0; k < L; k++) {
-        const int K = k == 0 ? H : 2 * H;
-        const int col = k == 0 ? 0 : (k - 1) * H;                 /* where the layer's input starts in z */
-        float *c = n->c + (size_t)k * B * H;
         #pragma omp for schedule(static)
-        for (int p = 0; p < P; p++) {
-            size_t off = (size_t)p * K * 32;
-            int s = 0;
-            for (; s + 1 < B; s += 2) {
-                __m256 a[4], b[4];
-                if (k == 0) {
-                    load_init(a, n->table + ((size_t)x[s] * P + p) * 32);
-                    load_init(b, n->table + ((size_t)x[s + 1] * P + p) * 32);
-                } else {
-                    load_init(a, n->b[k] + (size_t)p * 32);
-                    load_init(b, n->b[k] + (size_t)p * 32);
-                }
-                panel_two(n->w[k], off, K, n->z + (size_t)s * LH + col, n->z + (size_t)(s + 1) * LH + col, a, b, half);
-                update(a, c + (size_t)s * H + 8 * p, n->hnew + (size_t)s * H + 8 * p);
-                update(b, c + (size_t)(s + 1) * H + 8 * p, n->hnew + (size_t)(s + 1) * H + 8 * p);
-            }
-            if (s < B) {
-                __m256 a[4];
-                if (k == 0)
-                    load_init(a, n->table + ((size_t)x[s] * P + p) * 32);
-                else
-                    load_init(a, n->b[k] + (size_t)p * 32);
-                panel_one(n->w[k], off, K, n->z + (size_t)s * LH + col, a, half);
-                update(a, c + (size_t)s * H + 8 * p, n->hnew + (size_t)s * H + 8 * p);
-            }
+        for (int pg = 0; pg < P * groups; pg++) {
+            const int p = pg % P, s0 = (pg / P) * GROUP;
+            panel_streams(n, k, p, s0, B - s0 < GROUP ? B - s0 : GROUP, x, half);
         }
         /* every panel has read the old h: the new one replaces it */
         #pragma omp for schedule(static)
