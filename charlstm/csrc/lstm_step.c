@@ -118,27 +118,42 @@ INLINE void panel_one(const void *w, size_t off, int K, const float *x, __m256 a
     acc[3] = _mm256_add_ps(a3, b3);
 }
 
-/* The same for two streams at once: each weight is loaded once for both. */
-INLINE void panel_two(const void *w, size_t off, int K, const float *x, const float *y,
-                      __m256 acc[4], __m256 bcc[4], int half) {
-    __m256 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    __m256 b0 = bcc[0], b1 = bcc[1], b2 = bcc[2], b3 = bcc[3];
-    for (int k = 0; k < K; k++) {
-        size_t o = off + (size_t)k * 32;
-        __m256 x0 = _mm256_broadcast_ss(x + k), y0 = _mm256_broadcast_ss(y + k);
-        __m256 w0 = load8(w, o, half), w1 = load8(w, o + 8, half);
-        __m256 w2 = load8(w, o + 16, half), w3 = load8(w, o + 24, half);
-        a0 = _mm256_fmadd_ps(x0, w0, a0);
-        a1 = _mm256_fmadd_ps(x0, w1, a1);
-        a2 = _mm256_fmadd_ps(x0, w2, a2);
-        a3 = _mm256_fmadd_ps(x0, w3, a3);
-        b0 = _mm256_fmadd_ps(y0, w0, b0);
-        b1 = _mm256_fmadd_ps(y0, w1, b1);
-        b2 = _mm256_fmadd_ps(y0, w2, b2);
-        b3 = _mm256_fmadd_ps(y0, w3, b3);
+/* acc[j][col], acc[j][col + 1] += x_j (K) @ 16 columns of a panel (col 0: gates i, f; col 2: o, g),
+ * for R <= 6 streams whose inputs are `stride` floats apart: each pair of weight vectors is
+ * loaded once for all R streams, and 2R accumulators stay in registers. */
+INLINE void rows(const void *w, size_t off, int K, const float *x, size_t stride, __m256 acc[][4], int col,
+                 int R, int half) {
+    __m256 a[6][2];
+    for (int j = 0; j < R; j++) {
+        a[j][0] = acc[j][col];
+        a[j][1] = acc[j][col + 1];
     }
-    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
-    bcc[0] = b0; bcc[1] = b1; bcc[2] = b2; bcc[3] = b3;
+    for (int k = 0; k < K; k++) {
+        size_t o = off + (size_t)k * 32 + (size_t)col * 8;
+        __m256 w0 = load8(w, o, half), w1 = load8(w, o + 8, half);
+        for (int j = 0; j < R; j++) {
+            __m256 xj = _mm256_broadcast_ss(x + (size_t)j * stride + k);
+            a[j][0] = _mm256_fmadd_ps(xj, w0, a[j][0]);
+            a[j][1] = _mm256_fmadd_ps(xj, w1, a[j][1]);
+        }
+    }
+    for (int j = 0; j < R; j++) {
+        acc[j][col] = a[j][0];
+        acc[j][col + 1] = a[j][1];
+    }
+}
+
+/* `rows` with R a constant, so that its loops unroll and its arrays live in registers. */
+INLINE void rows_n(const void *w, size_t off, int K, const float *x, size_t stride, __m256 acc[][4], int col,
+                   int R, int half) {
+    switch (R) {
+    case 6: rows(w, off, K, x, stride, acc, col, 6, half); break;
+    case 5: rows(w, off, K, x, stride, acc, col, 5, half); break;
+    case 4: rows(w, off, K, x, stride, acc, col, 4, half); break;
+    case 3: rows(w, off, K, x, stride, acc, col, 3, half); break;
+    case 2: rows(w, off, K, x, stride, acc, col, 2, half); break;
+    default: rows(w, off, K, x, stride, acc, col, 1, half); break;
+    }
 }
 
 /* The LSTM update of 8 units from their gates' pre-activations (i, f, o, g). */
@@ -153,12 +168,10 @@ INLINE void load_init(__m256 a[4], const float *p) {
     for (int j = 0; j < 4; j++) a[j] = _mm256_loadu_ps(p + 8 * j);
 }
 
-/* Streams are taken GROUP at a time and the rows of a panel KBLOCK at a time, so
- * that the block of weights being read (KBLOCK x 32 floats, 16 KB) stays in the
- * L1 cache while every pair of the group multiplies it: with many streams the
- * step is bound by arithmetic, not by reading the weights again from L2. */
-#define GROUP 16
-#define KBLOCK 128
+/* Streams are taken GROUP at a time (the accumulators of a group stay on the stack), and
+ * within a group six at a time through each half of a panel; one stream alone takes
+ * panel_one, whose eight accumulators keep the multiply-adds busy. */
+#define GROUP 32
 
 /* One panel p of layer k for streams s0 .. s0 + g - 1 (g <= GROUP): gates, then the update. */
 INLINE void panel_streams(const Net *n, int k, int p, int s0, int g, const int64_t *x, int half) {
@@ -173,15 +186,9 @@ INLINE void panel_streams(const Net *n, int k, int p, int s0, int g, const int64
     if (g == 1) {
         panel_one(n->w[k], off, K, z, acc[0], half);
     } else {
-        for (int k0 = 0; k0 < K; k0 += KBLOCK) {
-            const int kn = K - k0 < KBLOCK ? K - k0 : KBLOCK;
-            int j = 0;
-            for (; j + 1 < g; j += 2)
-                panel_two(n->w[k], off + (size_t)k0 * 32, kn, z + (size_t)j * LH + k0, z + (size_t)(j + 1) * LH + k0,
-                          acc[j], acc[j + 1], half);
-            if (j < g)
-                panel_one(n->w[k], off + (size_t)k0 * 32, kn, z + (size_t)j * LH + k0, acc[j], half);
-        }
+        for (int j = 0; j < g; j += 6)
+            for (int c = 0; c < 4; c += 2)
+                rows_n(n->w[k], off, K, z + (size_t)j * LH, LH, acc + j, c, g - j < 6 ? g - j : 6, half);
     }
     float *c = n->c + ((size_t)k * B + s0) * H + 8 * p;
     float *h = n->hnew + (size_t)s0 * H + 8 * p;
