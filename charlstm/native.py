@@ -33,7 +33,8 @@ from torch import Tensor
 
 from .errors import UsageError
 
-SOURCE = Path(__file__).parent / "csrc" / "lstm_step.c"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = ("lstm_step.c",)                # compiled into one library with the headers beside them
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared"]
 OPENMP = "-fopenmp"     # threads share out each step; without OpenMP the library is built single-threaded
 PRECISIONS = ("fp32", "fp16")
@@ -69,8 +70,11 @@ def _cache_dir() -> Path:
 
 def _build(cc: str, flags: list[str]) -> tuple[Optional[Path], str]:
     """Compile the source with these flags into the cache (once per source and flags): its path, or None and why."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"lstm_step-{key}.so"
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for path in sorted(CSRC.iterdir()):
+        if path.suffix in (".c", ".h"):
+            digest.update(path.name.encode() + path.read_bytes())
+    target = _cache_dir() / f"charlstm-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target, "cached"
     tmp = None
@@ -78,10 +82,11 @@ def _build(cc: str, flags: list[str]) -> tuple[Optional[Path], str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *flags, "-o", tmp, *(str(CSRC / name) for name in SOURCES)],
+                              capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             os.unlink(tmp)
-            return None, f"compiling {SOURCE.name} failed: {done.stderr.strip()[:300]}"
+            return None, f"compiling {', '.join(SOURCES)} failed: {done.stderr.strip()[:300]}"
         os.replace(tmp, target)          # atomic: a concurrent run sees no file or the whole file
     except (OSError, subprocess.SubprocessError) as e:
         if tmp is not None and os.path.exists(tmp):

@@ -160,7 +160,7 @@ def test_compiling_into_an_empty_cache_is_atomic_and_reused(monkeypatch, tmp_pat
     lib, why = native.library()
     assert lib is not None, why
     built = list((tmp_path / "charlstm").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("lstm_step-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith("charlstm-") and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_LIB", {})
     assert native.library()[0] is not None

@@ -1,0 +1,129 @@
+/* Vector helpers shared by charlstm's native kernels (x86-64, AVX2 + FMA + F16C): loads of
+ * float32 or float16 weights, exp / sigmoid / tanh on 8 lanes, and the panel products.
+ *
+ * A panel is 32 columns of a weight matrix stored row after row, (K, 32): for the
+ * LSTM kernels, the 4 gates of 8 hidden units side by side. */
+#ifndef CHARLSTM_SIMD_H
+#define CHARLSTM_SIMD_H
+
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE __m256 load8(const void *w, size_t i, int half) {
+    if (half)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    return _mm256_loadu_ps((const float *)w + i);
+}
+
+/* exp(x) for float32 lanes: range reduction by ln 2 and a degree-6 polynomial
+ * (relative error ~2e-7); inputs clamped to [-87.3, 88.3]. */
+INLINE __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);      /* ln 2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+INLINE __m256 sigmoid8(__m256 x) {
+    __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+/* tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) */
+INLINE __m256 tanh8(__m256 x) {
+    __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 ax = _mm256_andnot_ps(sign, x);
+    __m256 e = exp8(_mm256_mul_ps(ax, _mm256_set1_ps(-2.0f)));
+    __m256 one = _mm256_set1_ps(1.0f);
+    __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    return _mm256_or_ps(t, _mm256_and_ps(sign, x));
+}
+
+/* acc[0..3] += x (K) @ panel (K, 32), one stream; two sets of accumulators for
+ * even and odd k, so that consecutive multiply-adds do not wait for each other. */
+INLINE void panel_one(const void *w, size_t off, int K, const float *x, __m256 acc[4], int half) {
+    __m256 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+    int k = 0;
+    for (; k + 1 < K; k += 2) {
+        size_t o = off + (size_t)k * 32;
+        __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
+        a0 = _mm256_fmadd_ps(x0, load8(w, o, half), a0);
+        a1 = _mm256_fmadd_ps(x0, load8(w, o + 8, half), a1);
+        a2 = _mm256_fmadd_ps(x0, load8(w, o + 16, half), a2);
+        a3 = _mm256_fmadd_ps(x0, load8(w, o + 24, half), a3);
+        b0 = _mm256_fmadd_ps(x1, load8(w, o + 32, half), b0);
+        b1 = _mm256_fmadd_ps(x1, load8(w, o + 40, half), b1);
+        b2 = _mm256_fmadd_ps(x1, load8(w, o + 48, half), b2);
+        b3 = _mm256_fmadd_ps(x1, load8(w, o + 56, half), b3);
+    }
+    if (k < K) {
+        size_t o = off + (size_t)k * 32;
+        __m256 x0 = _mm256_broadcast_ss(x + k);
+        a0 = _mm256_fmadd_ps(x0, load8(w, o, half), a0);
+        a1 = _mm256_fmadd_ps(x0, load8(w, o + 8, half), a1);
+        a2 = _mm256_fmadd_ps(x0, load8(w, o + 16, half), a2);
+        a3 = _mm256_fmadd_ps(x0, load8(w, o + 24, half), a3);
+    }
+    acc[0] = _mm256_add_ps(a0, b0);
+    acc[1] = _mm256_add_ps(a1, b1);
+    acc[2] = _mm256_add_ps(a2, b2);
+    acc[3] = _mm256_add_ps(a3, b3);
+}
+
+/* acc[j][col], acc[j][col + 1] += x_j (K) @ 16 columns of a panel (col 0: gates i, f; col 2: o, g),
+ * for R <= 6 streams whose inputs are `stride` floats apart: each pair of weight vectors is
+ * loaded once for all R streams, and 2R accumulators stay in registers. */
+INLINE void rows(const void *w, size_t off, int K, const float *x, size_t stride, __m256 acc[][4], int col,
+                 int R, int half) {
+    __m256 a[6][2];
+    for (int j = 0; j < R; j++) {
+        a[j][0] = acc[j][col];
+        a[j][1] = acc[j][col + 1];
+    }
+    for (int k = 0; k < K; k++) {
+        size_t o = off + (size_t)k * 32 + (size_t)col * 8;
+        __m256 w0 = load8(w, o, half), w1 = load8(w, o + 8, half);
+        for (int j = 0; j < R; j++) {
+            __m256 xj = _mm256_broadcast_ss(x + (size_t)j * stride + k);
+            a[j][0] = _mm256_fmadd_ps(xj, w0, a[j][0]);
+            a[j][1] = _mm256_fmadd_ps(xj, w1, a[j][1]);
+        }
+    }
+    for (int j = 0; j < R; j++) {
+        acc[j][col] = a[j][0];
+        acc[j][col + 1] = a[j][1];
+    }
+}
+
+/* `rows` with R a constant, so that its loops unroll and its arrays live in registers. */
+INLINE void rows_n(const void *w, size_t off, int K, const float *x, size_t stride, __m256 acc[][4], int col,
+                   int R, int half) {
+    switch (R) {
+    case 6: rows(w, off, K, x, stride, acc, col, 6, half); break;
+    case 5: rows(w, off, K, x, stride, acc, col, 5, half); break;
+    case 4: rows(w, off, K, x, stride, acc, col, 4, half); break;
+    case 3: rows(w, off, K, x, stride, acc, col, 3, half); break;
+    case 2: rows(w, off, K, x, stride, acc, col, 2, half); break;
+    default: rows(w, off, K, x, stride, acc, col, 1, half); break;
+    }
+}
+
+INLINE void load_init(__m256 a[4], const float *p) {
+    for (int j = 0; j < 4; j++) a[j] = _mm256_loadu_ps(p + 8 * j);
+}
+
+#endif
