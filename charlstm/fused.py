@@ -539,6 +539,92 @@ class _RNN(torch.autograd.Function):
         return dx, dh, dw_ih, dw_hh, db
 
 
+# --------------------------------------------------------------------------- native loops
+
+class _NativeLSTMFamily(torch.autograd.Function):
+    """lstm, peephole (diag form) or coupled over a window with both time loops in C
+    (charlstm/csrc/lstm_train.c, through native.py): the inputs, outputs and equations of
+    `_LSTM`, `_PeepholeLSTM` (p (3, H)) and `_CoupledLSTM`; the products over the whole
+    window stay here."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b, p, kind):
+        from . import native
+
+        T, B, _ = x.shape
+        H = w_hh.shape[1]
+        gates = _project(x, w_ih, b)                        # (T, B, G*H), activated in place
+        hs = x.new_empty(T + 1, B, H)                       # h_{-1} .. h_{T-1}
+        cs = x.new_empty(T + 1, B, H)                       # c_{-1} .. c_{T-1}
+        tcs = x.new_empty(T, B, H)                          # tanh(c_t)
+        hs[0], cs[0] = h0, c0
+        native.recurrent_forward(kind, gates, w_hh, hs, cs, tcs, peep=p)
+        ctx.kind, ctx.has_bias = kind, b is not None
+        ctx.save_for_backward(x, gates, hs, cs, tcs, w_ih, w_hh, p)
+        return hs[1:], cs[T]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dhs, dc_last):
+        from . import native
+
+        x, gates, hs, cs, tcs, w_ih, w_hh, p = ctx.saved_tensors
+        T, B, GH = gates.shape
+        H = w_hh.shape[1]
+        dpre = torch.empty_like(gates)                      # (T, B, G*H) gradient of the pre-activations
+        dh = gates.new_zeros(B, H)
+        dc = _zeros_if_none(dc_last, cs[0]).contiguous().clone()
+        native.recurrent_backward(ctx.kind, gates, w_hh, hs, cs, tcs, _zeros_if_none(dhs, tcs).contiguous(),
+                                  dpre, dh, dc, peep=p)
+        dw_hh = dpre.view(T * B, GH).t().mm(_prev(hs).reshape(T * B, H))   # one GEMM over all steps
+        dx, dw_ih, db = _input_grads(ctx, dpre, x, w_ih, ctx.has_bias)
+        dp = None
+        if ctx.kind == "peephole":                          # i and f saw c_{t-1}, o saw c_t
+            d4 = dpre.view(T, B, 4, H)
+            dp = torch.stack([(d4[:, :, 0] * _prev(cs)).sum((0, 1)), (d4[:, :, 1] * _prev(cs)).sum((0, 1)),
+                              (d4[:, :, 3] * cs[1:]).sum((0, 1))])
+        return dx, dh, dc, dw_ih, dw_hh, db, dp, None
+
+
+class _NativeGRU(torch.autograd.Function):
+    """gru in nn.GRU's form over a window with both time loops in C: the inputs, outputs and
+    equations of `_GRU`."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):
+        from . import native
+
+        T, B, _ = x.shape
+        H = w_hh.shape[1]
+        gates = _project(x, w_ih, b_ih)                     # (T, B, 3H) W_ih x + b_ih; then r, z, n
+        hs = x.new_empty(T + 1, B, H)
+        hs[0] = h0
+        hn = x.new_empty(T, B, H)                           # W_hn h_{t-1} + b_hn
+        native.recurrent_forward("gru", gates, w_hh, hs, None, hn, b_hh=b_hh)
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.save_for_backward(x, gates, hs, hn, w_ih, w_hh)
+        return hs[1:]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dhs):
+        from . import native
+
+        x, gates, hs, hn, w_ih, w_hh = ctx.saved_tensors
+        T, B, H3 = gates.shape
+        H = H3 // 3
+        dx = torch.empty_like(gates)                        # (T, B, 3H) gradient of W_ih x + b_ih
+        dhp = torch.empty_like(gates)                       # (T, B, 3H) gradient of W_hh h + b_hh
+        dh = gates.new_zeros(B, H)
+        scratch = gates.new_empty(B, H)
+        native.recurrent_backward("gru", gates, w_hh, hs, None, hn, _zeros_if_none(dhs, hn).contiguous(),
+                                  dx, dh, scratch, dph=dhp)
+        dw_hh = dhp.view(T * B, H3).t().mm(_prev(hs).reshape(T * B, H))
+        db_hh = dhp.sum((0, 1)) if ctx.has_bias[1] else None
+        dxin, dw_ih, db_ih = _input_grads(ctx, dx, x, w_ih, ctx.has_bias[0])
+        return dxin, dh, dw_ih, dw_hh, db_ih, db_hh
+
+
 # --------------------------------------------------------------------------- entry points
 
 def _autocast_on(x: Tensor) -> bool:
@@ -572,6 +658,19 @@ def _peephole_weights(cell) -> Tensor:
     return torch.stack(blocks) if cell.form == "diag" else torch.cat(blocks)
 
 
+NATIVE = {"on": True}     # tests and benchmarks switch the native loops off to compare
+
+
+def _native_trains(x: Tensor, cell) -> bool:
+    """Whether this layer's loops run in C (charlstm/native.py): lstm, peephole (diag), coupled and
+    gru (torch's form), float32 on the CPU, H a multiple of 32, the library available."""
+    if not NATIVE["on"] or type(cell).__name__ not in ("LSTMCell", "PeepholeLSTMCell", "CoupledLSTMCell", "GRUCell"):
+        return False
+    from . import native
+
+    return native.trains(x, cell.weight_hh)
+
+
 def run_layer(cell, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
     """Run ``cell`` over x (T, B, input) from ``state`` ((h,) or (h, c), each (B, H); zeros
     when None) with the fused loop. Returns outputs (T, B, H) and the final state,
@@ -581,18 +680,32 @@ def run_layer(cell, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tupl
     if x.shape[0] == 0:
         return x.new_empty(0, x.shape[1], cell.hidden_size), tuple(state)
     name = type(cell).__name__
+    native_ok = _native_trains(x, cell)
     if name == "LSTMCell":
-        hs, c = _LSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias())
+        if native_ok:
+            hs, c = _NativeLSTMFamily.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh,
+                                            cell.input_bias(), None, "lstm")
+        else:
+            hs, c = _LSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias())
         return hs, (hs[-1], c)
     if name == "PeepholeLSTMCell":
-        hs, c = _PeepholeLSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias(),
-                                    _peephole_weights(cell), cell.form == "full")
+        if native_ok and cell.form == "diag":
+            hs, c = _NativeLSTMFamily.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh,
+                                            cell.input_bias(), _peephole_weights(cell), "peephole")
+        else:
+            hs, c = _PeepholeLSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias(),
+                                        _peephole_weights(cell), cell.form == "full")
         return hs, (hs[-1], c)
     if name == "CoupledLSTMCell":
-        hs, c = _CoupledLSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias())
+        if native_ok:
+            hs, c = _NativeLSTMFamily.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh,
+                                            cell.input_bias(), None, "coupled")
+        else:
+            hs, c = _CoupledLSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias())
         return hs, (hs[-1], c)
     if name == "GRUCell":
-        hs = _GRU.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        fn = _NativeGRU if native_ok else _GRU
+        hs = fn.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
         return hs, (hs[-1],)
     if name == "ChoGRUCell":
         hs = _ChoGRU.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.bias)

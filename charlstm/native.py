@@ -34,7 +34,7 @@ from torch import Tensor
 from .errors import UsageError
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("lstm_step.c",)                # compiled into one library with the headers beside them
+SOURCES = ("lstm_step.c", "lstm_train.c")             # compiled into one library with the headers beside them
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared"]
 OPENMP = "-fopenmp"     # threads share out each step; without OpenMP the library is built single-threaded
 PRECISIONS = ("fp32", "fp16")
@@ -51,6 +51,14 @@ class _Net(ctypes.Structure):
                 ("head_w", ctypes.c_void_p), ("head_b", ctypes.c_void_p),
                 ("z", ctypes.c_void_p), ("c", ctypes.c_void_p), ("logits", ctypes.c_void_p),
                 ("hnew", ctypes.c_void_p)]
+
+
+class _Seq(ctypes.Structure):
+    """The C struct `Seq` (see csrc/lstm_train.c)."""
+
+    _fields_ = [*((name, ctypes.c_int32) for name in ("kind", "T", "B", "H", "threads")),
+                *((name, ctypes.c_void_p) for name in ("gates", "wf", "wb", "bh", "peep", "hs", "cs", "tcs", "dhs",
+                                                        "dpre", "dph", "dh", "dc"))]
 
 
 def _cpu_flags() -> set[str]:
@@ -124,6 +132,9 @@ def _compile() -> tuple[Optional[ctypes.CDLL], str]:
     lib.charlstm_generate.argtypes = [ctypes.POINTER(_Net), ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
                                       ctypes.c_void_p]
     lib.charlstm_generate.restype = None
+    for name in ("charlstm_rnn_forward", "charlstm_rnn_backward"):
+        getattr(lib, name).argtypes = [ctypes.POINTER(_Seq)]
+        getattr(lib, name).restype = None
     return lib, "ready" + ("" if threaded else " (built without OpenMP: one thread)")
 
 
@@ -244,3 +255,57 @@ class NativeStep:
         self.lib.charlstm_generate(ctypes.byref(self.net), n, None if noise is None else noise.data_ptr(),
                                    1.0 / opts.temperature, ids.data_ptr())
         return ids, self.logits.clone()
+
+
+# --------------------------------------------------------------------------- training: a layer's time loops
+
+KINDS = {"lstm": 0, "peephole": 1, "coupled": 2, "gru": 3}      # csrc/lstm_train.c's enum
+SLOTS = {"lstm": [0, 1, 3, 2], "peephole": [0, 1, 3, 2], "coupled": [0, 2, 1], "gru": [0, 1, 2]}
+
+
+def trains(x: Tensor, w_hh: Tensor) -> bool:
+    """Whether the native loops can run a layer over input x with recurrent weights w_hh:
+    float32 on the CPU, H a multiple of 32, the library available (else fused.py's torch loops)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and w_hh.dtype == torch.float32
+            and w_hh.shape[1] % 32 == 0 and library()[0] is not None)
+
+
+def _ptr(t: Optional[Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def recurrent_forward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Optional[Tensor], tcs: Tensor,
+                      b_hh: Optional[Tensor] = None, peep: Optional[Tensor] = None) -> None:
+    """The forward time loop of a `kind` layer (see csrc/lstm_train.c): gates (T, B, G*H) holds
+    W x_t + b and receives the activated gates (torch's order); hs, cs (T + 1, B, H) hold h0, c0
+    in row 0 and receive the rest (cs None for the gru); tcs (T, B, H) receives tanh(c_t), for the
+    gru U_n h + b_hn. b_hh: the gru's recurrent bias; peep: the peephole weights (3, H).
+    Every tensor contiguous float32."""
+    T, B, GH = gates.shape
+    H = GH // len(SLOTS[kind])
+    G = GH // H
+    wf = (w_hh.detach().t().reshape(H, G, H // 8, 8)[:, SLOTS[kind]]
+          .permute(2, 0, 1, 3).contiguous())                                   # (H/8, H, G, 8)
+    bh = None if b_hh is None else b_hh.detach().contiguous()                 # kept alive through the call
+    pp = None if peep is None else peep.detach().contiguous()
+    seq = _Seq(kind=KINDS[kind], T=T, B=B, H=H, threads=torch.get_num_threads(), gates=_ptr(gates),
+               wf=_ptr(wf), bh=_ptr(bh), peep=_ptr(pp), hs=_ptr(hs), cs=_ptr(cs), tcs=_ptr(tcs))
+    library()[0].charlstm_rnn_forward(ctypes.byref(seq))
+
+
+def recurrent_backward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Optional[Tensor], tcs: Tensor,
+                       dhs: Tensor, dpre: Tensor, dh: Tensor, dc: Tensor, dph: Optional[Tensor] = None,
+                       peep: Optional[Tensor] = None) -> None:
+    """The backward time loop of a `kind` layer, from what the forward left in gates, hs, cs and
+    tcs and the gradients dhs (T, B, H) arriving at each output: dpre (T, B, G*H) receives the
+    gradients of the pre-activations W x_t + b (and dph those of U h + b_hh, gru); dh (B, H),
+    zeros on entry, receives the gradient of h0; dc (B, H), the gradient of c_T on entry,
+    receives that of c0 (scratch for the gru). Every tensor contiguous float32."""
+    T, B, GH = gates.shape
+    H = GH // len(SLOTS[kind])
+    wb = w_hh.detach().reshape(GH, H // 32, 32).permute(1, 0, 2).contiguous()     # (H/32, G*H, 32)
+    pp = None if peep is None else peep.detach().contiguous()
+    seq = _Seq(kind=KINDS[kind], T=T, B=B, H=H, threads=torch.get_num_threads(), gates=_ptr(gates),
+               wb=_ptr(wb), peep=_ptr(pp), hs=_ptr(hs), cs=_ptr(cs), tcs=_ptr(tcs), dhs=_ptr(dhs),
+               dpre=_ptr(dpre), dph=_ptr(dph), dh=_ptr(dh), dc=_ptr(dc))
+    library()[0].charlstm_rnn_backward(ctypes.byref(seq))

@@ -70,9 +70,7 @@ INLINE void panel_streams(const Net *n, int k, int p, int s0, int g, const int64
     if (g == 1) {
         panel_one(n->w[k], off, K, z, acc[0], half);
     } else {
-        for (int j = 0; j < g; j += 6)
-            for (int c = 0; c < 4; c += 2)
-                rows_n(n->w[k], off, K, z + (size_t)j * LH, LH, acc + j, c, g - j < 6 ? g - j : 6, half);
+        panel_rows(n->w[k], off, K, 4, z, LH, acc, g, half);
     }
     float *c = n->c + ((size_t)k * B + s0) * H + 8 * p;
     float *h = n->hnew + (size_t)s0 * H + 8 * p;

@@ -84,42 +84,50 @@ INLINE void panel_one(const void *w, size_t off, int K, const float *x, __m256 a
     acc[3] = _mm256_add_ps(a3, b3);
 }
 
-/* acc[j][col], acc[j][col + 1] += x_j (K) @ 16 columns of a panel (col 0: gates i, f; col 2: o, g),
- * for R <= 6 streams whose inputs are `stride` floats apart: each pair of weight vectors is
- * loaded once for all R streams, and 2R accumulators stay in registers. */
-INLINE void rows(const void *w, size_t off, int K, const float *x, size_t stride, __m256 acc[][4], int col,
-                 int R, int half) {
+/* acc[j][col .. col + nc - 1] += x_j (K) @ nc vectors of 8 columns of a panel whose rows are
+ * `width` floats long (32 for 4 gates of 8 units, 24 for 3), for R <= 6 streams whose inputs
+ * are `stride` floats apart: each weight vector is loaded once for all R streams, and the
+ * R * nc accumulators stay in registers. */
+INLINE void rows(const void *w, size_t off, int K, int width, const float *x, size_t stride, __m256 acc[][4],
+                 int col, int nc, int R, int half) {
     __m256 a[6][2];
-    for (int j = 0; j < R; j++) {
-        a[j][0] = acc[j][col];
-        a[j][1] = acc[j][col + 1];
-    }
+    for (int j = 0; j < R; j++)
+        for (int c = 0; c < nc; c++) a[j][c] = acc[j][col + c];
     for (int k = 0; k < K; k++) {
-        size_t o = off + (size_t)k * 32 + (size_t)col * 8;
-        __m256 w0 = load8(w, o, half), w1 = load8(w, o + 8, half);
+        size_t o = off + (size_t)k * width + (size_t)col * 8;
+        __m256 w0 = load8(w, o, half), w1 = nc == 2 ? load8(w, o + 8, half) : w0;
         for (int j = 0; j < R; j++) {
             __m256 xj = _mm256_broadcast_ss(x + (size_t)j * stride + k);
             a[j][0] = _mm256_fmadd_ps(xj, w0, a[j][0]);
-            a[j][1] = _mm256_fmadd_ps(xj, w1, a[j][1]);
+            if (nc == 2) a[j][1] = _mm256_fmadd_ps(xj, w1, a[j][1]);
         }
     }
-    for (int j = 0; j < R; j++) {
-        acc[j][col] = a[j][0];
-        acc[j][col + 1] = a[j][1];
-    }
+    for (int j = 0; j < R; j++)
+        for (int c = 0; c < nc; c++) acc[j][col + c] = a[j][c];
 }
 
-/* `rows` with R a constant, so that its loops unroll and its arrays live in registers. */
-INLINE void rows_n(const void *w, size_t off, int K, const float *x, size_t stride, __m256 acc[][4], int col,
-                   int R, int half) {
+/* `rows` with R and nc constants, so that its loops unroll and its arrays live in registers. */
+#define ROWS_CASE(r) \
+    case r: if (nc == 2) rows(w, off, K, width, x, stride, acc, col, 2, r, half); \
+            else rows(w, off, K, width, x, stride, acc, col, 1, r, half); break;
+INLINE void rows_n(const void *w, size_t off, int K, int width, const float *x, size_t stride, __m256 acc[][4],
+                   int col, int nc, int R, int half) {
     switch (R) {
-    case 6: rows(w, off, K, x, stride, acc, col, 6, half); break;
-    case 5: rows(w, off, K, x, stride, acc, col, 5, half); break;
-    case 4: rows(w, off, K, x, stride, acc, col, 4, half); break;
-    case 3: rows(w, off, K, x, stride, acc, col, 3, half); break;
-    case 2: rows(w, off, K, x, stride, acc, col, 2, half); break;
-    default: rows(w, off, K, x, stride, acc, col, 1, half); break;
+    ROWS_CASE(6) ROWS_CASE(5) ROWS_CASE(4) ROWS_CASE(3) ROWS_CASE(2)
+    default: if (nc == 2) rows(w, off, K, width, x, stride, acc, col, 2, 1, half);
+             else rows(w, off, K, width, x, stride, acc, col, 1, 1, half);
     }
+}
+#undef ROWS_CASE
+
+/* acc[j][0 .. G-1] += x_j (K) @ one panel of G vectors (width 8G) at `off`, for g streams whose
+ * inputs are `stride` floats apart: six streams at a time, two vectors at a time. */
+INLINE void panel_rows(const void *w, size_t off, int K, int G, const float *x, size_t stride, __m256 acc[][4],
+                       int g, int half) {
+    for (int j = 0; j < g; j += 6)
+        for (int c = 0; c < G; c += 2)
+            rows_n(w, off, K, 8 * G, x + (size_t)j * stride, stride, acc + j, c, G - c < 2 ? G - c : 2,
+                   g - j < 6 ? g - j : 6, half);
 }
 
 INLINE void load_init(__m256 a[4], const float *p) {
