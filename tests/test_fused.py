@@ -52,11 +52,18 @@ def make_cells(variant, extra, *, E=3, H=4, L=2, dtype=torch.float64, seed=0):
     return cells
 
 
+def basic_layer(cell) -> Recurrent:
+    """The step-by-step layer of layers.py, never the fused path (which Recurrent takes by default)."""
+    layer = Recurrent(cell)
+    layer.use_fused = False
+    return layer
+
+
 def run_stack(cells, x, states, *, use_fused):
     """The layers one after the other: the fused path or the basic step-by-step layer."""
     finals = []
     for cell, state in zip(cells, states):
-        x, state = fused.run_layer(cell, x, state) if use_fused else Recurrent(cell)(x, state)
+        x, state = fused.run_layer(cell, x, state) if use_fused else basic_layer(cell)(x, state)
         finals.append(tuple(state))
     return x, finals
 
@@ -193,24 +200,25 @@ def _run_with(cell, params, x, state):
             cell._parameters[n] = p
 
 
+@pytest.mark.parametrize("H", [4, 32], ids=["torch-loops", "native-loops"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[7], CASES[12]], ids=["lstm", "peephole-full", "gru"])
-def test_edge_windows_and_inference(case):
+def test_edge_windows_and_inference(case, H):
     """T=1, no initial state (zeros), an empty window, and inference mode give the basic layer's results."""
     _, variant, extra = case
-    (cell,) = make_cells(variant, extra, L=1, dtype=torch.float32)
+    (cell,) = make_cells(variant, extra, H=H, L=1, dtype=torch.float32)
     x = torch.randn(1, 2, 3)
     out, state = fused.run_layer(cell, x, None)
-    ref_out, ref_state = Recurrent(cell)(x, None)
+    ref_out, ref_state = basic_layer(cell)(x, None)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(tuple(state), tuple(ref_state))
 
     empty, same = fused.run_layer(cell, x[:0], tuple(state))
-    assert empty.shape == (0, 2, 4) and all(a is b for a, b in zip(same, state))
+    assert empty.shape == (0, 2, H) and all(a is b for a, b in zip(same, state))
 
     x = torch.randn(5, 2, 3)
     with torch.inference_mode():
         out, state = fused.run_layer(cell, x, None)
-        ref_out, ref_state = Recurrent(cell)(x, None)
+        ref_out, ref_state = basic_layer(cell)(x, None)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(tuple(state), tuple(ref_state))
 
@@ -231,3 +239,138 @@ def test_autocast_is_left_to_the_step_by_step_layer():
     assert fused.supports(cell, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fused.supports(cell, x)
+
+
+# --------------------------------------------------------------------------- the native loops (C)
+#
+# lstm, peephole (diag), coupled and gru (torch's form) run their time loops in C
+# (charlstm/csrc/lstm_train.c) for float32 CPU layers with H a multiple of 32: the
+# same checks, at sizes that take that path.
+
+from charlstm import native  # noqa: E402
+
+NATIVE_LIB, NATIVE_WHY = native.library()
+needs_native = pytest.mark.skipif(NATIVE_LIB is None, reason=f"the native loops are unavailable here: {NATIVE_WHY}")
+NATIVE_CASES = [c for c in CASES if c[1] in ("lstm", "coupled") or c[0].startswith(("peephole-diag", "gru-cudnn"))]
+
+
+def count_native_calls(monkeypatch) -> dict:
+    """Count the calls of the native forward and backward loops."""
+    calls = {"forward": 0, "backward": 0}
+    for name, key in (("recurrent_forward", "forward"), ("recurrent_backward", "backward")):
+        real = getattr(native, name)
+
+        def spy(*args, _real=real, _key=key, **kwargs):
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(native, name, spy)
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("H, B", [(32, 1), (32, 5), (64, 33)])
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=[c[0] for c in NATIVE_CASES])
+def test_native_loops_match_the_step_by_step_layer(case, H, B, monkeypatch):
+    """Outputs, final states and every gradient of a 2-layer float32 stack whose layers run in C,
+    against the basic layer; one stream, pairs and one left over, more streams than a group of 32."""
+    calls = count_native_calls(monkeypatch)
+    _, variant, extra = case
+    cells = make_cells(variant, extra, E=6, H=H, dtype=torch.float32)
+    T = 7
+    x = torch.randn(T, B, 6, requires_grad=True)
+    states = random_states(cells, B, torch.float32)
+    out, finals = run_stack(cells, x, states, use_fused=True)
+    ref_out, ref_finals = run_stack(cells, x, states, use_fused=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(finals, ref_finals):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    inputs = [x] + [s for st in states for s in st] + [p for c in cells for p in c.parameters()]
+    grads = torch.autograd.grad(weighted_sum(out, finals), inputs)
+    ref_grads = torch.autograd.grad(weighted_sum(ref_out, ref_finals), inputs)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4)
+    assert calls == {"forward": 2, "backward": 2}                        # both layers, both loops, in C
+
+
+@needs_native
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("twin", TORCH_TWINS[:2], ids=[t[0] for t in TORCH_TWINS[:2]])
+def test_native_loops_match_torch_modules(twin, bias, monkeypatch):
+    """nn.LSTM and nn.GRU (2 layers, H=32, T=20, B=4) against the native loops loaded with their
+    weights: outputs, final states, input, state and weight gradients."""
+    calls = count_native_calls(monkeypatch)
+    _, cell_cls, module_cls, kwargs = twin
+    torch.manual_seed(0)
+    E, H, L, T, B = 5, 32, 2, 20, 4
+    ref = module_cls(E, H, num_layers=L, bias=bias, **kwargs)
+    cells = [cell_cls(E if k == 0 else H, H, bias=bias) for k in range(L)]
+    with torch.no_grad():
+        for k, cell in enumerate(cells):
+            for name, p in cell.named_parameters():
+                p.copy_(getattr(ref, f"{name}_l{k}"))
+    x = torch.randn(T, B, E, requires_grad=True)
+    h0 = torch.randn(L, B, H, requires_grad=True)
+    c0 = torch.randn(L, B, H, requires_grad=True)
+    lstm = module_cls is nn.LSTM
+    ref_out, ref_hn = ref(x, (h0, c0) if lstm else h0)
+    states = [(h0[k], c0[k]) if lstm else (h0[k],) for k in range(L)]
+    out, finals = run_stack(cells, x, states, use_fused=True)
+    torch.testing.assert_close(out, ref_out)
+    ref_finals = [ref_hn] if lstm else [(ref_hn,)]
+    finals_stacked = [tuple(torch.stack([f[j] for f in finals]) for j in range(len(finals[0])))]
+    for got, want in zip(finals_stacked[0], ref_finals[0]):
+        torch.testing.assert_close(got, want)
+    inputs = [x, h0] + ([c0] if lstm else [])
+    got = torch.autograd.grad(weighted_sum(out, finals_stacked), inputs + [p for c in cells for p in c.parameters()])
+    want = torch.autograd.grad(weighted_sum(ref_out, ref_finals),
+                               inputs + [getattr(ref, f"{n}_l{k}") for k, c in enumerate(cells)
+                                         for n, _ in c.named_parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert calls == {"forward": 2, "backward": 2}
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_native_loops_give_the_same_bits_on_any_number_of_threads(kind):
+    """The C loops share each step's panels among threads without changing any sum's order."""
+    T, B, H = 9, 33, 64
+    G = 4 if kind == "lstm" else 3
+    gen = torch.Generator().manual_seed(0)
+    pre, w_hh = torch.randn(T, B, G * H, generator=gen), torch.randn(G * H, H, generator=gen) * 0.2
+    h0, c0, dhs = torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen), torch.randn(T, B, H, generator=gen)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            gates, hs, tcs = pre.clone(), torch.empty(T + 1, B, H), torch.empty(T, B, H)
+            cs = torch.empty(T + 1, B, H) if kind == "lstm" else None
+            hs[0] = h0
+            if cs is not None:
+                cs[0] = c0
+            native.recurrent_forward(kind, gates, w_hh, hs, cs, tcs)
+            dpre, dh, dc = torch.empty_like(gates), torch.zeros(B, H), c0.clone()
+            dph = torch.empty_like(gates) if kind == "gru" else None
+            native.recurrent_backward(kind, gates, w_hh, hs, cs, tcs, dhs, dpre, dh, dc, dph=dph)
+            results.append([gates, hs, tcs, dpre, dh] + ([cs, dc] if cs is not None else [dph]))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_the_torch_loops_run_where_the_native_ones_cannot(monkeypatch):
+    """float64, H not a multiple of 32, the full peephole form, the cho gru, or the loops switched off:
+    fused.py's own loops."""
+    calls = count_native_calls(monkeypatch)
+    for variant, extra, H, dtype in (("lstm", {}, 32, torch.float64), ("lstm", {}, 24, torch.float32),
+                                     ("peephole", {"peephole_form": "full"}, 32, torch.float32),
+                                     ("gru", {"gru_form": "cho"}, 32, torch.float32)):
+        cells = make_cells(variant, extra, H=H, dtype=dtype)
+        out, _ = run_stack(cells, torch.randn(3, 2, 3, dtype=dtype), random_states(cells, 2, dtype), use_fused=True)
+        out.sum().backward()
+    monkeypatch.setitem(fused.NATIVE, "on", False)
+    cells = make_cells("lstm", {}, H=32, dtype=torch.float32)
+    run_stack(cells, torch.randn(3, 2, 3), random_states(cells, 2, torch.float32), use_fused=True)
+    assert calls == {"forward": 0, "backward": 0}
