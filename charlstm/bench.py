@@ -489,7 +489,7 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
         "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "device": str(device),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "native": native_status()},
         "settings": {k: v for k, v in dataclasses.asdict(s).items()},
         "flops": {"train_per_weight_per_char": 6, "sample_per_weight_per_char": 2,
                   "counted": "W_ih and W_hh of every layer (and full peephole matrices); no head, no pointwise"},
@@ -546,9 +546,20 @@ def make_table(report: dict):
     return table
 
 
+def native_status() -> str:
+    """Whether the custom layers' time loops and the LSTM sampling step run in C here (charlstm/native.py)."""
+    from . import native
+
+    lib, why = native.library()
+    if lib is None:
+        return f"unavailable ({why}): torch loops and the TorchScript step"
+    return ("C loops for custom lstm, peephole (diag), coupled and gru (cudnn form) with H a multiple of 32 "
+            "on the CPU; C sampling step for lstm")
+
+
 def table_footer(report: dict) -> list[str]:
     """Lines printed under the table: the sampling reference and the method."""
-    lines = []
+    lines = [f"native kernels: {report['machine'].get('native', 'not recorded')}"]
     for b in report["baselines"]:
         ref = [f"{k.replace('_chars_per_s', '').replace('_', ' ').replace('onednn', 'oneDNN')} "
                f"{_fmt_rate(v)} chars/s"

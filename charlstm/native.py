@@ -1,19 +1,27 @@
-"""The native sampling step: ``csrc/lstm_step.c``, compiled on first use and called through ctypes.
+"""Native kernels: C in ``csrc/``, compiled on first use and called through ctypes.
 
-One stream of an LSTM reads every weight once per character, so generating
-text is bound by how fast the weights stream from cache plus what each
-operation costs to start (see docs/sampling.md). The C step does a whole chunk
-of characters (every layer, the head and the Gumbel-max choice) in one call,
-and can keep the weights as float16 (half the bytes; arithmetic stays float32).
+Two things run faster in C than as a chain of torch operations, because torch
+pays a few microseconds to start every operation:
 
-It is an optional speed-up, never a requirement: it is used where the machine
-is x86-64 with AVX2, FMA and F16C, a C compiler (``$CC``, else ``cc``) is on
-the PATH, the model is an LSTM on the CPU in float32 with H a multiple of 8,
-and sampling is plain temperature or greedy (top-k and top-p use the torch
-step). Anything else, or ``CHARLSTM_NO_NATIVE=1``, uses :class:`FastStep`.
-The library is compiled once per source version into
+- **sampling an LSTM** (``csrc/lstm_step.c``, :class:`NativeStep`): one stream
+  reads every weight once per character, so generating text is bound by how fast
+  the weights stream from cache plus what each operation costs (docs/sampling.md).
+  The C step does a whole chunk of characters (every layer, the head and the
+  Gumbel-max choice) in one call, and can keep the weights as float16;
+- **the time loops of training** (``csrc/lstm_train.c``, :func:`recurrent_forward`,
+  :func:`recurrent_backward`, called by fused.py) for the lstm, peephole (diag),
+  coupled and gru (torch's form) layers: each step's pointwise work happens in
+  registers right after its recurrent product (docs/performance.md).
+
+Both are optional speed-ups, never requirements: they run where the machine is
+x86-64 with AVX2, FMA and F16C, a C compiler (``$CC``, else ``cc``) is on the
+PATH, and the model or layer is float32 on the CPU with a suitable H (a multiple
+of 8 for sampling, of 32 for training); sampling also needs plain temperature or
+greedy choice (top-k and top-p use the torch step). Anything else, or
+``CHARLSTM_NO_NATIVE=1``, takes the torch code, which computes the same thing.
+The library is compiled once per version of the sources into
 ``$XDG_CACHE_HOME/charlstm`` (default ``~/.cache/charlstm``), written
-atomically; compiling takes about a second.
+atomically; compiling takes about two seconds.
 """
 
 from __future__ import annotations
