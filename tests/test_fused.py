@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from charlstm import fused
+from charlstm import fused, native
 from charlstm.cells import GRUCell, LSTMCell, RNNCell, make_cell
 from charlstm.config import ModelConfig
 from charlstm.layers import Recurrent
@@ -73,6 +73,19 @@ def random_states(cells, B, dtype):
             for c in cells]
 
 
+def count_native_calls(monkeypatch) -> dict:
+    """Count the calls of the native forward and backward loops."""
+    calls = {"forward": 0, "backward": 0}
+    for name, key in (("recurrent_forward", "forward"), ("recurrent_backward", "backward")):
+        real = getattr(native, name)
+
+        def spy(*args, _real=real, _key=key, **kwargs):
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(native, name, spy)
+    return calls
+
+
 def weighted_sum(out, finals, seed=1):
     """A scalar depending on every output and every final state tensor, with random weights."""
     gen = torch.Generator().manual_seed(seed)
@@ -123,14 +136,17 @@ TORCH_TWINS = [
 ]
 
 
+@pytest.mark.parametrize("H", [8, 32], ids=["torch-loops", "native-loops"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("twin", TORCH_TWINS, ids=[t[0] for t in TORCH_TWINS])
-def test_fused_matches_torch_modules(twin, bias):
-    """2 layers, float32, T=20, B=4, H=8: the fused layers loaded with nn.LSTM/GRU/RNN's
-    weights give its outputs, final states and weight/input/state gradients."""
+def test_fused_matches_torch_modules(twin, bias, H, monkeypatch):
+    """2 layers, float32, T=20, B=4: the fused layers loaded with nn.LSTM/GRU/RNN's weights give
+    its outputs, final states and weight/input/state gradients. At H=32 the lstm and gru layers
+    run their loops in C where the native library is available (counted), at H=8 in torch."""
+    calls = count_native_calls(monkeypatch)
     _, cell_cls, module_cls, kwargs = twin
     torch.manual_seed(0)
-    E, H, L, T, B = 5, 8, 2, 20, 4
+    E, L, T, B = 5, 2, 20, 4
     ref = module_cls(E, H, num_layers=L, bias=bias, **kwargs)
     cells = [cell_cls(E if k == 0 else H, H, bias=bias) for k in range(L)]
     with torch.no_grad():
@@ -160,6 +176,8 @@ def test_fused_matches_torch_modules(twin, bias):
                                          for n, _ in c.named_parameters()])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    in_c = H % 32 == 0 and module_cls is not nn.RNN and native.library()[0] is not None
+    assert calls == ({"forward": 2, "backward": 2} if in_c else {"forward": 0, "backward": 0})
 
 
 # every variant and form, one or two gate subsets of each peephole form
@@ -245,26 +263,12 @@ def test_autocast_is_left_to_the_step_by_step_layer():
 #
 # lstm, peephole (diag), coupled and gru (torch's form) run their time loops in C
 # (charlstm/csrc/lstm_train.c) for float32 CPU layers with H a multiple of 32: the
-# same checks, at sizes that take that path.
-
-from charlstm import native  # noqa: E402
+# same checks, at sizes that take that path (test_fused_matches_torch_modules above
+# runs nn.LSTM and nn.GRU against them too).
 
 NATIVE_LIB, NATIVE_WHY = native.library()
 needs_native = pytest.mark.skipif(NATIVE_LIB is None, reason=f"the native loops are unavailable here: {NATIVE_WHY}")
 NATIVE_CASES = [c for c in CASES if c[1] in ("lstm", "coupled") or c[0].startswith(("peephole-diag", "gru-cudnn"))]
-
-
-def count_native_calls(monkeypatch) -> dict:
-    """Count the calls of the native forward and backward loops."""
-    calls = {"forward": 0, "backward": 0}
-    for name, key in (("recurrent_forward", "forward"), ("recurrent_backward", "backward")):
-        real = getattr(native, name)
-
-        def spy(*args, _real=real, _key=key, **kwargs):
-            calls[_key] += 1
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(native, name, spy)
-    return calls
 
 
 @needs_native
@@ -290,44 +294,6 @@ def test_native_loops_match_the_step_by_step_layer(case, H, B, monkeypatch):
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4)
     assert calls == {"forward": 2, "backward": 2}                        # both layers, both loops, in C
-
-
-@needs_native
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("twin", TORCH_TWINS[:2], ids=[t[0] for t in TORCH_TWINS[:2]])
-def test_native_loops_match_torch_modules(twin, bias, monkeypatch):
-    """nn.LSTM and nn.GRU (2 layers, H=32, T=20, B=4) against the native loops loaded with their
-    weights: outputs, final states, input, state and weight gradients."""
-    calls = count_native_calls(monkeypatch)
-    _, cell_cls, module_cls, kwargs = twin
-    torch.manual_seed(0)
-    E, H, L, T, B = 5, 32, 2, 20, 4
-    ref = module_cls(E, H, num_layers=L, bias=bias, **kwargs)
-    cells = [cell_cls(E if k == 0 else H, H, bias=bias) for k in range(L)]
-    with torch.no_grad():
-        for k, cell in enumerate(cells):
-            for name, p in cell.named_parameters():
-                p.copy_(getattr(ref, f"{name}_l{k}"))
-    x = torch.randn(T, B, E, requires_grad=True)
-    h0 = torch.randn(L, B, H, requires_grad=True)
-    c0 = torch.randn(L, B, H, requires_grad=True)
-    lstm = module_cls is nn.LSTM
-    ref_out, ref_hn = ref(x, (h0, c0) if lstm else h0)
-    states = [(h0[k], c0[k]) if lstm else (h0[k],) for k in range(L)]
-    out, finals = run_stack(cells, x, states, use_fused=True)
-    torch.testing.assert_close(out, ref_out)
-    ref_finals = [ref_hn] if lstm else [(ref_hn,)]
-    finals_stacked = [tuple(torch.stack([f[j] for f in finals]) for j in range(len(finals[0])))]
-    for got, want in zip(finals_stacked[0], ref_finals[0]):
-        torch.testing.assert_close(got, want)
-    inputs = [x, h0] + ([c0] if lstm else [])
-    got = torch.autograd.grad(weighted_sum(out, finals_stacked), inputs + [p for c in cells for p in c.parameters()])
-    want = torch.autograd.grad(weighted_sum(ref_out, ref_finals),
-                               inputs + [getattr(ref, f"{n}_l{k}") for k, c in enumerate(cells)
-                                         for n, _ in c.named_parameters()])
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
-    assert calls == {"forward": 2, "backward": 2}
 
 
 @needs_native
