@@ -340,3 +340,30 @@ def test_the_torch_loops_run_where_the_native_ones_cannot(monkeypatch):
     cells = make_cells("lstm", {}, H=32, dtype=torch.float32)
     run_stack(cells, torch.randn(3, 2, 3), random_states(cells, 2, torch.float32), use_fused=True)
     assert calls == {"forward": 0, "backward": 0}
+
+
+@needs_native
+@pytest.mark.filterwarnings("ignore:Input #")           # float32 on purpose (see the docstring)
+@pytest.mark.parametrize("kind", ["lstm", "peephole", "coupled", "gru"])
+def test_gradcheck_native_loops(kind):
+    """torch.autograd.gradcheck through the C loops, w.r.t. input, initial state and every weight.
+    The loops are float32 only, so the finite differences are float32's: eps 1e-2 and tolerances
+    to match (the float64 gradchecks above check the same equations on the torch loops, and the
+    tests above tie the two together to 1e-4)."""
+    torch.manual_seed(0)
+    T, B, E, H = 3, 2, 4, 32
+    G = 4 if kind in ("lstm", "peephole") else 3
+    x = torch.randn(T, B, E, requires_grad=True)
+    h0, c0 = (torch.randn(B, H, requires_grad=True) for _ in range(2))
+    w_ih = (torch.randn(G * H, E) * 0.4).requires_grad_()
+    w_hh = (torch.randn(G * H, H) * 0.2).requires_grad_()
+    b, b2 = ((torch.randn(G * H) * 0.3).requires_grad_() for _ in range(2))
+    p = (torch.randn(3, H) * 0.3).requires_grad_()
+    if kind == "gru":
+        fn, inputs = (lambda *a: fused._NativeGRU.apply(*a)), (x, h0, w_ih, w_hh, b, b2)
+    else:
+        def fn(x, h0, c0, w_ih, w_hh, b, p):
+            hs, c = fused._NativeLSTMFamily.apply(x, h0, c0, w_ih, w_hh, b, p if kind == "peephole" else None, kind)
+            return hs, c
+        inputs = (x, h0, c0, w_ih, w_hh, b, p)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-2, atol=2e-2, rtol=2e-2)
