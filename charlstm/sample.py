@@ -637,11 +637,6 @@ def _sample_command(*, run, prime, length, temperature, top_k, top_p, greedy, se
     try:
         gen = generate(ckpt.model, ckpt.vocab, prime=prime, length=length, num_samples=num_samples, options=options,
                        seed=seed, unknown=unknown, on_text=stream, precision=precision, threads=threads)
-        if gen.skipped:
-            shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in gen.skipped)
-            _note(f"left out of the prime {len(gen.skipped)} character(s) not in the vocabulary: {shown}")
-        if seed is None:
-            _note(f"seed {gen.seed} (pass --seed {gen.seed} to get this text again)")
         if output is not None:
             try:
                 write_text_atomic(Path(output), format_samples(gen.texts))
@@ -653,6 +648,12 @@ def _sample_command(*, run, prime, length, temperature, top_k, top_p, greedy, se
         else:
             sys.stdout.write(format_samples(gen.texts) + ("\n" if num_samples == 1 else ""))
             sys.stdout.flush()
+        # the notes come after the text has ended its line, so that each starts a line of its own
+        if gen.skipped:
+            shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in gen.skipped)
+            _note(f"left out of the prime {len(gen.skipped)} character(s) not in the vocabulary: {shown}")
+        if seed is None:
+            _note(f"seed {gen.seed} (pass --seed {gen.seed} to get this text again)")
     except BrokenPipeError:
         # The reader went away (`charlstm sample | head`): stop quietly, as other Unix tools do.
         try:
