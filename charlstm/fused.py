@@ -543,7 +543,7 @@ class _RNN(torch.autograd.Function):
 
 class _NativeLSTMFamily(torch.autograd.Function):
     """lstm, peephole (diag form) or coupled over a window with both time loops in C
-    (charlstm/csrc/lstm_train.c, through native.py): the inputs, outputs and equations of
+    (charlstm/csrc/train_loops.c, through native.py): the inputs, outputs and equations of
     `_LSTM`, `_PeepholeLSTM` (p (3, H)) and `_CoupledLSTM`; the products over the whole
     window stay here."""
 

@@ -3,12 +3,13 @@
 Two things run faster in C than as a chain of torch operations, because torch
 pays a few microseconds to start every operation:
 
-- **sampling an LSTM** (``csrc/lstm_step.c``, :class:`NativeStep`): one stream
-  reads every weight once per character, so generating text is bound by how fast
-  the weights stream from cache plus what each operation costs (docs/sampling.md).
+- **sampling** (``csrc/sample_step.c``, :class:`NativeStep`; every variant but the
+  gru's cho form and the peephole's full form): one stream reads every weight once
+  per character, so generating text is bound by how fast the weights stream from
+  cache plus what each operation costs (docs/sampling.md).
   The C step does a whole chunk of characters (every layer, the head and the
   Gumbel-max choice) in one call, and can keep the weights as float16;
-- **the time loops of training** (``csrc/lstm_train.c``, :func:`recurrent_forward`,
+- **the time loops of training** (``csrc/train_loops.c``, :func:`recurrent_forward`,
   :func:`recurrent_backward`, called by fused.py) for the lstm, peephole (diag),
   coupled and gru (torch's form) layers: each step's pointwise work happens in
   registers right after its recurrent product (docs/performance.md).
@@ -16,8 +17,8 @@ pays a few microseconds to start every operation:
 Both are optional speed-ups, never requirements: they run where the machine is
 x86-64 with AVX2, FMA and F16C, a C compiler (``$CC``, else ``cc``) is on the
 PATH, and the model or layer is float32 on the CPU with a suitable H (a multiple
-of 8 for sampling, of 32 for training); sampling also needs plain temperature or
-greedy choice (top-k and top-p use the torch step). Anything else, or
+of 8 for sampling, of 32 for training) and form; sampling also needs plain
+temperature or greedy choice (top-k and top-p use the torch step). Anything else, or
 ``CHARLSTM_NO_NATIVE=1``, takes the torch code, which computes the same thing.
 The library is compiled once per version of the sources into
 ``$XDG_CACHE_HOME/charlstm`` (default ``~/.cache/charlstm``), written
@@ -42,7 +43,7 @@ from torch import Tensor
 from .errors import UsageError
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("lstm_step.c", "lstm_train.c")             # compiled into one library with the headers beside them
+SOURCES = ("sample_step.c", "train_loops.c")             # compiled into one library with the headers beside them
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared"]
 OPENMP = "-fopenmp"     # threads share out each step; without OpenMP the library is built single-threaded
 PRECISIONS = ("fp32", "fp16")
@@ -51,18 +52,18 @@ _LIB: dict = {}
 
 
 class _Net(ctypes.Structure):
-    """The C struct `Net` (see csrc/lstm_step.c)."""
+    """The C struct `Net` (see csrc/sample_step.c)."""
 
-    _fields_ = [("L", ctypes.c_int32), ("H", ctypes.c_int32), ("V", ctypes.c_int32), ("B", ctypes.c_int32),
-                ("half", ctypes.c_int32), ("threads", ctypes.c_int32),
-                ("table", ctypes.c_void_p), ("w", ctypes.c_void_p), ("b", ctypes.c_void_p),
+    _fields_ = [*((name, ctypes.c_int32) for name in ("kind", "L", "H", "V", "B", "half", "threads")),
+                ("table", ctypes.c_void_p), ("w", ctypes.c_void_p), ("wh", ctypes.c_void_p), ("b", ctypes.c_void_p),
+                ("bh", ctypes.c_void_p), ("peep", ctypes.c_void_p),
                 ("head_w", ctypes.c_void_p), ("head_b", ctypes.c_void_p),
                 ("z", ctypes.c_void_p), ("c", ctypes.c_void_p), ("logits", ctypes.c_void_p),
                 ("hnew", ctypes.c_void_p)]
 
 
 class _Seq(ctypes.Structure):
-    """The C struct `Seq` (see csrc/lstm_train.c)."""
+    """The C struct `Seq` (see csrc/train_loops.c)."""
 
     _fields_ = [*((name, ctypes.c_int32) for name in ("kind", "T", "B", "H", "threads")),
                 *((name, ctypes.c_void_p) for name in ("gates", "wf", "wb", "bh", "peep", "hs", "cs", "tcs", "dhs",
@@ -153,33 +154,42 @@ def library() -> tuple[Optional[ctypes.CDLL], str]:
     return _LIB["lib"], _LIB["why"]
 
 
+# The sampling step's cell kinds (csrc/simd.h's enum): FastStep's kinds that it runs.
+STEP_KINDS = {"lstm": 0, "peephole": 1, "coupled": 2, "gru": 3, "rnn": 4}
+
+
 def unsupported(model) -> Optional[str]:
     """Why the native step cannot run this model (None: it can)."""
     cfg = model.cfg
     w = model.head.weight
-    if cfg.variant != "lstm":
-        return f"the native step is for the lstm variant (this is {cfg.variant})"
+    if cfg.variant == "gru" and cfg.gru_form == "cho":
+        return "the native step has no gru in the cho form (its reset gate comes before the product)"
+    if cfg.variant == "peephole" and cfg.peephole_form == "full":
+        return "the native step has no peephole lstm in the full form"
     if w.device.type != "cpu" or w.dtype != torch.float32:
         return "the native step runs float32 models on the CPU"
     if cfg.hidden % 8:
         return f"the native step needs a hidden size that is a multiple of 8 (this is {cfg.hidden})"
-    if cfg.layers < 1:
-        return "no layers"
     return None
 
 
 def _panels(w: Tensor, H: int) -> Tensor:
-    """Columns i, f, o, g (each H) of w (..., 4H) grouped in panels of 8 units: (..., H/8, 32)."""
-    lead = w.shape[:-1]
-    return w.reshape(*lead, 4, H // 8, 8).transpose(-3, -2).reshape(*lead, H // 8, 32)
+    """The G gate blocks (each H columns) of w (..., G*H) grouped in panels of 8 units: (..., H/8, 8G)."""
+    lead, G = w.shape[:-1], w.shape[-1] // H
+    return w.reshape(*lead, G, H // 8, 8).transpose(-3, -2).reshape(*lead, H // 8, 8 * G)
+
+
+def _pointers(tensors: list) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
 class NativeStep:
-    """The LSTM step of ``csrc/lstm_step.c``, built from a :class:`FastStep`'s tensors.
+    """The sampling step of ``csrc/sample_step.c``, built from a :class:`FastStep`'s tensors (its
+    gate order: lstm i, f, o, g; peephole i, f, g, o; coupled f, o, g; gru r, z, n).
 
     Same interface as the torch steppers (``load_state``, ``get_state``,
     ``advance``, ``generate``). With ``precision='fp16'`` the weight matrices
-    are rounded to float16 (the table of layer 0 and the biases stay float32).
+    are rounded to float16 (the table of layer 0, the biases and the peepholes stay float32).
     """
 
     native = True
@@ -197,49 +207,63 @@ class NativeStep:
             raise UsageError(f"the native step is unavailable: {word}")
         self.lib, self.precision = lib, precision
         self.name = f"native step ({precision})"
-        fast = FastStep(model, script=False)               # weights in the fast step's layout, gates i, f, o, g
-        H, L = fast.H, fast.L
-        self.H, self.L, self.V = H, L, fast.head_w.shape[1]
+        fast = FastStep(model, script=False)               # weights in the fast step's layout and gate order
+        self.kind, H, L = fast.kind, fast.H, fast.L
+        self.H, self.L, self.V, self.has_c = H, L, fast.head_w.shape[1], fast.has_c
+        gru = self.kind == "gru"
         wt = torch.float16 if precision == "fp16" else torch.float32
-        P = H // 8
 
-        def panel_major(w: Tensor) -> Tensor:                # (K, 4H) -> (H/8, K, 32)
+        def panel_major(w: Tensor) -> Tensor:                # (K, G*H) -> (H/8, K, 8G)
             return _panels(w, H).transpose(0, 1).contiguous().to(wt)
 
-        self.table = _panels(fast.table, H).contiguous()                           # (V, H/8, 32)
-        self.weights = [panel_major(fast.layers[0][2])] + [panel_major(fast.layers[k][0]) for k in range(1, L)]
-        self.biases = [torch.zeros(P, 32)] + [_panels(fast.layers[k][1], H).contiguous() for k in range(1, L)]
+        layers = fast.layers
+        self.table = _panels(fast.table, H).contiguous()                           # (V, H/8, 8G)
+        if gru:      # input and recurrent weights apart; layer 0's input part is the table
+            self.weights = [None] + [panel_major(layers[k][0]) for k in range(1, L)]
+            self.recurrent = [panel_major(layers[k][2]) for k in range(L)]
+            self.recurrent_biases = [_panels(layers[k][3], H).contiguous() for k in range(L)]
+        else:        # layer 0: U; above: the stacked [W; U]
+            self.weights = [panel_major(layers[0][2])] + [panel_major(layers[k][0]) for k in range(1, L)]
+            self.recurrent, self.recurrent_biases = [], []
+        self.biases = [None] + [_panels(layers[k][1], H).contiguous() for k in range(1, L)]
+        self.peepholes = []
+        if self.kind == "peephole":  # (3, H) p_i, p_f, p_o per layer, zeros for a gate without one
+            self.peepholes = [torch.stack([t if t.numel() else torch.zeros(H) for t in layers[k][4:7]]).contiguous()
+                              for k in range(L)]
         Vp = -(-self.V // 32) * 32
         head_w = torch.zeros(H, Vp)
         head_w[:, :self.V] = fast.head_w
         self.head_w = head_w.view(H, Vp // 32, 32).transpose(0, 1).contiguous().to(wt)   # (Vp/32, H, 32)
         self.head_b = torch.zeros(Vp)
         self.head_b[:self.V] = fast.head_b
-        self._w_ptrs = (ctypes.c_void_p * L)(*[t.data_ptr() for t in self.weights])
-        self._b_ptrs = (ctypes.c_void_p * L)(*[t.data_ptr() for t in self.biases])
+        self._ptrs = {name: _pointers(getattr(self, name)) if getattr(self, name) else None
+                      for name in ("weights", "recurrent", "biases", "recurrent_biases", "peepholes")}
         self.z = torch.empty(0)
 
     # ------------------------------------------------------------------ state
     def load_state(self, state) -> None:
-        """Continue from a model State (h (L, B, H), c (L, B, H))."""
+        """Continue from a model State (h (L, B, H), c (L, B, H) or None)."""
         L, B, H = state.h.shape
         self.B = B
         self.z = state.h.float().permute(1, 0, 2).reshape(B, L * H).contiguous()   # (B, L*H)
-        self.c = state.c.float().contiguous().clone()                              # (L, B, H)
+        self.c = (state.c.float().contiguous().clone() if self.has_c                # (L, B, H)
+                  else torch.zeros(L, B, H))
         self.logits = torch.zeros(B, self.V)
         self.hnew = torch.empty(B, H)
-        self.net = _Net(L=self.L, H=self.H, V=self.V, B=B, half=int(self.precision == "fp16"),
-                        table=self.table.data_ptr(), w=ctypes.addressof(self._w_ptrs),
-                        b=ctypes.addressof(self._b_ptrs), head_w=self.head_w.data_ptr(),
-                        head_b=self.head_b.data_ptr(), z=self.z.data_ptr(), c=self.c.data_ptr(),
-                        logits=self.logits.data_ptr(), hnew=self.hnew.data_ptr())
+        ptr = {name: (ctypes.addressof(a) if a is not None else None) for name, a in self._ptrs.items()}
+        self.net = _Net(kind=STEP_KINDS[self.kind], L=self.L, H=self.H, V=self.V, B=B,
+                        half=int(self.precision == "fp16"), table=self.table.data_ptr(), w=ptr["weights"],
+                        wh=ptr["recurrent"], b=ptr["biases"], bh=ptr["recurrent_biases"], peep=ptr["peepholes"],
+                        head_w=self.head_w.data_ptr(), head_b=self.head_b.data_ptr(), z=self.z.data_ptr(),
+                        c=self.c.data_ptr(), logits=self.logits.data_ptr(), hnew=self.hnew.data_ptr())
 
     def get_state(self):
         """The current state as a model State."""
         from .model import State
 
         B = self.z.shape[0]
-        return State(self.z.view(B, self.L, self.H).transpose(0, 1).contiguous(), self.c.clone())
+        h = self.z.view(B, self.L, self.H).transpose(0, 1).contiguous()
+        return State(h, self.c.clone() if self.has_c else None)
 
     # ------------------------------------------------------------------ steps
     def advance(self, x: Tensor) -> Tensor:
@@ -267,7 +291,7 @@ class NativeStep:
 
 # --------------------------------------------------------------------------- training: a layer's time loops
 
-KINDS = {"lstm": 0, "peephole": 1, "coupled": 2, "gru": 3}      # csrc/lstm_train.c's enum
+KINDS = {"lstm": 0, "peephole": 1, "coupled": 2, "gru": 3}      # csrc/train_loops.c's enum
 SLOTS = {"lstm": [0, 1, 3, 2], "peephole": [0, 1, 3, 2], "coupled": [0, 2, 1], "gru": [0, 1, 2]}
 
 
@@ -284,7 +308,7 @@ def _ptr(t: Optional[Tensor]):
 
 def recurrent_forward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Optional[Tensor], tcs: Tensor,
                       b_hh: Optional[Tensor] = None, peep: Optional[Tensor] = None) -> None:
-    """The forward time loop of a `kind` layer (see csrc/lstm_train.c): gates (T, B, G*H) holds
+    """The forward time loop of a `kind` layer (see csrc/train_loops.c): gates (T, B, G*H) holds
     W x_t + b and receives the activated gates (torch's order); hs, cs (T + 1, B, H) hold h0, c0
     in row 0 and receive the rest (cs None for the gru); tcs (T, B, H) receives tanh(c_t), for the
     gru U_n h + b_hn. b_hh: the gru's recurrent bias; peep: the peephole weights (3, H).

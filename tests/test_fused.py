@@ -262,7 +262,7 @@ def test_autocast_is_left_to_the_step_by_step_layer():
 # --------------------------------------------------------------------------- the native loops (C)
 #
 # lstm, peephole (diag), coupled and gru (torch's form) run their time loops in C
-# (charlstm/csrc/lstm_train.c) for float32 CPU layers with H a multiple of 32: the
+# (charlstm/csrc/train_loops.c) for float32 CPU layers with H a multiple of 32: the
 # same checks, at sizes that take that path (test_fused_matches_torch_modules above
 # runs nn.LSTM and nn.GRU against them too).
 

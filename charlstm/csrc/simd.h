@@ -1,8 +1,9 @@
 /* Vector helpers shared by charlstm's native kernels (x86-64, AVX2 + FMA + F16C): loads of
  * float32 or float16 weights, exp / sigmoid / tanh on 8 lanes, and the panel products.
  *
- * A panel is 32 columns of a weight matrix stored row after row, (K, 32): for the
- * LSTM kernels, the 4 gates of 8 hidden units side by side. */
+ * A panel is 8G columns of a weight matrix stored row after row, (K, 8G): the G gates of
+ * 8 hidden units side by side, so that a pass over a panel ends with everything those
+ * units' update needs. The cell kinds are numbered alike in every kernel. */
 #ifndef CHARLSTM_SIMD_H
 #define CHARLSTM_SIMD_H
 
@@ -11,6 +12,11 @@
 #include <stdint.h>
 
 #define INLINE static inline __attribute__((always_inline))
+
+enum { LSTM = 0, PEEPHOLE = 1, COUPLED = 2, GRU = 3, RNN = 4 };
+
+/* Gate blocks of a cell kind: 4 for the lstm and the peephole lstm, 3 for coupled and gru, 1 for rnn. */
+INLINE int gates_of(int kind) { return kind == LSTM || kind == PEEPHOLE ? 4 : kind == RNN ? 1 : 3; }
 
 INLINE __m256 load8(const void *w, size_t i, int half) {
     if (half)
@@ -52,36 +58,32 @@ INLINE __m256 tanh8(__m256 x) {
     return _mm256_or_ps(t, _mm256_and_ps(sign, x));
 }
 
-/* acc[0..3] += x (K) @ panel (K, 32), one stream; two sets of accumulators for
- * even and odd k, so that consecutive multiply-adds do not wait for each other. */
-INLINE void panel_one(const void *w, size_t off, int K, const float *x, __m256 acc[4], int half) {
-    __m256 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
-    __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+/* acc[0 .. G-1] += x (K) @ one panel of G vectors (rows 8G floats long), one stream. One
+ * stream's multiply-adds would wait for each other (each accumulator's previous one), so
+ * consecutive rows go to separate sets of accumulators, summed at the end: two sets for
+ * 3 or 4 vectors, eight for one. */
+INLINE void panel_one(const void *w, size_t off, int K, int G, const float *x, __m256 acc[4], int half) {
+    const int U = G == 1 ? 8 : 2, width = 8 * G;
+    __m256 a[8][4];
+    for (int u = 0; u < U; u++)
+        for (int c = 0; c < G; c++) a[u][c] = u == 0 ? acc[c] : _mm256_setzero_ps();
     int k = 0;
-    for (; k + 1 < K; k += 2) {
-        size_t o = off + (size_t)k * 32;
-        __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
-        a0 = _mm256_fmadd_ps(x0, load8(w, o, half), a0);
-        a1 = _mm256_fmadd_ps(x0, load8(w, o + 8, half), a1);
-        a2 = _mm256_fmadd_ps(x0, load8(w, o + 16, half), a2);
-        a3 = _mm256_fmadd_ps(x0, load8(w, o + 24, half), a3);
-        b0 = _mm256_fmadd_ps(x1, load8(w, o + 32, half), b0);
-        b1 = _mm256_fmadd_ps(x1, load8(w, o + 40, half), b1);
-        b2 = _mm256_fmadd_ps(x1, load8(w, o + 48, half), b2);
-        b3 = _mm256_fmadd_ps(x1, load8(w, o + 56, half), b3);
+    for (; k + U <= K; k += U)
+        for (int u = 0; u < U; u++) {
+            const size_t o = off + (size_t)(k + u) * width;
+            const __m256 xb = _mm256_broadcast_ss(x + k + u);
+            for (int c = 0; c < G; c++) a[u][c] = _mm256_fmadd_ps(xb, load8(w, o + 8 * c, half), a[u][c]);
+        }
+    for (; k < K; k++) {
+        const size_t o = off + (size_t)k * width;
+        const __m256 xb = _mm256_broadcast_ss(x + k);
+        for (int c = 0; c < G; c++) a[0][c] = _mm256_fmadd_ps(xb, load8(w, o + 8 * c, half), a[0][c]);
     }
-    if (k < K) {
-        size_t o = off + (size_t)k * 32;
-        __m256 x0 = _mm256_broadcast_ss(x + k);
-        a0 = _mm256_fmadd_ps(x0, load8(w, o, half), a0);
-        a1 = _mm256_fmadd_ps(x0, load8(w, o + 8, half), a1);
-        a2 = _mm256_fmadd_ps(x0, load8(w, o + 16, half), a2);
-        a3 = _mm256_fmadd_ps(x0, load8(w, o + 24, half), a3);
+    for (int c = 0; c < G; c++) {
+        __m256 t = a[0][c];
+        for (int u = 1; u < U; u++) t = _mm256_add_ps(t, a[u][c]);
+        acc[c] = t;
     }
-    acc[0] = _mm256_add_ps(a0, b0);
-    acc[1] = _mm256_add_ps(a1, b1);
-    acc[2] = _mm256_add_ps(a2, b2);
-    acc[3] = _mm256_add_ps(a3, b3);
 }
 
 /* acc[j][col .. col + nc - 1] += x_j (K) @ nc vectors of 8 columns of a panel whose rows are
@@ -107,15 +109,18 @@ INLINE void rows(const void *w, size_t off, int K, int width, const float *x, si
 }
 
 /* `rows` with R and nc constants, so that its loops unroll and its arrays live in registers. */
-#define ROWS_CASE(r) \
-    case r: if (nc == 2) rows(w, off, K, width, x, stride, acc, col, 2, r, half); \
-            else rows(w, off, K, width, x, stride, acc, col, 1, r, half); break;
+#define ROWS_CASE(r)                                                          \
+    case r:                                                                   \
+        if (nc == 2) rows(w, off, K, width, x, stride, acc, col, 2, r, half); \
+        else rows(w, off, K, width, x, stride, acc, col, 1, r, half);         \
+        break;
 INLINE void rows_n(const void *w, size_t off, int K, int width, const float *x, size_t stride, __m256 acc[][4],
                    int col, int nc, int R, int half) {
     switch (R) {
     ROWS_CASE(6) ROWS_CASE(5) ROWS_CASE(4) ROWS_CASE(3) ROWS_CASE(2)
-    default: if (nc == 2) rows(w, off, K, width, x, stride, acc, col, 2, 1, half);
-             else rows(w, off, K, width, x, stride, acc, col, 1, 1, half);
+    default:
+        if (nc == 2) rows(w, off, K, width, x, stride, acc, col, 2, 1, half);
+        else rows(w, off, K, width, x, stride, acc, col, 1, 1, half);
     }
 }
 #undef ROWS_CASE
@@ -124,6 +129,10 @@ INLINE void rows_n(const void *w, size_t off, int K, int width, const float *x, 
  * inputs are `stride` floats apart: six streams at a time, two vectors at a time. */
 INLINE void panel_rows(const void *w, size_t off, int K, int G, const float *x, size_t stride, __m256 acc[][4],
                        int g, int half) {
+    if (g == 1) {
+        panel_one(w, off, K, G, x, acc[0], half);
+        return;
+    }
     for (int j = 0; j < g; j += 6)
         for (int c = 0; c < G; c += 2)
             rows_n(w, off, K, 8 * G, x + (size_t)j * stride, stride, acc + j, c, G - c < 2 ? G - c : 2,

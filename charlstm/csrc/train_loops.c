@@ -29,8 +29,6 @@
 
 #include <string.h>
 
-enum { LSTM = 0, PEEPHOLE = 1, COUPLED = 2, GRU = 3 };
-
 typedef struct {
     int32_t kind, T, B, H, threads;
     float *gates;        /* (T, B, G*H) in: W x_t + b; out: the activated gates, torch's order */
@@ -51,8 +49,6 @@ typedef struct {
 #define GROUP 32
 
 static inline int min_int(int a, int b) { return a < b ? a : b; }
-
-INLINE int gates_of(int kind) { return kind == LSTM || kind == PEEPHOLE ? 4 : 3; }
 
 /* Which of torch's gate blocks sits in slot s of a panel: sigmoid gates first, then the rest
  * (lstm, peephole: i, f, o, g; coupled: f, o, g; gru: r, z, n). */
