@@ -554,7 +554,7 @@ def native_status() -> str:
     if lib is None:
         return f"unavailable ({why}): torch loops and the TorchScript step"
     return ("C loops for custom lstm, peephole (diag), coupled and gru (cudnn form) with H a multiple of 32 "
-            "on the CPU; C sampling step for lstm")
+            "on the CPU; C sampling step for every variant but gru (cho) and peephole (full)")
 
 
 def table_footer(report: dict) -> list[str]:

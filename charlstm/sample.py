@@ -1,10 +1,14 @@
 """Generation from a checkpoint: one character at a time, the state carried, the prefix never re-run.
 
 The prime is read by the model's own ``forward`` (one call per window of 1024
-characters); after that each new character costs one *step*. Two steppers
+characters); after that each new character costs one *step*. Three steppers
 compute that step:
 
-- :class:`FastStep` (the default) reads the weights out of a
+- :class:`~charlstm.native.NativeStep` (the default where it runs): the same
+  arithmetic in C, a chunk of characters per call (charlstm/native.py), for
+  float32 CPU models of every variant but the gru's cho form and the peephole's
+  full form, when sampling by temperature or greedily and a C compiler is there.
+- :class:`FastStep` (the default otherwise) reads the weights out of a
   :class:`~charlstm.model.CharModel` once and computes the equations of
   ``../shared/EQUATIONS.md`` directly: the embedding is folded into layer 0's
   input weights (a ``V x G*H`` table, so layer 0 needs one row lookup instead
