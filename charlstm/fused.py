@@ -625,6 +625,39 @@ class _NativeGRU(torch.autograd.Function):
         return dxin, dh, dw_ih, dw_hh, db_ih, db_hh
 
 
+class _NativeRNN(torch.autograd.Function):
+    """rnn (tanh) over a window with both time loops in C: the inputs, outputs and equations of `_RNN`."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b):
+        from . import native
+
+        T, B, _ = x.shape
+        H = w_hh.shape[1]
+        gates = _project(x, w_ih, b)                        # (T, B, H) W_ih x + b; then h_t
+        hs = x.new_empty(T + 1, B, H)
+        hs[0] = h0
+        native.recurrent_forward("rnn", gates, w_hh, hs, None, None)
+        ctx.has_bias = b is not None
+        ctx.save_for_backward(x, gates, hs, w_ih, w_hh)
+        return hs[1:]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dhs):
+        from . import native
+
+        x, gates, hs, w_ih, w_hh = ctx.saved_tensors
+        T, B, H = gates.shape
+        dpre = torch.empty_like(gates)                      # (T, B, H) gradient of the pre-activations
+        dh = gates.new_zeros(B, H)
+        native.recurrent_backward("rnn", gates, w_hh, hs, None, None, _zeros_if_none(dhs, gates).contiguous(),
+                                  dpre, dh, None)
+        dw_hh = dpre.view(T * B, H).t().mm(_prev(hs).reshape(T * B, H))
+        dx, dw_ih, db = _input_grads(ctx, dpre, x, w_ih, ctx.has_bias)
+        return dx, dh, dw_ih, dw_hh, db
+
+
 # --------------------------------------------------------------------------- entry points
 
 def _autocast_on(x: Tensor) -> bool:
@@ -662,9 +695,10 @@ NATIVE = {"on": True}     # tests and benchmarks switch the native loops off to 
 
 
 def _native_trains(x: Tensor, cell) -> bool:
-    """Whether this layer's loops run in C (charlstm/native.py): lstm, peephole (diag), coupled and
-    gru (torch's form), float32 on the CPU, H a multiple of 32, the library available."""
-    if not NATIVE["on"] or type(cell).__name__ not in ("LSTMCell", "PeepholeLSTMCell", "CoupledLSTMCell", "GRUCell"):
+    """Whether this layer's loops run in C (charlstm/native.py): lstm, peephole (diag), coupled,
+    gru (torch's form) and rnn, float32 on the CPU, H a multiple of 32, the library available."""
+    if not NATIVE["on"] or type(cell).__name__ not in ("LSTMCell", "PeepholeLSTMCell", "CoupledLSTMCell", "GRUCell",
+                                                       "RNNCell"):
         return False
     from . import native
 
@@ -711,6 +745,7 @@ def run_layer(cell, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tupl
         hs = _ChoGRU.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.bias)
         return hs, (hs[-1],)
     if name == "RNNCell":
-        hs = _RNN.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.input_bias())
+        fn = _NativeRNN if native_ok else _RNN
+        hs = fn.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.input_bias())
         return hs, (hs[-1],)
     raise ValueError(f"no fused path for {name}")

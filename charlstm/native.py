@@ -291,8 +291,8 @@ class NativeStep:
 
 # --------------------------------------------------------------------------- training: a layer's time loops
 
-KINDS = {"lstm": 0, "peephole": 1, "coupled": 2, "gru": 3}      # csrc/train_loops.c's enum
-SLOTS = {"lstm": [0, 1, 3, 2], "peephole": [0, 1, 3, 2], "coupled": [0, 2, 1], "gru": [0, 1, 2]}
+KINDS = {"lstm": 0, "peephole": 1, "coupled": 2, "gru": 3, "rnn": 4}      # csrc/simd.h's enum
+SLOTS = {"lstm": [0, 1, 3, 2], "peephole": [0, 1, 3, 2], "coupled": [0, 2, 1], "gru": [0, 1, 2], "rnn": [0]}
 
 
 def trains(x: Tensor, w_hh: Tensor) -> bool:
@@ -306,12 +306,12 @@ def _ptr(t: Optional[Tensor]):
     return None if t is None else t.data_ptr()
 
 
-def recurrent_forward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Optional[Tensor], tcs: Tensor,
+def recurrent_forward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Optional[Tensor], tcs: Optional[Tensor],
                       b_hh: Optional[Tensor] = None, peep: Optional[Tensor] = None) -> None:
     """The forward time loop of a `kind` layer (see csrc/train_loops.c): gates (T, B, G*H) holds
     W x_t + b and receives the activated gates (torch's order); hs, cs (T + 1, B, H) hold h0, c0
-    in row 0 and receive the rest (cs None for the gru); tcs (T, B, H) receives tanh(c_t), for the
-    gru U_n h + b_hn. b_hh: the gru's recurrent bias; peep: the peephole weights (3, H).
+    in row 0 and receive the rest (cs None for the gru and the rnn); tcs (T, B, H) receives
+    tanh(c_t), for the gru U_n h + b_hn (None for the rnn). b_hh: the gru's recurrent bias; peep: the peephole weights (3, H).
     Every tensor contiguous float32."""
     T, B, GH = gates.shape
     H = GH // len(SLOTS[kind])
@@ -325,14 +325,15 @@ def recurrent_forward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Op
     library()[0].charlstm_rnn_forward(ctypes.byref(seq))
 
 
-def recurrent_backward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Optional[Tensor], tcs: Tensor,
-                       dhs: Tensor, dpre: Tensor, dh: Tensor, dc: Tensor, dph: Optional[Tensor] = None,
+def recurrent_backward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Optional[Tensor],
+                       tcs: Optional[Tensor], dhs: Tensor, dpre: Tensor, dh: Tensor, dc: Optional[Tensor],
+                       dph: Optional[Tensor] = None,
                        peep: Optional[Tensor] = None) -> None:
     """The backward time loop of a `kind` layer, from what the forward left in gates, hs, cs and
     tcs and the gradients dhs (T, B, H) arriving at each output: dpre (T, B, G*H) receives the
     gradients of the pre-activations W x_t + b (and dph those of U h + b_hh, gru); dh (B, H),
     zeros on entry, receives the gradient of h0; dc (B, H), the gradient of c_T on entry,
-    receives that of c0 (scratch for the gru). Every tensor contiguous float32."""
+    receives that of c0 (scratch for the gru, None for the rnn). Every tensor contiguous float32."""
     T, B, GH = gates.shape
     H = GH // len(SLOTS[kind])
     wb = w_hh.detach().reshape(GH, H // 32, 32).permute(1, 0, 2).contiguous()     # (H/32, G*H, 32)

@@ -176,7 +176,7 @@ def test_fused_matches_torch_modules(twin, bias, H, monkeypatch):
                                          for n, _ in c.named_parameters()])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
-    in_c = H % 32 == 0 and module_cls is not nn.RNN and native.library()[0] is not None
+    in_c = H % 32 == 0 and native.library()[0] is not None
     assert calls == ({"forward": 2, "backward": 2} if in_c else {"forward": 0, "backward": 0})
 
 
@@ -268,7 +268,7 @@ def test_autocast_is_left_to_the_step_by_step_layer():
 
 NATIVE_LIB, NATIVE_WHY = native.library()
 needs_native = pytest.mark.skipif(NATIVE_LIB is None, reason=f"the native loops are unavailable here: {NATIVE_WHY}")
-NATIVE_CASES = [c for c in CASES if c[1] in ("lstm", "coupled") or c[0].startswith(("peephole-diag", "gru-cudnn"))]
+NATIVE_CASES = [c for c in CASES if c[1] in ("lstm", "coupled", "rnn") or c[0].startswith(("peephole-diag", "gru-cudnn"))]
 
 
 @needs_native
@@ -285,23 +285,25 @@ def test_native_loops_match_the_step_by_step_layer(case, H, B, monkeypatch):
     states = random_states(cells, B, torch.float32)
     out, finals = run_stack(cells, x, states, use_fused=True)
     ref_out, ref_finals = run_stack(cells, x, states, use_fused=False)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    # the vanilla rnn with these large weights is chaotic: rounding grows ten times faster
+    tol = 1e-4 if variant == "rnn" else 1e-5
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
     for got, want in zip(finals, ref_finals):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     inputs = [x] + [s for st in states for s in st] + [p for c in cells for p in c.parameters()]
     grads = torch.autograd.grad(weighted_sum(out, finals), inputs)
     ref_grads = torch.autograd.grad(weighted_sum(ref_out, ref_finals), inputs)
     for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g, rg, rtol=10 * tol, atol=10 * tol)
     assert calls == {"forward": 2, "backward": 2}                        # both layers, both loops, in C
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 def test_native_loops_give_the_same_bits_on_any_number_of_threads(kind):
     """The C loops share each step's panels among threads without changing any sum's order."""
     T, B, H = 9, 33, 64
-    G = 4 if kind == "lstm" else 3
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
     gen = torch.Generator().manual_seed(0)
     pre, w_hh = torch.randn(T, B, G * H, generator=gen), torch.randn(G * H, H, generator=gen) * 0.2
     h0, c0, dhs = torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen), torch.randn(T, B, H, generator=gen)
@@ -310,7 +312,8 @@ def test_native_loops_give_the_same_bits_on_any_number_of_threads(kind):
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            gates, hs, tcs = pre.clone(), torch.empty(T + 1, B, H), torch.empty(T, B, H)
+            gates, hs = pre.clone(), torch.empty(T + 1, B, H)
+            tcs = torch.empty(T, B, H) if kind != "rnn" else None
             cs = torch.empty(T + 1, B, H) if kind == "lstm" else None
             hs[0] = h0
             if cs is not None:
@@ -319,7 +322,8 @@ def test_native_loops_give_the_same_bits_on_any_number_of_threads(kind):
             dpre, dh, dc = torch.empty_like(gates), torch.zeros(B, H), c0.clone()
             dph = torch.empty_like(gates) if kind == "gru" else None
             native.recurrent_backward(kind, gates, w_hh, hs, cs, tcs, dhs, dpre, dh, dc, dph=dph)
-            results.append([gates, hs, tcs, dpre, dh] + ([cs, dc] if cs is not None else [dph]))
+            results.append([t for t in (gates, hs, tcs, dpre, dh, cs, dc if cs is not None else None, dph)
+                            if t is not None])
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
@@ -344,7 +348,7 @@ def test_the_torch_loops_run_where_the_native_ones_cannot(monkeypatch):
 
 @needs_native
 @pytest.mark.filterwarnings("ignore:Input #")           # float32 on purpose (see the docstring)
-@pytest.mark.parametrize("kind", ["lstm", "peephole", "coupled", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "peephole", "coupled", "gru", "rnn"])
 def test_gradcheck_native_loops(kind):
     """torch.autograd.gradcheck through the C loops, w.r.t. input, initial state and every weight.
     The loops are float32 only, so the finite differences are float32's: eps 1e-2 and tolerances
@@ -352,7 +356,7 @@ def test_gradcheck_native_loops(kind):
     tests above tie the two together to 1e-4)."""
     torch.manual_seed(0)
     T, B, E, H = 3, 2, 4, 32
-    G = 4 if kind in ("lstm", "peephole") else 3
+    G = 4 if kind in ("lstm", "peephole") else 1 if kind == "rnn" else 3
     x = torch.randn(T, B, E, requires_grad=True)
     h0, c0 = (torch.randn(B, H, requires_grad=True) for _ in range(2))
     w_ih = (torch.randn(G * H, E) * 0.4).requires_grad_()
@@ -361,6 +365,8 @@ def test_gradcheck_native_loops(kind):
     p = (torch.randn(3, H) * 0.3).requires_grad_()
     if kind == "gru":
         fn, inputs = (lambda *a: fused._NativeGRU.apply(*a)), (x, h0, w_ih, w_hh, b, b2)
+    elif kind == "rnn":
+        fn, inputs = (lambda *a: fused._NativeRNN.apply(*a)), (x, h0, w_ih, w_hh, b)
     else:
         def fn(x, h0, c0, w_ih, w_hh, b, p):
             hs, c = fused._NativeLSTMFamily.apply(x, h0, c0, w_ih, w_hh, b, p if kind == "peephole" else None, kind)

@@ -1,5 +1,5 @@
 /* charlstm's native recurrent layers for training: the time loops of forward and backward in C,
- * for the LSTM, the peephole LSTM (one weight per unit), the coupled LSTM and the GRU in torch's form.
+ * for the LSTM, the peephole LSTM (one weight per unit), the coupled LSTM, the GRU in torch's form and the RNN.
  *
  * charlstm/fused.py runs one layer over a window as a torch.autograd.Function whose
  * loops call a few torch operations per step. Here each loop is one call, so that a
@@ -16,6 +16,7 @@
  *   coupled   (f, g, o)     as lstm with i = 1 - f
  *   gru       (r, z, n)     r, z = sigmoid(pre + U h + b_h);  n = tanh(pre_n + r (U_n h + b_hn));
  *                           h_t = (1 - z) n + z h_{t-1}
+ *   rnn       (one)         h_t = tanh(pre + U h_{t-1})
  * Backward, with dh the gradient reaching h_t and dc the one carried back to c_t:
  *   lstm      dc += dh o (1 - tanh(c)^2);  dpre_i = dc g i (1 - i), dpre_f = dc c_{t-1} f (1 - f),
  *             dpre_g = dc i (1 - g^2), dpre_o = dh tanh(c) o (1 - o);  dc_{t-1} = dc f
@@ -23,6 +24,7 @@
  *   coupled   dpre_f = dc (c_{t-1} - g) f (1 - f), dpre_g = dc (1 - f)(1 - g^2)
  *   gru       dpre_n = dh (1 - z)(1 - n^2), dpre_r = dpre_n hn r (1 - r), dpre_z = dh (h_{t-1} - n) z (1 - z);
  *             the recurrent side's gradient is (dpre_r, dpre_z, dpre_n r), and h_{t-1} gets dh z directly
+ *   rnn       dpre = dh (1 - h_t^2)
  *   all       dh_{t-1} += (recurrent gradient) U
  */
 #include "simd.h"
@@ -31,19 +33,19 @@
 
 typedef struct {
     int32_t kind, T, B, H, threads;
-    float *gates;        /* (T, B, G*H) in: W x_t + b; out: the activated gates, torch's order */
+    float *gates;        /* (T, B, G*H) in: W x_t + b; out: the activated gates, torch's order (rnn: h_t) */
     const float *wf;     /* (H/8, H, 8G) U^T in panels of 8 units, gates in panel order (see SLOT) */
     const float *wb;     /* (H/32, G*H, 32) U in panels of 32 output units (backward) */
     const float *bh;     /* gru: b_hh (3H) or NULL */
     const float *peep;   /* peephole: (3, H) p_i, p_f, p_o */
     float *hs;           /* (T + 1, B, H) h_{-1} = h0 .. h_{T-1} */
-    float *cs;           /* (T + 1, B, H) c_{-1} = c0 .. (lstm family) */
-    float *tcs;          /* (T, B, H) tanh(c_t) (lstm family); gru: U_n h_{t-1} + b_hn */
+    float *cs;           /* (T + 1, B, H) c_{-1} = c0 .. (lstm family; else NULL) */
+    float *tcs;          /* (T, B, H) tanh(c_t) (lstm family); gru: U_n h_{t-1} + b_hn; rnn: NULL */
     const float *dhs;    /* (T, B, H) gradient arriving at each h_t from above */
     float *dpre;         /* (T, B, G*H) out: gradient of the pre-activations W x_t + b */
     float *dph;          /* gru: (T, B, 3H) out: gradient of U h_{t-1} + b_hh; else NULL (= dpre) */
     float *dh;           /* (B, H) in: zeros; out: gradient of h0 */
-    float *dc;           /* (B, H) in: gradient of c_T; out: gradient of c0 (gru: scratch) */
+    float *dc;           /* (B, H) in: gradient of c_T; out: gradient of c0 (gru: scratch; rnn: NULL) */
 } Seq;
 
 #define GROUP 32
@@ -83,6 +85,12 @@ INLINE void forward_panel(const Seq *q, int kind, int t, int p, int s0, int g) {
     for (int j = 0; j < g; j++) {
         const size_t r = (size_t)t * B + s0 + j;
         float *row = q->gates + r * GH + u;
+        if (kind == RNN) {
+            __m256 h = tanh8(acc[j][0]);
+            ST(row, h);
+            ST(q->hs + (r + B) * H + u, h);
+            continue;
+        }
         if (kind == GRU) {
             __m256 rr = sigmoid8(acc[j][0]), z = sigmoid8(acc[j][1]), hn = acc[j][2];
             __m256 n = tanh8(_mm256_fmadd_ps(rr, hn, LD(row + 2 * H)));
@@ -152,6 +160,11 @@ INLINE void backward_pointwise(const Seq *q, int kind, int t, int s) {
         const float *a = q->gates + r * GH + u;
         float *d = q->dpre + r * GH + u;
         __m256 dh = _mm256_add_ps(LD(q->dhs + r * H + u), LD(q->dh + sh + u));
+        if (kind == RNN) {
+            __m256 h = LD(a);
+            ST(d, _mm256_mul_ps(dh, _mm256_fnmadd_ps(h, h, one)));
+            continue;
+        }
         if (kind == GRU) {
             __m256 rr = LD(a), z = LD(a + H), n = LD(a + 2 * H), hn = LD(q->tcs + r * H + u);
             __m256 hp = LD(q->hs + r * H + u);
@@ -232,7 +245,8 @@ void charlstm_rnn_forward(const Seq *q) {
     case LSTM: forward(q, LSTM); break;
     case PEEPHOLE: forward(q, PEEPHOLE); break;
     case COUPLED: forward(q, COUPLED); break;
-    default: forward(q, GRU); break;
+    case GRU: forward(q, GRU); break;
+    default: forward(q, RNN); break;
     }
 }
 
@@ -242,6 +256,7 @@ void charlstm_rnn_backward(const Seq *q) {
     case LSTM: backward(q, LSTM); break;
     case PEEPHOLE: backward(q, PEEPHOLE); break;
     case COUPLED: backward(q, COUPLED); break;
-    default: backward(q, GRU); break;
+    case GRU: backward(q, GRU); break;
+    default: backward(q, RNN); break;
     }
 }
