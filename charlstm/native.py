@@ -47,6 +47,7 @@ SOURCES = ("sample_step.c", "train_loops.c")             # compiled into one lib
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared"]
 OPENMP = "-fopenmp"     # threads share out each step; without OpenMP the library is built single-threaded
 PRECISIONS = ("fp32", "fp16")
+KINDS = {"lstm": 0, "peephole": 1, "coupled": 2, "gru": 3, "rnn": 4}      # the cell kinds of csrc/simd.h's enum
 
 _LIB: dict = {}
 
@@ -86,7 +87,8 @@ def _cache_dir() -> Path:
 
 
 def _build(cc: str, flags: list[str]) -> tuple[Optional[Path], str]:
-    """Compile the source with these flags into the cache (once per source and flags): its path, or None and why."""
+    """Compile the sources with these flags into the cache (once per version of the sources and flags):
+    its path, or None and why."""
     digest = hashlib.sha256(" ".join(flags).encode())
     for path in sorted(CSRC.iterdir()):
         if path.suffix in (".c", ".h"):
@@ -148,14 +150,11 @@ def _compile() -> tuple[Optional[ctypes.CDLL], str]:
 
 
 def library() -> tuple[Optional[ctypes.CDLL], str]:
-    """The native library (compiled on first use) and a word on it: 'compiled' or why it is unavailable."""
+    """The native library (compiled on first use) and a word on it: 'ready' (and how it was built)
+    or why it is unavailable."""
     if "lib" not in _LIB:
         _LIB["lib"], _LIB["why"] = _compile()
     return _LIB["lib"], _LIB["why"]
-
-
-# The sampling step's cell kinds (csrc/simd.h's enum): FastStep's kinds that it runs.
-STEP_KINDS = {"lstm": 0, "peephole": 1, "coupled": 2, "gru": 3, "rnn": 4}
 
 
 def unsupported(model) -> Optional[str]:
@@ -251,7 +250,7 @@ class NativeStep:
         self.logits = torch.zeros(B, self.V)
         self.hnew = torch.empty(B, H)
         ptr = {name: (ctypes.addressof(a) if a is not None else None) for name, a in self._ptrs.items()}
-        self.net = _Net(kind=STEP_KINDS[self.kind], L=self.L, H=self.H, V=self.V, B=B,
+        self.net = _Net(kind=KINDS[self.kind], L=self.L, H=self.H, V=self.V, B=B,
                         half=int(self.precision == "fp16"), table=self.table.data_ptr(), w=ptr["weights"],
                         wh=ptr["recurrent"], b=ptr["biases"], bh=ptr["recurrent_biases"], peep=ptr["peepholes"],
                         head_w=self.head_w.data_ptr(), head_b=self.head_b.data_ptr(), z=self.z.data_ptr(),
@@ -291,7 +290,8 @@ class NativeStep:
 
 # --------------------------------------------------------------------------- training: a layer's time loops
 
-KINDS = {"lstm": 0, "peephole": 1, "coupled": 2, "gru": 3, "rnn": 4}      # csrc/simd.h's enum
+# Which of torch's gate blocks goes to each slot of a panel (csrc/train_loops.c's slot_block):
+# the sigmoid gates first (lstm and peephole i, f, o, g; coupled f, o, g).
 SLOTS = {"lstm": [0, 1, 3, 2], "peephole": [0, 1, 3, 2], "coupled": [0, 2, 1], "gru": [0, 1, 2], "rnn": [0]}
 
 
@@ -311,11 +311,11 @@ def recurrent_forward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Op
     """The forward time loop of a `kind` layer (see csrc/train_loops.c): gates (T, B, G*H) holds
     W x_t + b and receives the activated gates (torch's order); hs, cs (T + 1, B, H) hold h0, c0
     in row 0 and receive the rest (cs None for the gru and the rnn); tcs (T, B, H) receives
-    tanh(c_t), for the gru U_n h + b_hn (None for the rnn). b_hh: the gru's recurrent bias; peep: the peephole weights (3, H).
-    Every tensor contiguous float32."""
+    tanh(c_t), for the gru U_n h + b_hn (None for the rnn). b_hh: the gru's recurrent bias;
+    peep: the peephole weights (3, H). Every tensor contiguous float32."""
     T, B, GH = gates.shape
-    H = GH // len(SLOTS[kind])
-    G = GH // H
+    G = len(SLOTS[kind])
+    H = GH // G
     wf = (w_hh.detach().t().reshape(H, G, H // 8, 8)[:, SLOTS[kind]]
           .permute(2, 0, 1, 3).contiguous())                                   # (H/8, H, G, 8)
     bh = None if b_hh is None else b_hh.detach().contiguous()                 # kept alive through the call
@@ -327,8 +327,7 @@ def recurrent_forward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Op
 
 def recurrent_backward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Optional[Tensor],
                        tcs: Optional[Tensor], dhs: Tensor, dpre: Tensor, dh: Tensor, dc: Optional[Tensor],
-                       dph: Optional[Tensor] = None,
-                       peep: Optional[Tensor] = None) -> None:
+                       dph: Optional[Tensor] = None, peep: Optional[Tensor] = None) -> None:
     """The backward time loop of a `kind` layer, from what the forward left in gates, hs, cs and
     tcs and the gradients dhs (T, B, H) arriving at each output: dpre (T, B, G*H) receives the
     gradients of the pre-activations W x_t + b (and dph those of U h + b_hh, gru); dh (B, H),
