@@ -625,6 +625,44 @@ class _NativeGRU(torch.autograd.Function):
         return dxin, dh, dw_ih, dw_hh, db_ih, db_hh
 
 
+class _NativeChoGRU(torch.autograd.Function):
+    """gru in Cho et al.'s form over a window with both time loops in C: the inputs, outputs and
+    equations of `_ChoGRU`."""
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b):
+        from . import native
+
+        T, B, _ = x.shape
+        H = w_hh.shape[1]
+        gates = _project(x, w_ih, b)                        # (T, B, 3H) W x + b; then r, z, n
+        hs = x.new_empty(T + 1, B, H)
+        hs[0] = h0
+        rh = x.new_empty(T, B, H)                           # r * h_prev
+        native.recurrent_forward("gru_cho", gates, w_hh, hs, None, None, rh=rh)
+        ctx.has_bias = b is not None
+        ctx.save_for_backward(x, gates, hs, rh, w_ih, w_hh)
+        return hs[1:]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dhs):
+        from . import native
+
+        x, gates, hs, rh, w_ih, w_hh = ctx.saved_tensors
+        T, B, H3 = gates.shape
+        H = H3 // 3
+        dpre = torch.empty_like(gates)                      # (T, B, 3H) gradient of the pre-activations r, z, n
+        dh = gates.new_zeros(B, H)
+        native.recurrent_backward("gru_cho", gates, w_hh, hs, None, None, _zeros_if_none(dhs, rh).contiguous(),
+                                  dpre, dh, gates.new_empty(B, H))
+        flat = dpre.view(T * B, H3)
+        dw_hh = torch.cat([flat[:, :2 * H].t().mm(_prev(hs).reshape(T * B, H)),   # U_rz saw h_prev
+                           flat[:, 2 * H:].t().mm(rh.view(T * B, H))])             # U_n saw r * h_prev
+        dx, dw_ih, db = _input_grads(ctx, dpre, x, w_ih, ctx.has_bias)
+        return dx, dh, dw_ih, dw_hh, db
+
+
 class _NativeRNN(torch.autograd.Function):
     """rnn (tanh) over a window with both time loops in C: the inputs, outputs and equations of `_RNN`."""
 
@@ -696,9 +734,9 @@ NATIVE = {"on": True}     # tests and benchmarks switch the native loops off to 
 
 def _native_trains(x: Tensor, cell) -> bool:
     """Whether this layer's loops run in C (charlstm/native.py): lstm, peephole (diag), coupled,
-    gru (torch's form) and rnn, float32 on the CPU, H a multiple of 32, the library available."""
+    gru (both forms) and rnn, float32 on the CPU, H a multiple of 32, the library available."""
     if not NATIVE["on"] or type(cell).__name__ not in ("LSTMCell", "PeepholeLSTMCell", "CoupledLSTMCell", "GRUCell",
-                                                       "RNNCell"):
+                                                       "ChoGRUCell", "RNNCell"):
         return False
     from . import native
 
@@ -742,7 +780,8 @@ def run_layer(cell, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tupl
         hs = fn.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
         return hs, (hs[-1],)
     if name == "ChoGRUCell":
-        hs = _ChoGRU.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.bias)
+        fn = _NativeChoGRU if native_ok else _ChoGRU
+        hs = fn.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.bias)
         return hs, (hs[-1],)
     if name == "RNNCell":
         fn = _NativeRNN if native_ok else _RNN

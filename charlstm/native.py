@@ -47,7 +47,7 @@ SOURCES = ("sample_step.c", "train_loops.c")             # compiled into one lib
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared"]
 OPENMP = "-fopenmp"     # threads share out each step; without OpenMP the library is built single-threaded
 PRECISIONS = ("fp32", "fp16")
-KINDS = {"lstm": 0, "peephole": 1, "coupled": 2, "gru": 3, "rnn": 4}      # the cell kinds of csrc/simd.h's enum
+KINDS = {"lstm": 0, "peephole": 1, "coupled": 2, "gru": 3, "rnn": 4, "gru_cho": 5}   # csrc/simd.h's enum
 
 _LIB: dict = {}
 
@@ -68,7 +68,7 @@ class _Seq(ctypes.Structure):
 
     _fields_ = [*((name, ctypes.c_int32) for name in ("kind", "T", "B", "H", "threads")),
                 *((name, ctypes.c_void_p) for name in ("gates", "wf", "wb", "bh", "peep", "hs", "cs", "tcs", "dhs",
-                                                        "dpre", "dph", "dh", "dc"))]
+                                                        "dpre", "dph", "dh", "dc", "wf2", "wb2", "rh", "drh"))]
 
 
 def _cpu_flags() -> set[str]:
@@ -292,7 +292,8 @@ class NativeStep:
 
 # Which of torch's gate blocks goes to each slot of a panel (csrc/train_loops.c's slot_block):
 # the sigmoid gates first (lstm and peephole i, f, o, g; coupled f, o, g).
-SLOTS = {"lstm": [0, 1, 3, 2], "peephole": [0, 1, 3, 2], "coupled": [0, 2, 1], "gru": [0, 1, 2], "rnn": [0]}
+SLOTS = {"lstm": [0, 1, 3, 2], "peephole": [0, 1, 3, 2], "coupled": [0, 2, 1], "gru": [0, 1, 2], "rnn": [0],
+         "gru_cho": [0, 1, 2]}
 
 
 def trains(x: Tensor, w_hh: Tensor) -> bool:
@@ -306,22 +307,41 @@ def _ptr(t: Optional[Tensor]):
     return None if t is None else t.data_ptr()
 
 
+def _forward_panels(u_t: Tensor, H: int, slots: list) -> Tensor:
+    """U^T (H, G*H) in panels of 8 units with the gate blocks in `slots` order: (H/8, H, G, 8)."""
+    G = u_t.shape[1] // H
+    return u_t.reshape(H, G, H // 8, 8)[:, slots].permute(2, 0, 1, 3).contiguous()
+
+
+def _backward_panels(u: Tensor) -> Tensor:
+    """U (K, H) in panels of 32 output units: (H/32, K, 32)."""
+    K, H = u.shape
+    return u.reshape(K, H // 32, 32).permute(1, 0, 2).contiguous()
+
+
 def recurrent_forward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Optional[Tensor], tcs: Optional[Tensor],
-                      b_hh: Optional[Tensor] = None, peep: Optional[Tensor] = None) -> None:
+                      b_hh: Optional[Tensor] = None, peep: Optional[Tensor] = None,
+                      rh: Optional[Tensor] = None) -> None:
     """The forward time loop of a `kind` layer (see csrc/train_loops.c): gates (T, B, G*H) holds
     W x_t + b and receives the activated gates (torch's order); hs, cs (T + 1, B, H) hold h0, c0
-    in row 0 and receive the rest (cs None for the gru and the rnn); tcs (T, B, H) receives
-    tanh(c_t), for the gru U_n h + b_hn (None for the rnn). b_hh: the gru's recurrent bias;
-    peep: the peephole weights (3, H). Every tensor contiguous float32."""
+    in row 0 and receive the rest (cs None for the grus and the rnn); tcs (T, B, H) receives
+    tanh(c_t), for the gru U_n h + b_hn (None for the rnn and the cho gru). b_hh: the gru's
+    recurrent bias; peep: the peephole weights (3, H); rh (T, B, H): receives the cho gru's
+    r * h_{t-1}. Every tensor contiguous float32."""
     T, B, GH = gates.shape
     G = len(SLOTS[kind])
     H = GH // G
-    wf = (w_hh.detach().t().reshape(H, G, H // 8, 8)[:, SLOTS[kind]]
-          .permute(2, 0, 1, 3).contiguous())                                   # (H/8, H, G, 8)
+    u_t = w_hh.detach().t()                                                   # (H, G*H)
+    wf2 = None
+    if kind == "gru_cho":      # two products per step: U_rz h, then U_n (r h)
+        wf, wf2 = _forward_panels(u_t[:, :2 * H], H, [0, 1]), _forward_panels(u_t[:, 2 * H:], H, [0])
+    else:
+        wf = _forward_panels(u_t, H, SLOTS[kind])
     bh = None if b_hh is None else b_hh.detach().contiguous()                 # kept alive through the call
     pp = None if peep is None else peep.detach().contiguous()
     seq = _Seq(kind=KINDS[kind], T=T, B=B, H=H, threads=torch.get_num_threads(), gates=_ptr(gates),
-               wf=_ptr(wf), bh=_ptr(bh), peep=_ptr(pp), hs=_ptr(hs), cs=_ptr(cs), tcs=_ptr(tcs))
+               wf=_ptr(wf), wf2=_ptr(wf2), bh=_ptr(bh), peep=_ptr(pp), hs=_ptr(hs), cs=_ptr(cs), tcs=_ptr(tcs),
+               rh=_ptr(rh))
     library()[0].charlstm_rnn_forward(ctypes.byref(seq))
 
 
@@ -332,12 +352,18 @@ def recurrent_backward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: O
     tcs and the gradients dhs (T, B, H) arriving at each output: dpre (T, B, G*H) receives the
     gradients of the pre-activations W x_t + b (and dph those of U h + b_hh, gru); dh (B, H),
     zeros on entry, receives the gradient of h0; dc (B, H), the gradient of c_T on entry,
-    receives that of c0 (scratch for the gru, None for the rnn). Every tensor contiguous float32."""
+    receives that of c0 (scratch for the grus, None for the rnn). Every tensor contiguous float32."""
     T, B, GH = gates.shape
     H = GH // len(SLOTS[kind])
-    wb = w_hh.detach().reshape(GH, H // 32, 32).permute(1, 0, 2).contiguous()     # (H/32, G*H, 32)
+    u = w_hh.detach()
+    wb2 = drh = None
+    if kind == "gru_cho":
+        wb, wb2 = _backward_panels(u[:2 * H]), _backward_panels(u[2 * H:])
+        drh = gates.new_empty(B, H)
+    else:
+        wb = _backward_panels(u)
     pp = None if peep is None else peep.detach().contiguous()
     seq = _Seq(kind=KINDS[kind], T=T, B=B, H=H, threads=torch.get_num_threads(), gates=_ptr(gates),
-               wb=_ptr(wb), peep=_ptr(pp), hs=_ptr(hs), cs=_ptr(cs), tcs=_ptr(tcs), dhs=_ptr(dhs),
-               dpre=_ptr(dpre), dph=_ptr(dph), dh=_ptr(dh), dc=_ptr(dc))
+               wb=_ptr(wb), wb2=_ptr(wb2), peep=_ptr(pp), hs=_ptr(hs), cs=_ptr(cs), tcs=_ptr(tcs), dhs=_ptr(dhs),
+               dpre=_ptr(dpre), dph=_ptr(dph), dh=_ptr(dh), dc=_ptr(dc), drh=_ptr(drh))
     library()[0].charlstm_rnn_backward(ctypes.byref(seq))

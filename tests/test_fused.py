@@ -261,14 +261,14 @@ def test_autocast_is_left_to_the_step_by_step_layer():
 
 # --------------------------------------------------------------------------- the native loops (C)
 #
-# lstm, peephole (diag), coupled and gru (torch's form) run their time loops in C
+# lstm, peephole (diag), coupled, gru (both forms) and rnn run their time loops in C
 # (charlstm/csrc/train_loops.c) for float32 CPU layers with H a multiple of 32: the
 # same checks, at sizes that take that path (test_fused_matches_torch_modules above
 # runs nn.LSTM and nn.GRU against them too).
 
 NATIVE_LIB, NATIVE_WHY = native.library()
 needs_native = pytest.mark.skipif(NATIVE_LIB is None, reason=f"the native loops are unavailable here: {NATIVE_WHY}")
-NATIVE_CASES = [c for c in CASES if c[1] in ("lstm", "coupled", "rnn") or c[0].startswith(("peephole-diag", "gru-cudnn"))]
+NATIVE_CASES = [c for c in CASES if c[1] in ("lstm", "coupled", "rnn", "gru") or c[0].startswith("peephole-diag")]
 
 
 @needs_native
@@ -331,12 +331,11 @@ def test_native_loops_give_the_same_bits_on_any_number_of_threads(kind):
 
 
 def test_the_torch_loops_run_where_the_native_ones_cannot(monkeypatch):
-    """float64, H not a multiple of 32, the full peephole form, the cho gru, or the loops switched off:
+    """float64, H not a multiple of 32, the full peephole form, or the loops switched off:
     fused.py's own loops."""
     calls = count_native_calls(monkeypatch)
     for variant, extra, H, dtype in (("lstm", {}, 32, torch.float64), ("lstm", {}, 24, torch.float32),
-                                     ("peephole", {"peephole_form": "full"}, 32, torch.float32),
-                                     ("gru", {"gru_form": "cho"}, 32, torch.float32)):
+                                     ("peephole", {"peephole_form": "full"}, 32, torch.float32)):
         cells = make_cells(variant, extra, H=H, dtype=dtype)
         out, _ = run_stack(cells, torch.randn(3, 2, 3, dtype=dtype), random_states(cells, 2, dtype), use_fused=True)
         out.sum().backward()
@@ -348,7 +347,7 @@ def test_the_torch_loops_run_where_the_native_ones_cannot(monkeypatch):
 
 @needs_native
 @pytest.mark.filterwarnings("ignore:Input #")           # float32 on purpose (see the docstring)
-@pytest.mark.parametrize("kind", ["lstm", "peephole", "coupled", "gru", "rnn"])
+@pytest.mark.parametrize("kind", ["lstm", "peephole", "coupled", "gru", "gru_cho", "rnn"])
 def test_gradcheck_native_loops(kind):
     """torch.autograd.gradcheck through the C loops, w.r.t. input, initial state and every weight.
     The loops are float32 only, so the finite differences are float32's: eps 1e-2 and tolerances
@@ -365,6 +364,8 @@ def test_gradcheck_native_loops(kind):
     p = (torch.randn(3, H) * 0.3).requires_grad_()
     if kind == "gru":
         fn, inputs = (lambda *a: fused._NativeGRU.apply(*a)), (x, h0, w_ih, w_hh, b, b2)
+    elif kind == "gru_cho":
+        fn, inputs = (lambda *a: fused._NativeChoGRU.apply(*a)), (x, h0, w_ih, w_hh, b)
     elif kind == "rnn":
         fn, inputs = (lambda *a: fused._NativeRNN.apply(*a)), (x, h0, w_ih, w_hh, b)
     else:

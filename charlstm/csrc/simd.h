@@ -13,7 +13,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-enum { LSTM = 0, PEEPHOLE = 1, COUPLED = 2, GRU = 3, RNN = 4 };
+enum { LSTM = 0, PEEPHOLE = 1, COUPLED = 2, GRU = 3, RNN = 4, GRU_CHO = 5 };
 
 /* Gate blocks of a cell kind: 4 for the lstm and the peephole lstm, 3 for coupled and gru, 1 for rnn. */
 INLINE int gates_of(int kind) { return kind == LSTM || kind == PEEPHOLE ? 4 : kind == RNN ? 1 : 3; }

@@ -1,5 +1,6 @@
 /* charlstm's native recurrent layers for training: the time loops of forward and backward in C,
- * for the LSTM, the peephole LSTM (one weight per unit), the coupled LSTM, the GRU in torch's form and the RNN.
+ * for the LSTM, the peephole LSTM (one weight per unit), the coupled LSTM, the GRU in torch's form and in
+ * Cho et al.'s, and the RNN.
  *
  * charlstm/fused.py runs one layer over a window as a torch.autograd.Function whose
  * loops call a few torch operations per step. Here each loop is one call, so that a
@@ -16,6 +17,8 @@
  *   coupled   (f, g, o)     as lstm with i = 1 - f
  *   gru       (r, z, n)     r, z = sigmoid(pre + U h + b_h);  n = tanh(pre_n + r (U_n h + b_hn));
  *                           h_t = (1 - z) n + z h_{t-1}
+ *   gru cho   (r, z, n)     r, z = sigmoid(pre + U_rz h);  n = tanh(pre_n + U_n (r h));  h_t = (1 - z) h_{t-1} + z n
+ *                           (two products per step: U_n needs all of r h first)
  *   rnn       (one)         h_t = tanh(pre + U h_{t-1})
  * Backward, with dh the gradient reaching h_t and dc the one carried back to c_t:
  *   lstm      dc += dh o (1 - tanh(c)^2);  dpre_i = dc g i (1 - i), dpre_f = dc c_{t-1} f (1 - f),
@@ -24,6 +27,8 @@
  *   coupled   dpre_f = dc (c_{t-1} - g) f (1 - f), dpre_g = dc (1 - f)(1 - g^2)
  *   gru       dpre_n = dh (1 - z)(1 - n^2), dpre_r = dpre_n hn r (1 - r), dpre_z = dh (h_{t-1} - n) z (1 - z);
  *             the recurrent side's gradient is (dpre_r, dpre_z, dpre_n r), and h_{t-1} gets dh z directly
+ *   gru cho   dpre_n = dh z (1 - n^2), dpre_z = dh (n - h_{t-1}) z (1 - z);  d(r h) = dpre_n U_n;
+ *             dpre_r = d(r h) h_{t-1} r (1 - r);  dh_{t-1} += dh (1 - z) + d(r h) r + (dpre_r, dpre_z) U_rz
  *   rnn       dpre = dh (1 - h_t^2)
  *   all       dh_{t-1} += (recurrent gradient) U
  */
@@ -45,7 +50,11 @@ typedef struct {
     float *dpre;         /* (T, B, G*H) out: gradient of the pre-activations W x_t + b */
     float *dph;          /* gru: (T, B, 3H) out: gradient of U h_{t-1} + b_hh; else NULL (= dpre) */
     float *dh;           /* (B, H) in: zeros; out: gradient of h0 */
-    float *dc;           /* (B, H) in: gradient of c_T; out: gradient of c0 (gru: scratch; rnn: NULL) */
+    float *dc;           /* (B, H) in: gradient of c_T; out: gradient of c0 (gru, gru cho: scratch; rnn: NULL) */
+    const float *wf2;    /* gru cho: U_n^T (H/8, H, 8) (wf holds U_rz^T (H/8, H, 16)) */
+    const float *wb2;    /* gru cho: U_n (H/32, H, 32) (wb holds U_rz (H/32, 2H, 32)) */
+    float *rh;           /* gru cho: (T, B, H) r * h_{t-1} */
+    float *drh;          /* gru cho: (B, H) scratch, the gradient of r * h_{t-1} */
 } Seq;
 
 #define GROUP 32
@@ -239,6 +248,111 @@ INLINE void backward(const Seq *q, int kind) {
     }
 }
 
+/* ---------------------------------------------------------------- gru, cho form */
+
+/* Forward, step t, first product: r and z of panel p (8 units, slots r, z), and r * h_{t-1}. */
+INLINE void cho_rz_panel(const Seq *q, int t, int p, int s0, int g) {
+    const int B = q->B, H = q->H;
+    const size_t GH = 3 * (size_t)H, u = 8 * (size_t)p;
+    __m256 acc[GROUP][4];
+    for (int j = 0; j < g; j++) {
+        const float *row = q->gates + ((size_t)t * B + s0 + j) * GH + u;
+        acc[j][0] = LD(row);
+        acc[j][1] = LD(row + H);
+    }
+    panel_rows(q->wf, (size_t)p * H * 16, H, 2, q->hs + ((size_t)t * B + s0) * H, H, acc, g, 0);
+    for (int j = 0; j < g; j++) {
+        const size_t r = (size_t)t * B + s0 + j;
+        float *row = q->gates + r * GH + u;
+        __m256 rr = sigmoid8(acc[j][0]);
+        ST(row, rr);
+        ST(row + H, sigmoid8(acc[j][1]));
+        ST(q->rh + r * H + u, _mm256_mul_ps(rr, LD(q->hs + r * H + u)));
+    }
+}
+
+/* Forward, step t, second product: n of panel p from r * h_{t-1}, then h_t. */
+INLINE void cho_n_panel(const Seq *q, int t, int p, int s0, int g) {
+    const int B = q->B, H = q->H;
+    const size_t GH = 3 * (size_t)H, u = 8 * (size_t)p;
+    __m256 acc[GROUP][4];
+    for (int j = 0; j < g; j++)
+        acc[j][0] = LD(q->gates + ((size_t)t * B + s0 + j) * GH + 2 * (size_t)H + u);
+    panel_rows(q->wf2, (size_t)p * H * 8, H, 1, q->rh + ((size_t)t * B + s0) * H, H, acc, g, 0);
+    for (int j = 0; j < g; j++) {
+        const size_t r = (size_t)t * B + s0 + j;
+        float *row = q->gates + r * GH + u;
+        __m256 n = tanh8(acc[j][0]), z = LD(row + H), hp = LD(q->hs + r * H + u);
+        ST(row + 2 * H, n);
+        ST(q->hs + (r + B) * H + u, _mm256_fmadd_ps(z, _mm256_sub_ps(n, hp), hp));    /* (1 - z) h + z n */
+    }
+}
+
+INLINE void forward_cho(const Seq *q) {
+    const int P = q->H / 8, groups = (q->B + GROUP - 1) / GROUP;
+    for (int t = 0; t < q->T; t++) {
+        #pragma omp for schedule(static)
+        for (int pg = 0; pg < P * groups; pg++)
+            cho_rz_panel(q, t, pg % P, (pg / P) * GROUP, min_int(q->B - (pg / P) * GROUP, GROUP));
+        #pragma omp for schedule(static)
+        for (int pg = 0; pg < P * groups; pg++)
+            cho_n_panel(q, t, pg % P, (pg / P) * GROUP, min_int(q->B - (pg / P) * GROUP, GROUP));
+    }
+}
+
+/* out[s] (B, H) = init[s] (or zeros) + x_s (K) @ a (K, H) matrix in panels of 32 output units
+ * (H/32, K, 32), for the streams of one group: the backward's products. */
+INLINE void out_panel(const float *w, int K, const float *x, size_t stride, const float *init, float *out,
+                      int H, int p, int s0, int g) {
+    __m256 acc[GROUP][4];
+    const size_t u = 32 * (size_t)p;
+    for (int j = 0; j < g; j++)
+        for (int c = 0; c < 4; c++)
+            acc[j][c] = init ? LD(init + (size_t)(s0 + j) * H + u + 8 * c) : _mm256_setzero_ps();
+    panel_rows(w, (size_t)p * K * 32, K, 4, x + (size_t)s0 * stride, stride, acc, g, 0);
+    for (int j = 0; j < g; j++)
+        for (int c = 0; c < 4; c++) ST(out + (size_t)(s0 + j) * H + u + 8 * c, acc[j][c]);
+}
+
+INLINE void backward_cho(const Seq *q) {
+    const int B = q->B, H = q->H, P = H / 32, groups = (B + GROUP - 1) / GROUP;
+    const size_t GH = 3 * (size_t)H;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int t = q->T - 1; t >= 0; t--) {
+        const float *dpre_t = q->dpre + (size_t)t * B * GH;
+        #pragma omp for schedule(static)
+        for (int s = 0; s < B; s++) {              /* dpre_n, dpre_z, and dh (1 - z) into dc */
+            const size_t r = (size_t)t * B + s, sh = (size_t)s * H;
+            for (int u = 0; u < H; u += 8) {
+                const float *a = q->gates + r * GH + u;
+                float *d = q->dpre + r * GH + u;
+                __m256 z = LD(a + H), n = LD(a + 2 * H), hp = LD(q->hs + r * H + u);
+                __m256 dh = _mm256_add_ps(LD(q->dhs + r * H + u), LD(q->dh + sh + u));
+                ST(d + 2 * H, _mm256_mul_ps(_mm256_mul_ps(dh, z), _mm256_fnmadd_ps(n, n, one)));
+                ST(d + H, _mm256_mul_ps(_mm256_mul_ps(dh, _mm256_sub_ps(n, hp)), _mm256_mul_ps(z, _mm256_sub_ps(one, z))));
+                ST(q->dc + sh + u, _mm256_mul_ps(dh, _mm256_sub_ps(one, z)));
+            }
+        }
+        #pragma omp for schedule(static)           /* d(r h) = dpre_n U_n */
+        for (int pg = 0; pg < P * groups; pg++)
+            out_panel(q->wb2, H, dpre_t + 2 * (size_t)H, GH, NULL, q->drh, H, pg % P, (pg / P) * GROUP,
+                      min_int(B - (pg / P) * GROUP, GROUP));
+        #pragma omp for schedule(static)
+        for (int s = 0; s < B; s++) {              /* dpre_r, and d(r h) r into dc */
+            const size_t r = (size_t)t * B + s, sh = (size_t)s * H;
+            for (int u = 0; u < H; u += 8) {
+                __m256 rr = LD(q->gates + r * GH + u), drh = LD(q->drh + sh + u), hp = LD(q->hs + r * H + u);
+                ST(q->dpre + r * GH + u, _mm256_mul_ps(_mm256_mul_ps(drh, hp), _mm256_mul_ps(rr, _mm256_sub_ps(one, rr))));
+                ST(q->dc + sh + u, _mm256_fmadd_ps(drh, rr, LD(q->dc + sh + u)));
+            }
+        }
+        #pragma omp for schedule(static)           /* dh_{t-1} = dc + (dpre_r, dpre_z) U_rz */
+        for (int pg = 0; pg < P * groups; pg++)
+            out_panel(q->wb, 2 * H, dpre_t, GH, q->dc, q->dh, H, pg % P, (pg / P) * GROUP,
+                      min_int(B - (pg / P) * GROUP, GROUP));
+    }
+}
+
 void charlstm_rnn_forward(const Seq *q) {
     #pragma omp parallel num_threads(q->threads)
     switch (q->kind) {
@@ -246,6 +360,7 @@ void charlstm_rnn_forward(const Seq *q) {
     case PEEPHOLE: forward(q, PEEPHOLE); break;
     case COUPLED: forward(q, COUPLED); break;
     case GRU: forward(q, GRU); break;
+    case GRU_CHO: forward_cho(q); break;
     default: forward(q, RNN); break;
     }
 }
@@ -257,6 +372,7 @@ void charlstm_rnn_backward(const Seq *q) {
     case PEEPHOLE: backward(q, PEEPHOLE); break;
     case COUPLED: backward(q, COUPLED); break;
     case GRU: backward(q, GRU); break;
+    case GRU_CHO: backward_cho(q); break;
     default: backward(q, RNN); break;
     }
 }
