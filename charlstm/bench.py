@@ -553,7 +553,7 @@ def native_status() -> str:
     lib, why = native.library()
     if lib is None:
         return f"unavailable ({why}): torch loops and the TorchScript step"
-    return ("C loops for custom lstm, peephole (diag), coupled, gru (cudnn form) and rnn with H a multiple of 32 "
+    return ("C loops for custom lstm, peephole (diag), coupled, gru (both forms) and rnn with H a multiple of 32 "
             "on the CPU; C sampling step for every variant but gru (cho) and peephole (full)")
 
 

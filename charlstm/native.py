@@ -11,7 +11,7 @@ pays a few microseconds to start every operation:
   Gumbel-max choice) in one call, and can keep the weights as float16;
 - **the time loops of training** (``csrc/train_loops.c``, :func:`recurrent_forward`,
   :func:`recurrent_backward`, called by fused.py) for the lstm, peephole (diag),
-  coupled, gru (torch's form) and rnn layers: each step's pointwise work happens in
+  coupled, gru (both forms) and rnn layers: each step's pointwise work happens in
   registers right after its recurrent product (docs/performance.md).
 
 Both are optional speed-ups, never requirements: they run where the machine is
