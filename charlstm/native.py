@@ -58,6 +58,7 @@ class _Net(ctypes.Structure):
     _fields_ = [*((name, ctypes.c_int32) for name in ("kind", "L", "H", "V", "B", "half", "threads")),
                 ("table", ctypes.c_void_p), ("w", ctypes.c_void_p), ("wh", ctypes.c_void_p), ("b", ctypes.c_void_p),
                 ("bh", ctypes.c_void_p), ("peep", ctypes.c_void_p),
+                *((name, ctypes.c_void_p) for name in ("table2", "w2", "wh2", "b2", "aux")),
                 ("head_w", ctypes.c_void_p), ("head_b", ctypes.c_void_p),
                 ("z", ctypes.c_void_p), ("c", ctypes.c_void_p), ("logits", ctypes.c_void_p),
                 ("hnew", ctypes.c_void_p)]
@@ -161,8 +162,6 @@ def unsupported(model) -> Optional[str]:
     """Why the native step cannot run this model (None: it can)."""
     cfg = model.cfg
     w = model.head.weight
-    if cfg.variant == "gru" and cfg.gru_form == "cho":
-        return "the native step has no gru in the cho form (its reset gate comes before the product)"
     if cfg.variant == "peephole" and cfg.peephole_form == "full":
         return "the native step has no peephole lstm in the full form"
     if w.device.type != "cpu" or w.dtype != torch.float32:
@@ -184,7 +183,7 @@ def _pointers(tensors: list) -> ctypes.Array:
 
 class NativeStep:
     """The sampling step of ``csrc/sample_step.c``, built from a :class:`FastStep`'s tensors (its
-    gate order: lstm i, f, o, g; peephole i, f, g, o; coupled f, o, g; gru r, z, n).
+    gate order: lstm i, f, o, g; peephole i, f, g, o; coupled f, o, g; the grus r, z, n).
 
     Same interface as the torch steppers (``load_state``, ``get_state``,
     ``advance``, ``generate``). With ``precision='fp16'`` the weight matrices
@@ -217,14 +216,25 @@ class NativeStep:
 
         layers = fast.layers
         self.table = _panels(fast.table, H).contiguous()                           # (V, H/8, 8G)
-        if gru:      # input and recurrent weights apart; layer 0's input part is the table
+        self.table2, self.weights2, self.recurrent2, self.biases2 = None, [], [], []
+        if self.kind == "gru_cho":   # r, z apart from n (U_n multiplies r * h): two products a layer
+            rz, nb = slice(0, 2 * H), slice(2 * H, 3 * H)
+            self.table, self.table2 = (_panels(fast.table[:, c], H).contiguous() for c in (rz, nb))
+            self.weights = [None] + [panel_major(layers[k][0][:, rz]) for k in range(1, L)]
+            self.weights2 = [None] + [panel_major(layers[k][0][:, nb]) for k in range(1, L)]
+            self.recurrent = [panel_major(layers[k][2]) for k in range(L)]          # U_rz^T (H, 2H)
+            self.recurrent2 = [panel_major(layers[k][4]) for k in range(L)]         # U_n^T (H, H)
+            self.recurrent_biases = []
+            self.biases2 = [None] + [_panels(layers[k][1][nb], H).contiguous() for k in range(1, L)]
+        elif gru:    # input and recurrent weights apart; layer 0's input part is the table
             self.weights = [None] + [panel_major(layers[k][0]) for k in range(1, L)]
             self.recurrent = [panel_major(layers[k][2]) for k in range(L)]
             self.recurrent_biases = [_panels(layers[k][3], H).contiguous() for k in range(L)]
         else:        # layer 0: U; above: the stacked [W; U]
             self.weights = [panel_major(layers[0][2])] + [panel_major(layers[k][0]) for k in range(1, L)]
             self.recurrent, self.recurrent_biases = [], []
-        self.biases = [None] + [_panels(layers[k][1], H).contiguous() for k in range(1, L)]
+        cut = slice(0, 2 * H) if self.kind == "gru_cho" else slice(None)
+        self.biases = [None] + [_panels(layers[k][1][cut], H).contiguous() for k in range(1, L)]
         self.peepholes = []
         if self.kind == "peephole":  # (3, H) p_i, p_f, p_o per layer, zeros for a gate without one
             self.peepholes = [torch.stack([t if t.numel() else torch.zeros(H) for t in layers[k][4:7]]).contiguous()
@@ -236,7 +246,8 @@ class NativeStep:
         self.head_b = torch.zeros(Vp)
         self.head_b[:self.V] = fast.head_b
         self._ptrs = {name: _pointers(getattr(self, name)) if getattr(self, name) else None
-                      for name in ("weights", "recurrent", "biases", "recurrent_biases", "peepholes")}
+                      for name in ("weights", "recurrent", "biases", "recurrent_biases", "peepholes",
+                                   "weights2", "recurrent2", "biases2")}
         self.z = torch.empty(0)
 
     # ------------------------------------------------------------------ state
@@ -249,10 +260,13 @@ class NativeStep:
                   else torch.zeros(L, B, H))
         self.logits = torch.zeros(B, self.V)
         self.hnew = torch.empty(B, H)
+        self.aux = torch.empty(2, B, H)                                            # the cho gru's scratch
         ptr = {name: (ctypes.addressof(a) if a is not None else None) for name, a in self._ptrs.items()}
         self.net = _Net(kind=KINDS[self.kind], L=self.L, H=self.H, V=self.V, B=B,
                         half=int(self.precision == "fp16"), table=self.table.data_ptr(), w=ptr["weights"],
                         wh=ptr["recurrent"], b=ptr["biases"], bh=ptr["recurrent_biases"], peep=ptr["peepholes"],
+                        table2=None if self.table2 is None else self.table2.data_ptr(), w2=ptr["weights2"],
+                        wh2=ptr["recurrent2"], b2=ptr["biases2"], aux=self.aux.data_ptr(),
                         head_w=self.head_w.data_ptr(), head_b=self.head_b.data_ptr(), z=self.z.data_ptr(),
                         c=self.c.data_ptr(), logits=self.logits.data_ptr(), hnew=self.hnew.data_ptr())
 

@@ -1,5 +1,5 @@
 /* charlstm's native sampling step (x86-64, AVX2 + FMA + F16C): lstm, peephole (one weight
- * per unit), coupled, gru (torch's form) and rnn.
+ * per unit), coupled, gru (both forms) and rnn.
  *
  * Generating text costs one step per character: every layer's gates from its
  * input and its previous h, then the head's logits, then the next character
@@ -35,7 +35,7 @@
 #include <string.h>
 
 typedef struct {
-    int32_t kind;                /* LSTM, PEEPHOLE (one weight per unit), COUPLED, GRU (torch's form), RNN */
+    int32_t kind;                /* LSTM, PEEPHOLE (one weight per unit), COUPLED, GRU (torch's form), RNN, GRU_CHO */
     int32_t L, H, V, B;          /* layers, hidden units, vocabulary, streams */
     int32_t half;                /* weights (not biases, not the table) stored as float16 */
     int32_t threads;             /* threads sharing out each step (OpenMP; 1 without it) */
@@ -46,6 +46,13 @@ typedef struct {
     const float *const *b;       /* L: layer k >= 1's biases (H/8, 8G) (gru: b_ih); b[0] unused */
     const float *const *bh;      /* gru: L recurrent biases b_hh (H/8, 24); else NULL */
     const float *const *peep;    /* peephole: L weights (3, H) p_i, p_f, p_o; else NULL */
+    /* gru cho: r, z and n apart (n's product needs all of r * h first): table, w, wh and b hold
+     * the r, z blocks (16 columns a panel), these the n block (8): */
+    const float *table2;         /* (V, H/8, 8) */
+    const void *const *w2;       /* L: W_n^T (H/8, H, 8) for k >= 1 */
+    const void *const *wh2;      /* L: U_n^T (H/8, H, 8) */
+    const float *const *b2;      /* L: b_n (H/8, 8) for k >= 1 */
+    float *aux;                  /* (2, B, H) scratch: r * h, and z */
     const void *head_w;
     const float *head_b;
     float *z, *c, *logits, *hnew;
@@ -64,7 +71,7 @@ typedef struct {
 /* One panel p (8 units) of layer k for streams s0 .. s0 + g - 1 (g <= GROUP): the gates'
  * pre-activations, then the cell's update of h (into hnew) and c. Slots of a panel, as
  * sample.py's FastStep orders the gates: lstm i, f, o, g; peephole i, f, g, o; coupled
- * f, o, g; gru r, z, n; rnn one. */
+ * f, o, g; gru r, z, n; rnn one. (The cho gru takes cho_rz_panel and cho_n_panel.) */
 INLINE void panel_streams(const Net *n, int kind, int k, int p, int s0, int g, const int64_t *x, int half) {
     const int H = n->H, B = n->B, P = H / 8, LH = n->L * H, G = gates_of(kind), W = 8 * G;
     const float *zs = n->z + (size_t)s0 * LH;                    /* stream s0's hidden states, all layers */
@@ -119,6 +126,46 @@ INLINE void panel_streams(const Net *n, int kind, int k, int p, int s0, int g, c
     }
 }
 
+/* The cho gru, layer k, panel p, streams s0 .. s0 + g - 1, first product: r and z from the
+ * layer's input and h, then r * h and z into the scratch. */
+INLINE void cho_rz_panel(const Net *n, int k, int p, int s0, int g, const int64_t *x, int half) {
+    const int H = n->H, P = H / 8, LH = n->L * H;
+    const float *zs = n->z + (size_t)s0 * LH;
+    const size_t u = 8 * (size_t)p, BH = (size_t)n->B * H;
+    __m256 acc[GROUP][4];
+    for (int j = 0; j < g; j++) {
+        const float *init = k == 0 ? n->table + ((size_t)x[s0 + j] * P + p) * 16 : n->b[k] + (size_t)p * 16;
+        acc[j][0] = LD(init);
+        acc[j][1] = LD(init + 8);
+    }
+    if (k > 0)
+        panel_rows(n->w[k], (size_t)p * H * 16, H, 2, zs + (size_t)(k - 1) * H, LH, acc, g, half);
+    panel_rows(n->wh[k], (size_t)p * H * 16, H, 2, zs + (size_t)k * H, LH, acc, g, half);
+    for (int j = 0; j < g; j++) {
+        const size_t o = (size_t)(s0 + j) * H + u;
+        ST(n->aux + o, _mm256_mul_ps(sigmoid8(acc[j][0]), LD(zs + (size_t)j * LH + (size_t)k * H + u)));
+        ST(n->aux + BH + o, sigmoid8(acc[j][1]));
+    }
+}
+
+/* The cho gru, second product: n from the layer's input and r * h, then h' = (1 - z) h + z n. */
+INLINE void cho_n_panel(const Net *n, int k, int p, int s0, int g, const int64_t *x, int half) {
+    const int H = n->H, P = H / 8, LH = n->L * H;
+    const float *zs = n->z + (size_t)s0 * LH;
+    const size_t u = 8 * (size_t)p, BH = (size_t)n->B * H;
+    __m256 acc[GROUP][4];
+    for (int j = 0; j < g; j++)
+        acc[j][0] = LD(k == 0 ? n->table2 + ((size_t)x[s0 + j] * P + p) * 8 : n->b2[k] + (size_t)p * 8);
+    if (k > 0)
+        panel_rows(n->w2[k], (size_t)p * H * 8, H, 1, zs + (size_t)(k - 1) * H, LH, acc, g, half);
+    panel_rows(n->wh2[k], (size_t)p * H * 8, H, 1, n->aux + (size_t)s0 * H, H, acc, g, half);
+    for (int j = 0; j < g; j++) {
+        const size_t o = (size_t)(s0 + j) * H + u;
+        __m256 nn = tanh8(acc[j][0]), zg = LD(n->aux + BH + o), hp = LD(zs + (size_t)j * LH + (size_t)k * H + u);
+        ST(n->hnew + o, _mm256_fmadd_ps(zg, _mm256_sub_ps(nn, hp), hp));
+    }
+}
+
 /* Feed characters x (B,) through every layer and compute the logits (B, V).
  * Called by every thread of a parallel region (or outside one): the panels,
  * streams and head columns are shared out by the `omp for` loops, each of
@@ -127,10 +174,23 @@ INLINE void step(const Net *n, const int64_t *x, int kind, int half) {
     const int L = n->L, H = n->H, V = n->V, B = n->B, P = H / 8, LH = L * H;
     const int groups = (B + GROUP - 1) / GROUP;
     for (int k = 0; k < L; k++) {
-        #pragma omp for schedule(static)
-        for (int pg = 0; pg < P * groups; pg++) {
-            const int p = pg % P, s0 = (pg / P) * GROUP;
-            panel_streams(n, kind, k, p, s0, B - s0 < GROUP ? B - s0 : GROUP, x, half);
+        if (kind == GRU_CHO) {
+            #pragma omp for schedule(static)
+            for (int pg = 0; pg < P * groups; pg++) {
+                const int s0 = (pg / P) * GROUP;
+                cho_rz_panel(n, k, pg % P, s0, B - s0 < GROUP ? B - s0 : GROUP, x, half);
+            }
+            #pragma omp for schedule(static)
+            for (int pg = 0; pg < P * groups; pg++) {
+                const int s0 = (pg / P) * GROUP;
+                cho_n_panel(n, k, pg % P, s0, B - s0 < GROUP ? B - s0 : GROUP, x, half);
+            }
+        } else {
+            #pragma omp for schedule(static)
+            for (int pg = 0; pg < P * groups; pg++) {
+                const int p = pg % P, s0 = (pg / P) * GROUP;
+                panel_streams(n, kind, k, p, s0, B - s0 < GROUP ? B - s0 : GROUP, x, half);
+            }
         }
         /* every panel has read the old h: the new one replaces it */
         #pragma omp for schedule(static)
@@ -183,6 +243,7 @@ INLINE void generate(const Net *n, int count, const float *noise, float inv_t, i
     case PEEPHOLE: CALL_HALF(PEEPHOLE); break;                               \
     case COUPLED: CALL_HALF(COUPLED); break;                                 \
     case GRU: CALL_HALF(GRU); break;                                         \
+    case GRU_CHO: CALL_HALF(GRU_CHO); break;                                 \
     default: CALL_HALF(RNN); break;                                          \
     }
 
