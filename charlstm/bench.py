@@ -554,7 +554,7 @@ def native_status() -> str:
     if lib is None:
         return f"unavailable ({why}): torch loops and the TorchScript step"
     return ("C loops for custom lstm, peephole (diag), coupled, gru (both forms) and rnn with H a multiple of 32 "
-            "on the CPU; C sampling step for every variant but gru (cho) and peephole (full)")
+            "on the CPU; C sampling step for every variant but peephole (full)")
 
 
 def table_footer(report: dict) -> list[str]:

@@ -4,7 +4,7 @@ Two things run faster in C than as a chain of torch operations, because torch
 pays a few microseconds to start every operation:
 
 - **sampling** (``csrc/sample_step.c``, :class:`NativeStep`; every variant but the
-  gru's cho form and the peephole's full form): one stream reads every weight once
+  peephole's full form): one stream reads every weight once
   per character, so generating text is bound by how fast the weights stream from
   cache plus what each operation costs (docs/sampling.md).
   The C step does a whole chunk of characters (every layer, the head and the

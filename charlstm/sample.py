@@ -6,8 +6,8 @@ compute that step:
 
 - :class:`~charlstm.native.NativeStep` (the default where it runs): the same
   arithmetic in C, a chunk of characters per call (charlstm/native.py), for
-  float32 CPU models of every variant but the gru's cho form and the peephole's
-  full form, when sampling by temperature or greedily and a C compiler is there.
+  float32 CPU models of every variant but the peephole's full form, when
+  sampling by temperature or greedily and a C compiler is there.
 - :class:`FastStep` (the default otherwise) reads the weights out of a
   :class:`~charlstm.model.CharModel` once and computes the equations of
   ``../shared/EQUATIONS.md`` directly: the embedding is folded into layer 0's
