@@ -541,6 +541,15 @@ class _RNN(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- native loops
 
+def _native_window(x: Tensor, w_ih: Tensor, b: Tensor | None, h0: Tensor) -> tuple[Tensor, Tensor]:
+    """What every native loop starts from: the input half of the gates for all steps (T, B, G*H),
+    one matrix multiply, and the hidden states (T + 1, B, H) with h0 in row 0."""
+    T, B, _ = x.shape
+    hs = x.new_empty(T + 1, B, h0.shape[-1])                # h_{-1} .. h_{T-1}
+    hs[0] = h0
+    return _project(x, w_ih, b), hs
+
+
 class _NativeLSTMFamily(torch.autograd.Function):
     """lstm, peephole (diag form) or coupled over a window with both time loops in C
     (charlstm/csrc/train_loops.c, through native.py): the inputs, outputs and equations of
@@ -551,17 +560,14 @@ class _NativeLSTMFamily(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b, p, kind):
         from . import native
 
-        T, B, _ = x.shape
-        H = w_hh.shape[1]
-        gates = _project(x, w_ih, b)                        # (T, B, G*H), activated in place
-        hs = x.new_empty(T + 1, B, H)                       # h_{-1} .. h_{T-1}
-        cs = x.new_empty(T + 1, B, H)                       # c_{-1} .. c_{T-1}
-        tcs = x.new_empty(T, B, H)                          # tanh(c_t)
-        hs[0], cs[0] = h0, c0
+        gates, hs = _native_window(x, w_ih, b, h0)          # gates (T, B, G*H), activated in place
+        cs = torch.empty_like(hs)                           # c_{-1} .. c_{T-1}
+        tcs = torch.empty_like(hs[1:])                      # tanh(c_t)
+        cs[0] = c0
         native.recurrent_forward(kind, gates, w_hh, hs, cs, tcs, peep=p)
         ctx.kind, ctx.has_bias = kind, b is not None
         ctx.save_for_backward(x, gates, hs, cs, tcs, w_ih, w_hh, p)
-        return hs[1:], cs[T]
+        return hs[1:], cs[-1]
 
     @staticmethod
     @once_differentiable
@@ -594,12 +600,8 @@ class _NativeGRU(torch.autograd.Function):
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):
         from . import native
 
-        T, B, _ = x.shape
-        H = w_hh.shape[1]
-        gates = _project(x, w_ih, b_ih)                     # (T, B, 3H) W_ih x + b_ih; then r, z, n
-        hs = x.new_empty(T + 1, B, H)
-        hs[0] = h0
-        hn = x.new_empty(T, B, H)                           # W_hn h_{t-1} + b_hn
+        gates, hs = _native_window(x, w_ih, b_ih, h0)       # gates: W_ih x + b_ih, then r, z, n
+        hn = torch.empty_like(hs[1:])                       # W_hn h_{t-1} + b_hn
         native.recurrent_forward("gru", gates, w_hh, hs, None, hn, b_hh=b_hh)
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.save_for_backward(x, gates, hs, hn, w_ih, w_hh)
@@ -633,12 +635,8 @@ class _NativeChoGRU(torch.autograd.Function):
     def forward(ctx, x, h0, w_ih, w_hh, b):
         from . import native
 
-        T, B, _ = x.shape
-        H = w_hh.shape[1]
-        gates = _project(x, w_ih, b)                        # (T, B, 3H) W x + b; then r, z, n
-        hs = x.new_empty(T + 1, B, H)
-        hs[0] = h0
-        rh = x.new_empty(T, B, H)                           # r * h_prev
+        gates, hs = _native_window(x, w_ih, b, h0)          # gates: W x + b, then r, z, n
+        rh = torch.empty_like(hs[1:])                       # r * h_prev
         native.recurrent_forward("gru_cho", gates, w_hh, hs, None, None, rh=rh)
         ctx.has_bias = b is not None
         ctx.save_for_backward(x, gates, hs, rh, w_ih, w_hh)
@@ -670,11 +668,7 @@ class _NativeRNN(torch.autograd.Function):
     def forward(ctx, x, h0, w_ih, w_hh, b):
         from . import native
 
-        T, B, _ = x.shape
-        H = w_hh.shape[1]
-        gates = _project(x, w_ih, b)                        # (T, B, H) W_ih x + b; then h_t
-        hs = x.new_empty(T + 1, B, H)
-        hs[0] = h0
+        gates, hs = _native_window(x, w_ih, b, h0)          # gates: W_ih x + b, then h_t
         native.recurrent_forward("rnn", gates, w_hh, hs, None, None)
         ctx.has_bias = b is not None
         ctx.save_for_backward(x, gates, hs, w_ih, w_hh)
