@@ -218,20 +218,26 @@ INLINE void backward_pointwise(const Seq *q, int kind, int t, int s) {
     }
 }
 
-/* Backward, step t: dh_{t-1} = (recurrent gradient of step t) U, for output panel p (32 units),
- * streams s0 .. s0 + g - 1 (the gru adds its direct dh z). */
-INLINE void backward_panel(const Seq *q, int kind, int t, int p, int s0, int g) {
-    const int B = q->B, H = q->H, G = gates_of(kind);
-    const size_t GH = (size_t)G * H, u = 32 * (size_t)p;
+/* out[s] (B, H) = init[s] (or zeros) + x_s (K) @ a (K, H) matrix in panels of 32 output units
+ * (H/32, K, 32), output panel p, streams s0 .. s0 + g - 1: the backward's products. */
+INLINE void out_panel(const float *w, int K, const float *x, size_t stride, const float *init, float *out,
+                      int H, int p, int s0, int g) {
     __m256 acc[GROUP][4];
+    const size_t u = 32 * (size_t)p;
     for (int j = 0; j < g; j++)
         for (int c = 0; c < 4; c++)
-            acc[j][c] = kind == GRU ? LD(q->dc + (size_t)(s0 + j) * H + u + 8 * c) : _mm256_setzero_ps();
-    const float *x = (kind == GRU ? q->dph : q->dpre) + ((size_t)t * B + s0) * GH;
-    panel_rows(q->wb, (size_t)p * GH * 32, (int)GH, 4, x, GH, acc, g, 0);
+            acc[j][c] = init ? LD(init + (size_t)(s0 + j) * H + u + 8 * c) : _mm256_setzero_ps();
+    panel_rows(w, (size_t)p * K * 32, K, 4, x + (size_t)s0 * stride, stride, acc, g, 0);
     for (int j = 0; j < g; j++)
-        for (int c = 0; c < 4; c++)
-            ST(q->dh + (size_t)(s0 + j) * H + u + 8 * c, acc[j][c]);
+        for (int c = 0; c < 4; c++) ST(out + (size_t)(s0 + j) * H + u + 8 * c, acc[j][c]);
+}
+
+/* Backward, step t: dh_{t-1} = (recurrent gradient of step t) U, for output panel p (32 units),
+ * streams s0 .. s0 + g - 1 (the gru adds its direct dh z, kept in dc). */
+INLINE void backward_panel(const Seq *q, int kind, int t, int p, int s0, int g) {
+    const size_t GH = (size_t)gates_of(kind) * q->H;
+    const float *x = (kind == GRU ? q->dph : q->dpre) + (size_t)t * q->B * GH;
+    out_panel(q->wb, (int)GH, x, GH, kind == GRU ? q->dc : NULL, q->dh, q->H, p, s0, g);
 }
 
 INLINE void backward(const Seq *q, int kind) {
@@ -298,20 +304,6 @@ INLINE void forward_cho(const Seq *q) {
         for (int pg = 0; pg < P * groups; pg++)
             cho_n_panel(q, t, pg % P, (pg / P) * GROUP, min_int(q->B - (pg / P) * GROUP, GROUP));
     }
-}
-
-/* out[s] (B, H) = init[s] (or zeros) + x_s (K) @ a (K, H) matrix in panels of 32 output units
- * (H/32, K, 32), for the streams of one group: the backward's products. */
-INLINE void out_panel(const float *w, int K, const float *x, size_t stride, const float *init, float *out,
-                      int H, int p, int s0, int g) {
-    __m256 acc[GROUP][4];
-    const size_t u = 32 * (size_t)p;
-    for (int j = 0; j < g; j++)
-        for (int c = 0; c < 4; c++)
-            acc[j][c] = init ? LD(init + (size_t)(s0 + j) * H + u + 8 * c) : _mm256_setzero_ps();
-    panel_rows(w, (size_t)p * K * 32, K, 4, x + (size_t)s0 * stride, stride, acc, g, 0);
-    for (int j = 0; j < g; j++)
-        for (int c = 0; c < 4; c++) ST(out + (size_t)(s0 + j) * H + u + 8 * c, acc[j][c]);
 }
 
 INLINE void backward_cho(const Seq *q) {
