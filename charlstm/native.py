@@ -171,10 +171,19 @@ def unsupported(model) -> Optional[str]:
     return None
 
 
-def _panels(w: Tensor, H: int) -> Tensor:
-    """The G gate blocks (each H columns) of w (..., G*H) grouped in panels of 8 units: (..., H/8, 8G)."""
+def _panels(w: Tensor, H: int, slots: Optional[list] = None) -> Tensor:
+    """The G gate blocks (each H columns) of w (..., G*H), in `slots` order if given, grouped in
+    panels of 8 units: (..., H/8, 8G)."""
     lead, G = w.shape[:-1], w.shape[-1] // H
-    return w.reshape(*lead, G, H // 8, 8).transpose(-3, -2).reshape(*lead, H // 8, 8 * G)
+    blocks = w.reshape(*lead, G, H // 8, 8)
+    if slots is not None:
+        blocks = blocks[..., slots, :, :]
+    return blocks.transpose(-3, -2).reshape(*lead, H // 8, 8 * G)
+
+
+def _panel_major(w: Tensor, H: int, slots: Optional[list] = None) -> Tensor:
+    """A weight matrix (K, G*H) as the kernels read it: panel after panel, (H/8, K, 8G)."""
+    return _panels(w, H, slots).transpose(0, 1).contiguous()
 
 
 def _pointers(tensors: list) -> ctypes.Array:
@@ -211,8 +220,8 @@ class NativeStep:
         gru = self.kind == "gru"
         wt = torch.float16 if precision == "fp16" else torch.float32
 
-        def panel_major(w: Tensor) -> Tensor:                # (K, G*H) -> (H/8, K, 8G)
-            return _panels(w, H).transpose(0, 1).contiguous().to(wt)
+        def panel_major(w: Tensor) -> Tensor:                # (K, G*H) -> (H/8, K, 8G), in the weights' type
+            return _panel_major(w, H).to(wt)
 
         layers = fast.layers
         self.table = _panels(fast.table, H).contiguous()                           # (V, H/8, 8G)
@@ -321,12 +330,6 @@ def _ptr(t: Optional[Tensor]):
     return None if t is None else t.data_ptr()
 
 
-def _forward_panels(u_t: Tensor, H: int, slots: list) -> Tensor:
-    """U^T (H, G*H) in panels of 8 units with the gate blocks in `slots` order: (H/8, H, G, 8)."""
-    G = u_t.shape[1] // H
-    return u_t.reshape(H, G, H // 8, 8)[:, slots].permute(2, 0, 1, 3).contiguous()
-
-
 def _backward_panels(u: Tensor) -> Tensor:
     """U (K, H) in panels of 32 output units: (H/32, K, 32)."""
     K, H = u.shape
@@ -348,9 +351,9 @@ def recurrent_forward(kind: str, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Op
     u_t = w_hh.detach().t()                                                   # (H, G*H)
     wf2 = None
     if kind == "gru_cho":      # two products per step: U_rz h, then U_n (r h)
-        wf, wf2 = _forward_panels(u_t[:, :2 * H], H, [0, 1]), _forward_panels(u_t[:, 2 * H:], H, [0])
+        wf, wf2 = _panel_major(u_t[:, :2 * H], H), _panel_major(u_t[:, 2 * H:], H)
     else:
-        wf = _forward_panels(u_t, H, SLOTS[kind])
+        wf = _panel_major(u_t, H, SLOTS[kind])
     bh = None if b_hh is None else b_hh.detach().contiguous()                 # kept alive through the call
     pp = None if peep is None else peep.detach().contiguous()
     seq = _Seq(kind=KINDS[kind], T=T, B=B, H=H, threads=torch.get_num_threads(), gates=_ptr(gates),
