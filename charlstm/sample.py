@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .errors import CharlstmError, UsageError
-from .runtime import torch_threads
+from .runtime import check_threads, torch_threads
 
 PRIME_WINDOW = 1024      # prime characters read per model.forward call
 CHUNK = 32               # characters generated between two streaming callbacks
@@ -610,8 +610,7 @@ def run_from_cli(*, run: Path | None, prime: str, length: int, temperature: floa
 
     ``threads`` torch threads while generating (None: all cores for the native
     step, one for the torch steps; see `stepping_threads` and docs/sampling.md)."""
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1 (got {threads})")
+    check_threads(threads)                  # before the checkpoint is loaded
     return _sample_command(run=run, prime=prime, length=length, temperature=temperature, top_k=top_k,
                            top_p=top_p, greedy=greedy, seed=seed, num_samples=num_samples, output=output,
                            no_stream=no_stream, unknown=unknown, device=device, threads=threads,
