@@ -14,7 +14,7 @@ from pathlib import Path
 
 from charlstm.checkpoint import load_checkpoint
 from charlstm.corpus import load_corpus
-from charlstm.train import evaluate_loss
+from charlstm.evaluation import evaluate_loss
 
 p = argparse.ArgumentParser()
 p.add_argument("run", type=Path)

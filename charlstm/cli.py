@@ -202,7 +202,7 @@ def info(
 ) -> None:
     """What a checkpoint is: config, parameters, corpus, metrics."""
     try:
-        from . import inspect as info_mod
+        from . import info as info_mod
     except ImportError as e:
         raise NotImplementedYet("charlstm info") from e
     info_mod.run_from_cli(**{k: v for k, v in locals().items() if k != "info_mod"})

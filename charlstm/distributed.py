@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CharlstmError, UsageError
+from .runtime import resolve_device
 
 ENV_RANK, ENV_WORLD, ENV_LOCAL_RANK, ENV_LOCAL_WORLD = "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"
 TIMEOUT_ENV = "CHARLSTM_DIST_TIMEOUT"   # seconds a process waits in a collective (rank 0 evaluating, saving)
@@ -107,15 +108,12 @@ def timeout() -> datetime.timedelta:
 def device_for(requested: str, ctx: DistContext | None) -> torch.device:
     """This process's device for ``--device``: as given for a single process (``ctx`` None); under
     torchrun, ``cuda`` (or ``auto`` with CUDA present) means GPU LOCAL_RANK of this host."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {requested}: no CUDA device is available here; use --device cpu or auto")
-    if not requested.startswith("cuda") or ctx is None:
-        return torch.device(requested)
-    if requested != "cuda":
+    if ctx is not None and requested.startswith("cuda:"):
         raise UsageError(f"--device {requested} names one GPU, but under torchrun every process takes its own "
                          "(GPU LOCAL_RANK of its host); pass --device cuda or auto")
+    device = resolve_device(requested)
+    if device.type != "cuda" or ctx is None:
+        return device
     count = torch.cuda.device_count()
     if ctx.local_rank >= count:
         raise UsageError(f"process {ctx.local_rank} on this host needs GPU {ctx.local_rank}, but only {count} "

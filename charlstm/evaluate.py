@@ -2,7 +2,7 @@
 
 The text is a split of the checkpoint's own corpus (validation by default,
 cut exactly as the trainer cut it) or any UTF-8 file. The figure comes from
-:func:`charlstm.train.evaluate_loss`, the routine the trainer evaluates with,
+:func:`charlstm.evaluation.evaluate_loss`, the routine the trainer evaluates with,
 with the run's batch size and window length, so ``eval`` on the validation
 split repeats the trainer's validation loss for that checkpoint.
 Characters outside the model's vocabulary cannot be scored: they are left out
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .errors import CharlstmError, UsageError
-from .runtime import torch_threads
+from .evaluation import evaluate_loss
+from .runtime import resolve_device, torch_threads
 
 LN2 = math.log(2.0)
 SPLITS = ("train", "val", "test")
@@ -99,7 +100,6 @@ def evaluate_checkpoint(ckpt, *, split: str = "val", text_file: Path | None = No
                         device=None, progress: bool = True) -> dict:
     """The loss of a loaded checkpoint on a split of its corpus or on a text file, as a JSON-safe dict:
     loss_nats, bpc, chars (characters scored), and where the text came from."""
-    from .train import evaluate_loss
 
     if split not in SPLITS:
         raise UsageError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
@@ -143,7 +143,6 @@ def run_from_cli(*, run: Path | None, split: str, text_file: Path | None, batch_
 
 def _eval_command(*, run, split, text_file, batch_size, device, json_out, checkpoints) -> dict:
     from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .train import resolve_device
 
     if split not in SPLITS:
         raise UsageError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")

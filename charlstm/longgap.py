@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import UsageError
+from .runtime import resolve_device
 
 KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DISTRACTOR_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -167,15 +168,6 @@ def evaluate_recall(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int 
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
     model.train(was_training)
     return correct / y.numel(), loss_sum / y.numel()
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a usage error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return torch.device(device)
 
 
 def train_long_gap(

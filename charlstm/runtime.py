@@ -1,4 +1,4 @@
-"""Process-level settings shared by the commands (torch threads)."""
+"""Process-level settings shared by the commands: the device and torch's threads."""
 
 from __future__ import annotations
 
@@ -7,6 +7,22 @@ import contextlib
 import torch
 
 from .errors import UsageError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``--device NAME`` asks for: 'auto' is cuda where a CUDA device is present, else cpu.
+
+    UsageError (exit 2) for a name other than auto, cpu or cuda, and for cuda on a machine without one.
+    """
+    if name not in DEVICES:
+        raise UsageError(f"--device must be one of {', '.join(DEVICES)} (got {name!r})")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    return torch.device(name)
 
 
 def check_threads(threads: int | None) -> None:

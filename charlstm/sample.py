@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .errors import CharlstmError, UsageError
-from .runtime import check_threads, torch_threads
+from .runtime import check_threads, resolve_device, torch_threads
 
 PRIME_WINDOW = 1024      # prime characters read per model.forward call
 CHUNK = 32               # characters generated between two streaming callbacks
@@ -620,7 +620,6 @@ def run_from_cli(*, run: Path | None, prime: str, length: int, temperature: floa
 def _sample_command(*, run, prime, length, temperature, top_k, top_p, greedy, seed, num_samples, output,
                     no_stream, unknown, device, threads, precision, checkpoints) -> Generation | None:
     from .checkpoint import load_checkpoint, resolve_checkpoint, write_text_atomic
-    from .train import resolve_device
 
     options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
     if length < 0:

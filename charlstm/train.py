@@ -28,36 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt_mod
-from .config import ModelConfig, TrainConfig, parse_duration
+from .config import PRESETS, ModelConfig, TrainConfig, parse_duration
 from .errors import CharlstmError, UsageError
+from .evaluation import evaluate_loss, sample_text
+from .runtime import resolve_device
 
 LN2 = math.log(2.0)
-
-# Named recipes: values below explicit options, above the dataclass defaults.
-PRESETS: dict[str, dict] = {
-    # About two CPU minutes on two cores; recognisable Python on the built-in corpus. Small
-    # batches and a high rate: in two minutes more updates beat larger ones (measured against
-    # B 32, T 128, lr 3e-3 at equal time: val 2.27 vs 3.05 nats/char on a busy machine).
-    "demo": {
-        "data": "pystdlib",
-        "variant": "lstm", "layers": 2, "hidden": 256, "embed": 64, "dropout": 0.0,
-        "batch_size": 16, "seq_len": 64, "lr": 6e-3, "schedule": "cosine", "warmup": 20,
-        "max_time": 120.0, "eval_every": 400, "checkpoint_every": 400, "sample_chars": 200,
-        "val_frac": 0.02,   # 120k characters: a few seconds per evaluation, not half a minute
-    },
-    # The README's 10-minute CPU quality recipe on tinyshakespeare (see docs/training.md): the
-    # baseline script's model, window and batch, with lr 1e-2 cosine to 0, weight decay 0.3 on
-    # the weight matrices, gradient clipping at 5 rather than 1, no dropout (5 epochs in 10
-    # minutes; dropout between layers slows nn.LSTM by 13%, weight decay costs nothing) and
-    # forget bias 0. Measured on the quiet 2-core machine against the baseline script's 1.4690
-    # nats/char: see docs/training.md.
-    "shakespeare": {
-        "data": "tinyshakespeare",
-        "variant": "lstm", "layers": 2, "hidden": 384, "embed": 64, "dropout": 0.0, "forget_bias": 0.0,
-        "batch_size": 32, "seq_len": 128, "lr": 1e-2, "schedule": "cosine", "warmup": 100, "min_lr_frac": 0.0,
-        "weight_decay": 0.3, "clip": 5.0, "max_time": 600.0, "eval_every": 100000, "checkpoint_every": 1000, "sample_chars": 300,
-    },
-}
 
 # Options that may differ from the stored run when resuming (they do not change what a step computes).
 RESUMABLE_OPTIONS = frozenset({
@@ -93,70 +69,6 @@ class TrainResult:
     def exit_code(self) -> int:
         """0, or 128 + the signal for an interrupted run (130 for Ctrl-C), as shells report it."""
         return 128 + (self.signal or signal.SIGINT) if self.interrupted else 0
-
-
-# --------------------------------------------------------------------------- evaluation
-
-def evaluate_loss(model, tokens: torch.Tensor, *, batch_size: int, seq_len: int, device,
-                  carry_state: bool = True, token_map: torch.Tensor | None = None) -> tuple[float, int]:
-    """Mean cross-entropy in nats/char over the whole of ``tokens`` and the number of chars scored.
-
-    ``batch_size`` streams run in parallel and each window starts from the
-    previous window's final state (``carry_state=False`` starts every window
-    from zeros instead: the windowed protocol). ``token_map`` (V_corpus,) long
-    translates the ids into the model's vocabulary (a run --init-from another
-    model). The model's training mode and the global RNG are left as they were.
-    """
-    from .batches import eval_windows
-    from .model import detach_state
-
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
-    state = None
-    try:
-        with torch.no_grad():
-            for x, y, mask in eval_windows(tokens, batch_size, seq_len, token_map=token_map):
-                x, y, mask = x.to(device), y.to(device), mask.to(device)
-                if not carry_state or state is None or state.h.shape[1] != x.shape[1]:
-                    state = None
-                logits, state = model(x, state)                          # (T, B, V)
-                state = detach_state(state)
-                nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                      reduction="none")                  # (T*B,)
-                m = mask.reshape(-1)
-                total += nll[m].double().sum().cpu()
-                count += int(m.sum())
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise CharlstmError("the evaluation split is empty: nothing to evaluate")
-    return float(total / count), count
-
-
-def sample_text(model, vocab, length: int, *, device, seed: int, temperature: float = 0.8,
-                prime: str = "\n") -> str:
-    """A short sample for the progress display, drawn with its own generator (global RNG untouched)."""
-    if length <= 0:
-        return ""
-    gen = torch.Generator().manual_seed(seed)
-    prime = "".join(c for c in prime if c in vocab.stoi) or vocab.chars[0]
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        with torch.no_grad():
-            idx = torch.tensor([[vocab.stoi[c]] for c in prime], dtype=torch.long, device=device)  # (T, 1)
-            logits, state = model(idx)
-            for _ in range(length):
-                probs = torch.softmax(logits[-1, 0].float() / temperature, dim=-1).cpu()  # (V,)
-                nxt = int(torch.multinomial(probs, 1, generator=gen))
-                out.append(nxt)
-                logits, state = model(torch.tensor([[nxt]], dtype=torch.long, device=device), state)
-    finally:
-        model.train(was_training)
-    return vocab.decode(out)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -211,15 +123,6 @@ def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 # --------------------------------------------------------------------------- helpers
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available else cpu; UsageError for cuda on a machine without one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    return torch.device(name)
-
 
 def _rng_state(device: torch.device) -> dict:
     state = {"torch_cpu": torch.get_rng_state(), "python": _python_rng_to_json(random.getstate())}

@@ -38,6 +38,7 @@ from torch import Tensor
 from .errors import CharlstmError, UsageError
 from .features import FEATURE_HELP, pearson, text_features
 from .model import LSTM_FAMILY, CharModel
+from .runtime import resolve_device
 
 QUANTITY_HELP = {
     "h": "hidden state h_t (the layer's output)",
@@ -693,16 +694,6 @@ def read_text_arg(text: str | None, text_file: Path | None) -> str:
     return text
 
 
-def _device(name: str) -> torch.device:
-    if name not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda (got {name!r})")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CharlstmError("--device cuda: no CUDA device is available here; use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def _fmt_unit(u: dict) -> str:
     return f"{u['layer']}:{u['unit']} {u['quantity']} r={u['r']:+.2f}"
 
@@ -738,7 +729,7 @@ def run_from_cli(*, run, text, text_file, html, unit, quantity, scale, find_unit
     raw = read_text_arg(text, text_file)
 
     # --- the checkpoint and the text it can read
-    dev = _device(device)
+    dev = resolve_device(device)
     ckpt = load_checkpoint(resolve_checkpoint(run), map_location=dev)
     model, cfg, vocab = ckpt.model, ckpt.model_cfg, ckpt.vocab
     ids = encode_text(raw, vocab, unknown, hint="remove them or pass --unknown skip to drop them")

@@ -96,7 +96,7 @@ def test_click_usage_errors_exit_2(args):
 
 
 # Commands whose block imports its library module lazily (module names of docs/architecture.md).
-LAZY_COMMANDS = [("train", "train"), ("sample", "sample"), ("eval", "evaluate"), ("info", "inspect")]
+LAZY_COMMANDS = [("train", "train"), ("sample", "sample"), ("eval", "evaluate"), ("info", "info")]
 
 
 @pytest.mark.parametrize("command,module", LAZY_COMMANDS)

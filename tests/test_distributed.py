@@ -162,7 +162,7 @@ def test_token_map_translates_windows():
 def test_evaluate_loss_through_a_token_map_equals_on_translated_tokens():
     from charlstm.config import ModelConfig
     from charlstm.model import build_model
-    from charlstm.train import evaluate_loss
+    from charlstm.evaluation import evaluate_loss
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=12, hidden=8, embed=4, layers=1))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from charlstm import checkpoint as ck
 from charlstm.cli import app
 from charlstm.corpus import encode_text
-from charlstm.train import evaluate_loss
+from charlstm.evaluation import evaluate_loss
 
 from conftest import tiny_text
 

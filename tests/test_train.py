@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
+from charlstm.evaluation import evaluate_loss
 from charlstm import train as train_mod
 from charlstm.batches import StreamBatcher
 from charlstm.cli import app
@@ -282,12 +283,12 @@ def test_evaluate_loss_covers_the_split_and_leaves_the_rng_alone():
     model = build_model(ModelConfig(vocab_size=len(vocab), hidden=16, embed=8, dropout=0.3))
     model.train()
     rng = torch.get_rng_state()
-    loss, n = train_mod.evaluate_loss(model, tokens, batch_size=5, seq_len=64, device="cpu")
+    loss, n = evaluate_loss(model, tokens, batch_size=5, seq_len=64, device="cpu")
     assert n == tokens.numel() - 1 and math.isfinite(loss)
     assert model.training and torch.equal(torch.get_rng_state(), rng)
-    again, _ = train_mod.evaluate_loss(model, tokens, batch_size=5, seq_len=64, device="cpu")
+    again, _ = evaluate_loss(model, tokens, batch_size=5, seq_len=64, device="cpu")
     assert again == loss                                       # deterministic: no dropout at evaluation
-    windowed, m = train_mod.evaluate_loss(model, tokens, batch_size=5, seq_len=64, device="cpu", carry_state=False)
+    windowed, m = evaluate_loss(model, tokens, batch_size=5, seq_len=64, device="cpu", carry_state=False)
     assert m == n and windowed != loss
 
 
