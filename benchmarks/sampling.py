@@ -16,9 +16,9 @@ Steppers:
   nn.LSTM stepped             model.forward on one character at a time (torch's nn.LSTM, T = 1)
   nn.LSTM stepped, no oneDNN  the same with torch.backends.mkldnn disabled (torch 2.13's CPU
                               nn.LSTM goes through oneDNN, which costs several ms per call)
-  fast (eager)                charlstm.sample.FastStep, its Python loop
+  fast (eager)                charlstm.steppers.FastStep, its Python loop
   fast (TorchScript)          the same, the loop compiled (the torch step of `charlstm sample`)
-  native fp32                 charlstm.native.NativeStep: the C step (what `charlstm sample` uses
+  native fp32                 charlstm.native.step.NativeStep: the C step (what `charlstm sample` uses
                               for an LSTM where it can be compiled)
   native fp16                 the same with float16 weights (`charlstm sample --precision fp16`)
 
@@ -43,11 +43,13 @@ import warnings
 
 import torch
 
-from charlstm import native
 from charlstm.config import ModelConfig
 from charlstm.model import build_model
+from charlstm.native.build import library
+from charlstm.native.step import NativeStep, unsupported
 from charlstm.runtime import torch_threads
-from charlstm.sample import FastStep, ModelStep, SamplingOptions, read_prime
+from charlstm.sampling import SamplingOptions, gumbel_noise
+from charlstm.steppers import FastStep, ModelStep, read_prime
 
 TARGETS = {  # (hidden, streams): chars/s, and the ratio to stepped nn.LSTM, for 2 layers (issue 6 / issue 8)
     (384, 1): (4000, 2.0),
@@ -72,9 +74,9 @@ def steppers(model):
         "fast (eager)": lambda: FastStep(model, script=False),
         "fast (TorchScript)": lambda: FastStep(model, script=True),
     }
-    if native.library()[0] is not None and native.unsupported(model) is None:
-        out["native fp32"] = lambda: native.NativeStep(model, "fp32")
-        out["native fp16"] = lambda: native.NativeStep(model, "fp16")
+    if library()[0] is not None and unsupported(model) is None:
+        out["native fp32"] = lambda: NativeStep(model, "fp32")
+        out["native fp16"] = lambda: NativeStep(model, "fp16")
     return out
 
 
@@ -98,13 +100,17 @@ def run(model, make, streams: int, chars: int, seed: int = 0, greedy: bool = Fal
     opts = SamplingOptions(temperature=1.0, greedy=greedy)
     gen = torch.Generator().manual_seed(seed)
     flags = contextlib.nullcontext() if onednn else torch.backends.mkldnn.flags(enabled=False)
+
+    def noise(n: int):                                  # drawn inside the timing, as charlstm sample does
+        return None if greedy else gumbel_noise(n, streams, model.cfg.vocab_size, gen, torch.device("cpu"))
+
     with torch.inference_mode(), flags, torch_threads(threads):
         stepper = make()
         logits, state = read_prime(model, torch.tensor([0]), streams)
         stepper.load_state(state)
-        stepper.generate(logits, 8, opts, gen)          # warm-up (first TorchScript call optimises)
+        stepper.generate(logits, 8, opts, noise(8))     # warm-up (first TorchScript call optimises)
         t0, c0 = time.perf_counter(), time.process_time()
-        out, _ = stepper.generate(logits, chars, opts, gen)
+        out, _ = stepper.generate(logits, chars, opts, noise(chars))
         return (time.perf_counter() - t0, time.process_time() - c0), out
 
 
@@ -169,8 +175,8 @@ def precision_error(run: str, as_json: bool, streams: int = 16, chars: int = 200
     from charlstm.checkpoint import load_checkpoint, resolve_checkpoint
     from charlstm.evaluate import split_tokens
 
-    if native.library()[0] is None:
-        print(f"the native step is unavailable: {native.library()[1]}", file=sys.stderr)
+    if library()[0] is None:
+        print(f"the native step is unavailable: {library()[1]}", file=sys.stderr)
         return 1
     ckpt = load_checkpoint(resolve_checkpoint(Path(run)))
     model = ckpt.model.float().eval()
@@ -183,7 +189,7 @@ def precision_error(run: str, as_json: bool, streams: int = 16, chars: int = 200
         ref, _ = model(idx[:-1])                                                        # (T, B, V)
         logits = {}
         for precision in ("fp32", "fp16"):
-            step = native.NativeStep(model, precision)
+            step = NativeStep(model, precision)
             step.load_state(model.init_state(streams))
             logits[precision] = torch.stack([step.advance(x) for x in idx[:-1]])
         for name, lg in (("model.forward", ref), *logits.items()):

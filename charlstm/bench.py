@@ -41,6 +41,9 @@ import torch.nn.functional as F
 
 from .config import GRU_FORMS, PEEPHOLE_FORMS, VARIANTS, ModelConfig
 from .errors import CharlstmError, UsageError
+from .native.build import library
+from .sampling import SamplingOptions, gumbel_noise
+from .steppers import ModelStep, make_stepper, stepping_threads
 
 BACKENDS = ("cudnn", "custom", "basic")   # basic: the custom cells through the plain unbind loop
 MEASURES = ("train", "sample", "sample-batch")
@@ -239,18 +242,14 @@ def sample_job(model, streams: int, length: int, device: torch.device, seed: int
     at a time (nn.LSTM as torch runs it), ``'no-onednn'`` the same with oneDNN switched off.
     ``threads``: torch threads while sampling (restored afterwards; None: charlstm sample's
     default for the stepper, ``sample.stepping_threads``)."""
-    try:
-        from . import sample as sample_mod
-    except ImportError as e:  # pragma: no cover - only before the sampler exists
-        raise CharlstmError(f"sampling cannot be measured: charlstm.sample is missing ({e})") from e
     model.eval()
     with torch.inference_mode():
-        stepper = sample_mod.ModelStep(model) if reference else sample_mod.make_stepper(model)
-    threads = sample_mod.stepping_threads(stepper, threads)
+        stepper = ModelStep(model) if reference else make_stepper(model)
+    threads = stepping_threads(stepper, threads)
     name = stepper.name + (" (TorchScript)" if getattr(stepper, "scripted", False) else "")
     if reference:
         name = f"nn.LSTM stepped through model.forward ({'oneDNN' if reference == 'onednn' else 'oneDNN off'})"
-    opts = sample_mod.SamplingOptions()
+    opts = SamplingOptions()
     gen = torch.Generator(device=device).manual_seed(seed)
     state0 = model.init_state(streams, device=device)
     logits0 = torch.zeros(streams, model.cfg.vocab_size, device=device)   # (B, V)
@@ -266,7 +265,8 @@ def sample_job(model, streams: int, length: int, device: torch.device, seed: int
                 stepper.load_state(state0)
                 _sync(device)
                 t0 = clock()
-                stepper.generate(logits0, length, opts, gen)
+                noise = gumbel_noise(length, streams, model.cfg.vocab_size, gen, device)
+                stepper.generate(logits0, length, opts, noise)
                 _sync(device)
                 return clock() - t0
         finally:
@@ -547,10 +547,8 @@ def make_table(report: dict):
 
 
 def native_status() -> str:
-    """Whether the custom layers' time loops and the LSTM sampling step run in C here (charlstm/native.py)."""
-    from . import native
-
-    lib, why = native.library()
+    """Whether the custom layers' time loops and the LSTM sampling step run in C here (charlstm/native/)."""
+    lib, why = library()
     if lib is None:
         return f"unavailable ({why}): torch loops and the TorchScript step"
     return ("C loops for custom lstm, peephole (diag), coupled, gru (both forms) and rnn with H a multiple of 32 "

@@ -239,19 +239,3 @@ class ChoGRUCell(Cell):
         n = torch.tanh(xn + F.linear(r * h, self.weight_hh[2 * H:]))
         h = (1.0 - z) * h + z * n
         return {"r": r, "z": z, "n": n, "h": h}
-
-
-def make_cell(cfg, input_size: int) -> Cell:
-    """The custom cell of a ModelConfig's variant (and form) for one layer."""
-    H, bias = cfg.hidden, cfg.bias
-    if cfg.variant == "rnn":
-        return RNNCell(input_size, H, bias)
-    if cfg.variant == "lstm":
-        return LSTMCell(input_size, H, bias)
-    if cfg.variant == "peephole":
-        return PeepholeLSTMCell(input_size, H, bias, form=cfg.peephole_form, peepholes=cfg.peepholes)
-    if cfg.variant == "coupled":
-        return CoupledLSTMCell(input_size, H, bias)
-    if cfg.variant == "gru":
-        return GRUCell(input_size, H, bias) if cfg.gru_form == "cudnn" else ChoGRUCell(input_size, H, bias)
-    raise ValueError(f"unknown variant {cfg.variant!r}")

@@ -10,12 +10,13 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from . import registry
 from .errors import UsageError
 
-VARIANTS = ("rnn", "lstm", "peephole", "coupled", "gru")
+VARIANTS = registry.VARIANTS
 BACKENDS = ("auto", "cudnn", "custom")
-PEEPHOLE_FORMS = ("diag", "full")
-GRU_FORMS = ("cudnn", "cho")
+PEEPHOLE_FORMS = registry.forms("peephole")
+GRU_FORMS = registry.forms("gru")
 INITS = ("uniform", "chrono")
 SCHEDULES = ("cosine", "constant", "step")
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,46 +1,22 @@
-"""Fused recurrent layers: the custom cells run over a whole window with few kernel calls.
+"""The custom cells over a whole window as one torch.autograd.Function each (the torch loops).
 
-The basic layer of ``layers.py`` runs a cell step by step under autograd, so a
-training step records and replays dozens of small operations per time step.
-Here each cell has a ``torch.autograd.Function`` that runs the whole time loop
-itself:
-
-- forward: the input projection is one matrix multiply over all T*B inputs,
-  written straight into the gate buffer; each step then adds the recurrent
-  product in place (``addmm_``) and activates the gates in place. The LSTM
-  family computes its candidate g = tanh(p) as 2 * sigmoid(2p) - 1, with the
-  factor 2 folded into copies of g's weight rows, so that ONE sigmoid call
-  activates every gate of a step. Only what backward needs is kept
-  (activated gates, cell states, outputs).
-- backward: the reverse loop computes the gate gradients of each step with a
-  few fused products and one ``addmm`` for the gradient flowing to
-  ``h_{t-1}``. The products' derivative factors are computed for blocks of
-  ``CHUNK`` steps just before the loop reaches them, so that they are still
-  in cache when used. The weight gradients are then ONE matrix multiply each
-  over all T*B rows (dW_hh = dG^T @ H_prev, dW_ih = dG^T @ X) instead of T
-  small ones, and dx is one more.
-
-Every function computes exactly the equations of ``cells.py`` (EQUATIONS.md);
-``tests/test_fused.py`` checks outputs, final states and gradients against
-the step-by-step cells and ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, and runs
-``gradcheck`` in float64. ``docs/performance.md`` says what each of these
-choices buys.
-
-Entry points: :func:`supports` (is there a fused path for this cell and
-input) and :func:`run_layer` (run one layer over a window).
+Each Function hoists the input projection out of the time loop, runs the recurrent product and
+the gate pointwise in place step by step, and in backward computes every weight gradient as one
+matrix product over all T*B rows. They compute exactly the equations of cells.py; how and why
+is in docs/performance.md. The cell registry (registry.py) names, per cell, the fast paths that
+may run it: a :class:`FastPath` here (torch loops) or in fused_native.py (time loops in C).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["supports", "run_layer", "FUSED_VARIANTS"]
-
-# The cells.py classes that have a fused path (see run_layer).
-FUSED_VARIANTS = ("RNNCell", "LSTMCell", "PeepholeLSTMCell", "CoupledLSTMCell", "GRUCell", "ChoGRUCell")
-
+from .cells import Cell, LayerState
 
 CHUNK = 16   # backward: steps whose derivative factors are computed together, just before use
 
@@ -539,178 +515,32 @@ class _RNN(torch.autograd.Function):
         return dx, dh, dw_ih, dw_hh, db
 
 
-# --------------------------------------------------------------------------- native loops
+# --------------------------------------------------------------------------- fast paths
 
-def _native_window(x: Tensor, w_ih: Tensor, b: Tensor | None, h0: Tensor) -> tuple[Tensor, Tensor]:
-    """What every native loop starts from: the input half of the gates for all steps (T, B, G*H),
-    one matrix multiply, and the hidden states (T + 1, B, H) with h0 in row 0."""
-    T, B, _ = x.shape
-    hs = x.new_empty(T + 1, B, h0.shape[-1])                # h_{-1} .. h_{T-1}
-    hs[0] = h0
-    return _project(x, w_ih, b), hs
+@dataclass(frozen=True)
+class FastPath:
+    """One way to run a layer's whole window faster than step by step (see layers.Recurrent)."""
 
-
-class _NativeLSTMFamily(torch.autograd.Function):
-    """lstm, peephole (diag form) or coupled over a window with both time loops in C
-    (charlstm/csrc/train_loops.c, through native.py): the inputs, outputs and equations of
-    `_LSTM`, `_PeepholeLSTM` (p (3, H)) and `_CoupledLSTM`; the products over the whole
-    window stay here."""
-
-    @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b, p, kind):
-        from . import native
-
-        gates, hs = _native_window(x, w_ih, b, h0)          # gates (T, B, G*H), activated in place
-        cs = torch.empty_like(hs)                           # c_{-1} .. c_{T-1}
-        tcs = torch.empty_like(hs[1:])                      # tanh(c_t)
-        cs[0] = c0
-        native.recurrent_forward(kind, gates, w_hh, hs, cs, tcs, peep=p)
-        ctx.kind, ctx.has_bias = kind, b is not None
-        ctx.save_for_backward(x, gates, hs, cs, tcs, w_ih, w_hh, p)
-        return hs[1:], cs[-1]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dhs, dc_last):
-        from . import native
-
-        x, gates, hs, cs, tcs, w_ih, w_hh, p = ctx.saved_tensors
-        T, B, GH = gates.shape
-        H = w_hh.shape[1]
-        dpre = torch.empty_like(gates)                      # (T, B, G*H) gradient of the pre-activations
-        dh = gates.new_zeros(B, H)
-        dc = _zeros_if_none(dc_last, cs[0]).contiguous().clone()
-        native.recurrent_backward(ctx.kind, gates, w_hh, hs, cs, tcs, _zeros_if_none(dhs, tcs).contiguous(),
-                                  dpre, dh, dc, peep=p)
-        dw_hh = dpre.view(T * B, GH).t().mm(_prev(hs).reshape(T * B, H))   # one GEMM over all steps
-        dx, dw_ih, db = _input_grads(ctx, dpre, x, w_ih, ctx.has_bias)
-        dp = None
-        if ctx.kind == "peephole":                          # i and f saw c_{t-1}, o saw c_t
-            d4 = dpre.view(T, B, 4, H)
-            dp = torch.stack([(d4[:, :, 0] * _prev(cs)).sum((0, 1)), (d4[:, :, 1] * _prev(cs)).sum((0, 1)),
-                              (d4[:, :, 3] * cs[1:]).sum((0, 1))])
-        return dx, dh, dc, dw_ih, dw_hh, db, dp, None
+    name: str                                                        # 'torch loop', 'native loop', ...
+    run: Callable[[Cell, Tensor, LayerState], tuple[Tensor, LayerState]]   # x (T, B, E) -> (T, B, H), state
+    unavailable: Callable[[Cell, Tensor], Optional[str]]              # why it cannot run this input (None: it can)
 
 
-class _NativeGRU(torch.autograd.Function):
-    """gru in nn.GRU's form over a window with both time loops in C: the inputs, outputs and
-    equations of `_GRU`."""
-
-    @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):
-        from . import native
-
-        gates, hs = _native_window(x, w_ih, b_ih, h0)       # gates: W_ih x + b_ih, then r, z, n
-        hn = torch.empty_like(hs[1:])                       # W_hn h_{t-1} + b_hn
-        native.recurrent_forward("gru", gates, w_hh, hs, None, hn, b_hh=b_hh)
-        ctx.has_bias = (b_ih is not None, b_hh is not None)
-        ctx.save_for_backward(x, gates, hs, hn, w_ih, w_hh)
-        return hs[1:]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dhs):
-        from . import native
-
-        x, gates, hs, hn, w_ih, w_hh = ctx.saved_tensors
-        T, B, H3 = gates.shape
-        H = H3 // 3
-        dx = torch.empty_like(gates)                        # (T, B, 3H) gradient of W_ih x + b_ih
-        dhp = torch.empty_like(gates)                       # (T, B, 3H) gradient of W_hh h + b_hh
-        dh = gates.new_zeros(B, H)
-        scratch = gates.new_empty(B, H)
-        native.recurrent_backward("gru", gates, w_hh, hs, None, hn, _zeros_if_none(dhs, hn).contiguous(),
-                                  dx, dh, scratch, dph=dhp)
-        dw_hh = dhp.view(T * B, H3).t().mm(_prev(hs).reshape(T * B, H))
-        db_hh = dhp.sum((0, 1)) if ctx.has_bias[1] else None
-        dxin, dw_ih, db_ih = _input_grads(ctx, dx, x, w_ih, ctx.has_bias[0])
-        return dxin, dh, dw_ih, dw_hh, db_ih, db_hh
-
-
-class _NativeChoGRU(torch.autograd.Function):
-    """gru in Cho et al.'s form over a window with both time loops in C: the inputs, outputs and
-    equations of `_ChoGRU`."""
-
-    @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b):
-        from . import native
-
-        gates, hs = _native_window(x, w_ih, b, h0)          # gates: W x + b, then r, z, n
-        rh = torch.empty_like(hs[1:])                       # r * h_prev
-        native.recurrent_forward("gru_cho", gates, w_hh, hs, None, None, rh=rh)
-        ctx.has_bias = b is not None
-        ctx.save_for_backward(x, gates, hs, rh, w_ih, w_hh)
-        return hs[1:]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dhs):
-        from . import native
-
-        x, gates, hs, rh, w_ih, w_hh = ctx.saved_tensors
-        T, B, H3 = gates.shape
-        H = H3 // 3
-        dpre = torch.empty_like(gates)                      # (T, B, 3H) gradient of the pre-activations r, z, n
-        dh = gates.new_zeros(B, H)
-        native.recurrent_backward("gru_cho", gates, w_hh, hs, None, None, _zeros_if_none(dhs, rh).contiguous(),
-                                  dpre, dh, gates.new_empty(B, H))
-        flat = dpre.view(T * B, H3)
-        dw_hh = torch.cat([flat[:, :2 * H].t().mm(_prev(hs).reshape(T * B, H)),   # U_rz saw h_prev
-                           flat[:, 2 * H:].t().mm(rh.view(T * B, H))])             # U_n saw r * h_prev
-        dx, dw_ih, db = _input_grads(ctx, dpre, x, w_ih, ctx.has_bias)
-        return dx, dh, dw_ih, dw_hh, db
-
-
-class _NativeRNN(torch.autograd.Function):
-    """rnn (tanh) over a window with both time loops in C: the inputs, outputs and equations of `_RNN`."""
-
-    @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b):
-        from . import native
-
-        gates, hs = _native_window(x, w_ih, b, h0)          # gates: W_ih x + b, then h_t
-        native.recurrent_forward("rnn", gates, w_hh, hs, None, None)
-        ctx.has_bias = b is not None
-        ctx.save_for_backward(x, gates, hs, w_ih, w_hh)
-        return hs[1:]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dhs):
-        from . import native
-
-        x, gates, hs, w_ih, w_hh = ctx.saved_tensors
-        T, B, H = gates.shape
-        dpre = torch.empty_like(gates)                      # (T, B, H) gradient of the pre-activations
-        dh = gates.new_zeros(B, H)
-        native.recurrent_backward("rnn", gates, w_hh, hs, None, None, _zeros_if_none(dhs, gates).contiguous(),
-                                  dpre, dh, None)
-        dw_hh = dpre.view(T * B, H).t().mm(_prev(hs).reshape(T * B, H))
-        dx, dw_ih, db = _input_grads(ctx, dpre, x, w_ih, ctx.has_bias)
-        return dx, dh, dw_ih, dw_hh, db
-
-
-# --------------------------------------------------------------------------- entry points
-
-def _autocast_on(x: Tensor) -> bool:
+def autocast_on(x: Tensor) -> bool:
+    """Whether mixed precision (autocast) is active for x's device; the step-by-step layer handles it."""
     try:
         return torch.is_autocast_enabled(x.device.type)
     except TypeError:  # torch < 2.4: no device argument
         return torch.is_autocast_cpu_enabled() if x.device.type == "cpu" else torch.is_autocast_enabled()
 
 
-def supports(cell, x: Tensor | None = None) -> bool:
-    """Whether ``cell`` (a cells.py cell) has a fused path for input ``x``: every variant
-    and form does, except under autocast (mixed precision), which the step-by-step
-    layer handles."""
-    if type(cell).__name__ not in FUSED_VARIANTS:
-        return False
-    return x is None or not _autocast_on(x)
+def _torch_loop_unavailable(cell: Cell, x: Tensor) -> Optional[str]:
+    return "autocast is on (the step-by-step layer runs mixed precision)" if autocast_on(x) else None
 
 
-def _peephole_weights(cell) -> Tensor:
-    """The peephole weights of gates i, f, o, zeros for a gate without one: (3, H) in the
-    diag form, (3H, H) in the full form (cells.py stores only the gates listed, in the order f, i, o)."""
+def peephole_weights(cell) -> Tensor:
+    """The peephole weights of gates i, f, o, zeros for a gate without one: (3, H) in the diag form,
+    (3H, H) in the full form (cells.py stores only the gates listed, in the order f, i, o)."""
     H = cell.hidden_size
     shape = (H,) if cell.form == "diag" else (H, H)
     blocks = []
@@ -723,62 +553,45 @@ def _peephole_weights(cell) -> Tensor:
     return torch.stack(blocks) if cell.form == "diag" else torch.cat(blocks)
 
 
-NATIVE = {"on": True}     # tests and benchmarks switch the native loops off to compare
+def _lstm(cell, x, state):
+    hs, c = _LSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias())
+    return hs, (hs[-1], c)
 
 
-def _native_trains(x: Tensor, cell) -> bool:
-    """Whether this layer's loops run in C (charlstm/native.py): lstm, peephole (diag), coupled,
-    gru (both forms) and rnn, float32 on the CPU, H a multiple of 32, the library available."""
-    if not NATIVE["on"] or type(cell).__name__ not in ("LSTMCell", "PeepholeLSTMCell", "CoupledLSTMCell", "GRUCell",
-                                                       "ChoGRUCell", "RNNCell"):
-        return False
-    from . import native
-
-    return native.trains(x, cell.weight_hh)
+def _peephole(cell, x, state):
+    hs, c = _PeepholeLSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias(),
+                                peephole_weights(cell), cell.form == "full")
+    return hs, (hs[-1], c)
 
 
-def run_layer(cell, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
-    """Run ``cell`` over x (T, B, input) from ``state`` ((h,) or (h, c), each (B, H); zeros
-    when None) with the fused loop. Returns outputs (T, B, H) and the final state,
-    exactly as the step-by-step layer does (``supports(cell)`` must be true)."""
-    if state is None:
-        state = cell.zero_state(x.shape[1], device=x.device, dtype=x.dtype)
-    if x.shape[0] == 0:
-        return x.new_empty(0, x.shape[1], cell.hidden_size), tuple(state)
-    name = type(cell).__name__
-    native_ok = _native_trains(x, cell)
-    if name == "LSTMCell":
-        if native_ok:
-            hs, c = _NativeLSTMFamily.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh,
-                                            cell.input_bias(), None, "lstm")
-        else:
-            hs, c = _LSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias())
-        return hs, (hs[-1], c)
-    if name == "PeepholeLSTMCell":
-        if native_ok and cell.form == "diag":
-            hs, c = _NativeLSTMFamily.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh,
-                                            cell.input_bias(), _peephole_weights(cell), "peephole")
-        else:
-            hs, c = _PeepholeLSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias(),
-                                        _peephole_weights(cell), cell.form == "full")
-        return hs, (hs[-1], c)
-    if name == "CoupledLSTMCell":
-        if native_ok:
-            hs, c = _NativeLSTMFamily.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh,
-                                            cell.input_bias(), None, "coupled")
-        else:
-            hs, c = _CoupledLSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias())
-        return hs, (hs[-1], c)
-    if name == "GRUCell":
-        fn = _NativeGRU if native_ok else _GRU
-        hs = fn.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
-        return hs, (hs[-1],)
-    if name == "ChoGRUCell":
-        fn = _NativeChoGRU if native_ok else _ChoGRU
-        hs = fn.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.bias)
-        return hs, (hs[-1],)
-    if name == "RNNCell":
-        fn = _NativeRNN if native_ok else _RNN
-        hs = fn.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.input_bias())
-        return hs, (hs[-1],)
-    raise ValueError(f"no fused path for {name}")
+def _coupled(cell, x, state):
+    hs, c = _CoupledLSTM.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias())
+    return hs, (hs[-1], c)
+
+
+def _gru(cell, x, state):
+    hs = _GRU.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    return hs, (hs[-1],)
+
+
+def _cho_gru(cell, x, state):
+    hs = _ChoGRU.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.bias)
+    return hs, (hs[-1],)
+
+
+def _rnn(cell, x, state):
+    hs = _RNN.apply(x, state[0], cell.weight_ih, cell.weight_hh, cell.input_bias())
+    return hs, (hs[-1],)
+
+
+def torch_loop(run) -> FastPath:
+    return FastPath("torch loop", run, _torch_loop_unavailable)
+
+
+LSTM = torch_loop(_lstm)
+PEEPHOLE = torch_loop(_peephole)
+COUPLED = torch_loop(_coupled)
+GRU = torch_loop(_gru)
+CHO_GRU = torch_loop(_cho_gru)
+RNN = torch_loop(_rnn)
+

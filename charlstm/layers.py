@@ -1,44 +1,55 @@
 """One recurrent layer that runs any cell over time, and the stack of such layers.
 
-The layer hoists the input projection out of the time loop: ``cell.project``
-is one matrix multiply over all T*B inputs, and the loop (over ``unbind(0)``,
-whose backward is linear in T, unlike indexing ``xp[t]``) only adds the
-recurrent product. A new cell needs no change here.
-
-For speed, a layer whose cell has a fused implementation (every cell of
-``cells.py``; see ``fused.py`` and docs/performance.md) runs that instead: the
-same equations, one ``torch.autograd.Function`` for the whole window. The
-step-by-step loop below stays the reference, and runs when ``use_fused`` is
-False, when the gate activations are asked for, and under autocast.
+The layer hoists the input projection out of the time loop (one matrix multiply over all T*B
+inputs) and steps through ``unbind(0)`` (linear backward, unlike ``xp[t]``). A new cell needs no
+change here. Where a fast path given by the cell registry can run the window, the layer runs
+that instead: the same equations over the whole window (fused.py, fused_native.py). The
+step-by-step loop stays the reference, and runs when no path can, when the gate activations
+are asked for, and when ``use_fused`` is off.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import fused
 from .cells import Cell, LayerState
+from .fused import FastPath
 
 
 class Recurrent(nn.Module):
     """Runs one cell over a sequence: x (T, B, E) and a state -> outputs (T, B, H), final state."""
 
-    use_fused: bool = True  # run fused.py's loop where the cell has one (False: always step by step)
+    use_fused: bool = True  # run a fast path where one can (False: always step by step)
 
-    def __init__(self, cell: Cell):
+    def __init__(self, cell: Cell, fast_paths: Sequence[FastPath] = ()):
         super().__init__()
         self.cell = cell
+        self.fast_paths = tuple(fast_paths)
+
+    def fast_path(self, x: Tensor) -> tuple[FastPath | None, list[str]]:
+        """The first fast path that can run input x, and why each one before it cannot."""
+        reasons = []
+        for path in self.fast_paths:
+            why = path.unavailable(self.cell, x)
+            if why is None:
+                return path, reasons
+            reasons.append(f"{path.name}: {why}")
+        return None, reasons
 
     def forward(self, x: Tensor, state: LayerState | None = None, *, return_gates: bool = False):
         """Outputs (T, B, H) and the final state; with ``return_gates`` also a dict of
         every activation of the cell stacked over time, each (T, B, H)."""
         if state is None:
             state = self.cell.zero_state(x.shape[1], device=x.device, dtype=x.dtype)
-        if self.use_fused and not return_gates and fused.supports(self.cell, x):
-            return fused.run_layer(self.cell, x, state)
+        if self.use_fused and not return_gates and x.shape[0] > 0:
+            path, _ = self.fast_path(x)
+            if path is not None:
+                return path.run(self.cell, x, tuple(state))
+        if x.shape[0] == 0:
+            return x.new_empty(0, x.shape[1], self.cell.hidden_size), tuple(state)
         xp = self.cell.project(x)  # (T, B, G*H), one matmul for all steps
         if return_gates:
             return self._forward_gates(xp, state)
@@ -63,10 +74,10 @@ class RecurrentStack(nn.Module):
     between layers (never on the recurrent path)."""
 
     def __init__(self, make_cell: Callable[[int], Cell], input_size: int, hidden_size: int,
-                 num_layers: int, layer_dropout: float = 0.0):
+                 num_layers: int, layer_dropout: float = 0.0, fast_paths: Sequence[FastPath] = ()):
         super().__init__()
         self.layers = nn.ModuleList(
-            Recurrent(make_cell(input_size if k == 0 else hidden_size)) for k in range(num_layers)
+            Recurrent(make_cell(input_size if k == 0 else hidden_size), fast_paths) for k in range(num_layers)
         )
         self.layer_dropout = nn.Dropout(layer_dropout)
 

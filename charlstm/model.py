@@ -1,14 +1,10 @@
 """The character model: embedding -> stacked recurrent layers -> linear head.
 
-The stack is either the cuDNN-backed ``torch.nn.RNN/LSTM/GRU`` (backend
-``cudnn``; PyTorch's own kernels on a CPU) or our custom cells run by
-:class:`charlstm.layers.RecurrentStack` (backend ``custom``, every variant and
-form). Both name their weights as ``nn.LSTM`` does, and
-:func:`convert_state_dict` maps one layout onto the other.
-
-The recurrent state is passed in and returned explicitly as a :class:`State`
-so that truncated BPTT and one-character-at-a-time sampling carry it the same
-way.
+The stack is either torch's ``nn.RNN/LSTM/GRU`` (backend ``cudnn``; cuDNN on a GPU, PyTorch's own
+kernels on a CPU) or the custom cells of the registry run by ``layers.RecurrentStack`` (backend
+``custom``, every variant and form). Both name their weights as ``nn.LSTM`` does, and
+:func:`convert_state_dict` maps one layout onto the other. The recurrent state is passed in and
+returned explicitly as a :class:`State`.
 """
 
 from __future__ import annotations
@@ -16,19 +12,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .cells import make_cell
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 from .errors import UsageError
 from .layers import RecurrentStack
+from .registry import CELLS, CellSpec, spec_for
 
-CUDNN_MODULES = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
-LSTM_FAMILY = ("lstm", "peephole", "coupled")
-DEFAULT_CHRONO_TMAX = 128  # used when chrono_tmax is 0 and nobody set it (TrainConfig's default seq_len)
+LSTM_FAMILY = tuple(dict.fromkeys(s.variant for s in CELLS if s.has_cell_state))
 
 
 class State(NamedTuple):
@@ -38,9 +32,19 @@ class State(NamedTuple):
     c: Tensor | None               # (L, B, H) for the LSTM family, None for rnn and gru
 
 
+class LayerWeights(NamedTuple):
+    """One layer's parameters in the cells' layout, from either backend (for the sampling steps)."""
+
+    w_ih: Tensor                   # (G*H, in)
+    w_hh: Tensor                   # (G*H, H)
+    b_ih: Optional[Tensor]         # (G*H,) the input bias (the only bias of one-bias cells)
+    b_hh: Optional[Tensor]         # (G*H,) the recurrent bias of two-bias cells
+    peep: Optional[tuple]          # (weight_ch, gates) of a peephole cell with peepholes
+
+
 def has_cudnn(cfg: ModelConfig) -> bool:
     """Whether the variant (and form) exists as torch.nn.RNN/LSTM/GRU."""
-    return cfg.variant in ("rnn", "lstm") or (cfg.variant == "gru" and cfg.gru_form == "cudnn")
+    return spec_for(cfg).cudnn is not None
 
 
 def resolve_backend(cfg: ModelConfig) -> str:
@@ -66,26 +70,25 @@ class CharModel(nn.Module):
         cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg))
         if cfg.init == "chrono":
             if cfg.chrono_tmax == 0:
-                cfg.chrono_tmax = DEFAULT_CHRONO_TMAX
+                cfg.chrono_tmax = TrainConfig.seq_len     # nobody set it: the default training window
             if cfg.chrono_tmax < 2:
                 raise UsageError(f"--chrono-tmax must be at least 2 (got {cfg.chrono_tmax})")
         self.cfg = cfg
+        self.spec: CellSpec = spec_for(cfg)
         V, E, H, L = cfg.vocab_size, cfg.embed, cfg.hidden, cfg.layers
         self.embedding = nn.Embedding(V, E)
         if cfg.backend == "cudnn":
-            kwargs = {"nonlinearity": "tanh"} if cfg.variant == "rnn" else {}
-            self.rnn = CUDNN_MODULES[cfg.variant](
-                E, H, num_layers=L, bias=cfg.bias, dropout=cfg.dropout if L > 1 else 0.0, **kwargs
-            )
+            self.rnn = self.spec.cudnn(E, H, num_layers=L, bias=cfg.bias, dropout=cfg.dropout if L > 1 else 0.0)
         else:
-            self.rnn = RecurrentStack(lambda n_in: make_cell(cfg, n_in), E, H, L, cfg.dropout)
+            self.rnn = RecurrentStack(lambda n_in: self.spec.make_cell(cfg, n_in), E, H, L, cfg.dropout,
+                                      self.spec.fast_paths)
         self.layer_dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(H, V)
         self.reset_parameters()
 
     @property
     def has_cell_state(self) -> bool:
-        return self.cfg.variant in LSTM_FAMILY
+        return self.spec.has_cell_state
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
@@ -114,29 +117,22 @@ class CharModel(nn.Module):
         return cell.bias, None
 
     def _init_gate_biases(self, main: Tensor, other: Tensor | None) -> None:
-        cfg, H = self.cfg, self.cfg.hidden
-        # block index of each gate in the weight rows
-        blocks = {"lstm": {"i": 0, "f": 1}, "peephole": {"i": 0, "f": 1}, "coupled": {"f": 0},
-                  "gru": {"z": 1}, "rnn": {}}[cfg.variant]
+        """The forget-gate bias (--forget-bias) or chrono initialisation of the gates the registry names."""
+        cfg, spec, H = self.cfg, self.spec, self.cfg.hidden
 
         def put(gate: str, value) -> None:
-            sl = slice(blocks[gate] * H, (blocks[gate] + 1) * H)
-            main[sl] = value
+            rows = slice(spec.block(gate) * H, (spec.block(gate) + 1) * H)
+            main[rows] = value
             if other is not None:
-                other[sl] = 0.0  # the sum b_ih + b_hh carries the value
+                other[rows] = 0.0  # the sum b_ih + b_hh carries the value
 
         if cfg.init == "chrono":
             u = torch.empty(H, dtype=main.dtype, device=main.device).uniform_(1.0, cfg.chrono_tmax - 1.0)
             keep = torch.log(u)  # (H,) bias of the gate that keeps the old state
-            if cfg.variant in LSTM_FAMILY:
-                put("f", keep)
-                if "i" in blocks:
-                    put("i", -keep)
-            elif cfg.variant == "gru":
-                # cudnn form: z keeps the old state; cho form: 1 - z does
-                put("z", keep if cfg.gru_form == "cudnn" else -keep)
-        elif cfg.variant in LSTM_FAMILY:
-            put("f", cfg.forget_bias)
+            for gate, sign in spec.chrono:
+                put(gate, sign * keep)
+        elif spec.forget_gate is not None:
+            put(spec.forget_gate, cfg.forget_bias)
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, device=None) -> State:
@@ -200,6 +196,17 @@ class CharModel(nn.Module):
         out, finals, gates = self.rnn(x, self._per_layer(state), return_gates=True)
         logits = self.head(self.layer_dropout(out))  # (T, B, V)
         return logits, self._stacked(finals), gates
+
+    def layer_weights(self, k: int) -> LayerWeights:
+        """Layer k's parameters in the cells' layout, from either backend."""
+        if self.cfg.backend == "cudnn":
+            rnn = self.rnn
+            return LayerWeights(getattr(rnn, f"weight_ih_l{k}"), getattr(rnn, f"weight_hh_l{k}"),
+                                getattr(rnn, f"bias_ih_l{k}", None), getattr(rnn, f"bias_hh_l{k}", None), None)
+        cell = self.rnn.layers[k].cell
+        weight_ch = getattr(cell, "weight_ch", None)
+        return LayerWeights(cell.weight_ih, cell.weight_hh, cell.bias_ih if cell.bias_ih is not None else cell.bias,
+                            cell.bias_hh, None if weight_ch is None else (weight_ch, cell.peepholes))
 
     def num_parameters(self) -> int:
         """The number of parameters trained (the cuDNN layout's second bias included)."""

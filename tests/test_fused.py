@@ -1,4 +1,4 @@
-"""The fused layers (charlstm/fused.py) compute exactly what the step-by-step cells compute.
+"""The fast paths (charlstm/fused.py, fused_native.py) compute exactly what the step-by-step cells compute.
 
 For every variant and form: outputs, final states and gradients (input, initial
 state, every parameter) against the basic layer of ``layers.py`` (itself checked
@@ -13,43 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from charlstm import fused, native
-from charlstm.cells import GRUCell, LSTMCell, RNNCell, make_cell
-from charlstm.config import ModelConfig
+from conftest import CASES, IDS, case_spec, make_cells
+
+from charlstm import fused, fused_native
+from charlstm.cells import GRUCell, LSTMCell, RNNCell
 from charlstm.layers import Recurrent
-
-# (id, variant, extra ModelConfig fields): every variant and form, several peephole subsets
-CASES = [
-    ("rnn", "rnn", {}),
-    ("lstm", "lstm", {}),
-    ("lstm-nobias", "lstm", {"bias": False}),
-    ("peephole-diag-fio", "peephole", {"peephole_form": "diag", "peepholes": "fio"}),
-    ("peephole-diag-f", "peephole", {"peephole_form": "diag", "peepholes": "f"}),
-    ("peephole-diag-io", "peephole", {"peephole_form": "diag", "peepholes": "io"}),
-    ("peephole-diag-none", "peephole", {"peephole_form": "diag", "peepholes": ""}),
-    ("peephole-full-fio", "peephole", {"peephole_form": "full", "peepholes": "fio"}),
-    ("peephole-full-o", "peephole", {"peephole_form": "full", "peepholes": "o"}),
-    ("peephole-full-fi", "peephole", {"peephole_form": "full", "peepholes": "fi"}),
-    ("coupled", "coupled", {}),
-    ("coupled-nobias", "coupled", {"bias": False}),
-    ("gru-cudnn", "gru", {"gru_form": "cudnn"}),
-    ("gru-cudnn-nobias", "gru", {"gru_form": "cudnn", "bias": False}),
-    ("gru-cho", "gru", {"gru_form": "cho"}),
-    ("gru-cho-nobias", "gru", {"gru_form": "cho", "bias": False}),
-]
-IDS = [c[0] for c in CASES]
-
-
-def make_cells(variant, extra, *, E=3, H=4, L=2, dtype=torch.float64, seed=0):
-    """L custom cells of one config, parameters spread over (-0.6, 0.6) so that every term matters."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=5, variant=variant, embed=E, hidden=H, layers=L, **extra)
-    cells = [make_cell(cfg, E if k == 0 else H).to(dtype) for k in range(L)]
-    with torch.no_grad():
-        for cell in cells:
-            for p in cell.parameters():
-                p.uniform_(-0.6, 0.6)
-    return cells
+from charlstm.native import loops as native_loops
+from charlstm.native.build import library
+from charlstm.registry import spec_named
 
 
 def basic_layer(cell) -> Recurrent:
@@ -59,11 +30,16 @@ def basic_layer(cell) -> Recurrent:
     return layer
 
 
-def run_stack(cells, x, states, *, use_fused):
-    """The layers one after the other: the fused path or the basic step-by-step layer."""
+def fast_layer(cell, spec) -> Recurrent:
+    """The layer as a model runs it: the first of the registry's fast paths that can run the input."""
+    return Recurrent(cell, spec.fast_paths)
+
+
+def run_stack(cells, x, states, *, use_fused, spec=None):
+    """The layers one after the other: through the registry entry's fast paths or step by step."""
     finals = []
     for cell, state in zip(cells, states):
-        x, state = fused.run_layer(cell, x, state) if use_fused else basic_layer(cell)(x, state)
+        x, state = fast_layer(cell, spec)(x, state) if use_fused else basic_layer(cell)(x, state)
         finals.append(tuple(state))
     return x, finals
 
@@ -77,12 +53,12 @@ def count_native_calls(monkeypatch) -> dict:
     """Count the calls of the native forward and backward loops."""
     calls = {"forward": 0, "backward": 0}
     for name, key in (("recurrent_forward", "forward"), ("recurrent_backward", "backward")):
-        real = getattr(native, name)
+        real = getattr(native_loops, name)
 
         def spy(*args, _real=real, _key=key, **kwargs):
             calls[_key] += 1
             return _real(*args, **kwargs)
-        monkeypatch.setattr(native, name, spy)
+        monkeypatch.setattr(native_loops, name, spy)
     return calls
 
 
@@ -98,8 +74,12 @@ def weighted_sum(out, finals, seed=1):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_every_cell_has_a_fused_path(case):
+    """Every registry entry has a torch loop, and it runs float64 (where the C loops cannot)."""
     _, variant, extra = case
-    assert all(fused.supports(c) for c in make_cells(variant, extra, L=1))
+    spec = case_spec(variant, extra)
+    (cell,) = make_cells(variant, extra, L=1)
+    path, reasons = fast_layer(cell, spec).fast_path(torch.randn(2, 1, 3, dtype=torch.float64))
+    assert path is not None and path.name == "torch loop", reasons
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -114,7 +94,7 @@ def test_fused_matches_the_step_by_step_layer(case, dtype, monkeypatch):
     x = torch.randn(T, B, 3, dtype=dtype, requires_grad=True)
     states = random_states(cells, B, dtype)
 
-    out, finals = run_stack(cells, x, states, use_fused=True)
+    out, finals = run_stack(cells, x, states, use_fused=True, spec=case_spec(variant, extra))
     ref_out, ref_finals = run_stack(cells, x, states, use_fused=False)
     torch.testing.assert_close(out, ref_out)
     for got, want in zip(finals, ref_finals):
@@ -131,7 +111,7 @@ def test_fused_matches_the_step_by_step_layer(case, dtype, monkeypatch):
 # (custom cell class, torch module, cell kwargs)
 TORCH_TWINS = [
     ("lstm", LSTMCell, nn.LSTM, {}),
-    ("gru", GRUCell, nn.GRU, {}),
+    ("gru:cudnn", GRUCell, nn.GRU, {}),
     ("rnn", RNNCell, nn.RNN, {"nonlinearity": "tanh"}),
 ]
 
@@ -159,7 +139,7 @@ def test_fused_matches_torch_modules(twin, bias, H, monkeypatch):
     lstm = module_cls is nn.LSTM
     ref_out, ref_hn = ref(x, (h0, c0) if lstm else h0)
     states = [(h0[k], c0[k]) if lstm else (h0[k],) for k in range(L)]
-    out, finals = run_stack(cells, x, states, use_fused=True)
+    out, finals = run_stack(cells, x, states, use_fused=True, spec=spec_named(twin[0]))
     torch.testing.assert_close(out, ref_out)
     if lstm:
         torch.testing.assert_close(torch.stack([f[0] for f in finals]), ref_hn[0])
@@ -176,7 +156,7 @@ def test_fused_matches_torch_modules(twin, bias, H, monkeypatch):
                                          for n, _ in c.named_parameters()])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
-    in_c = H % 32 == 0 and native.library()[0] is not None
+    in_c = H % 32 == 0 and library()[0] is not None
     assert calls == ({"forward": 2, "backward": 2} if in_c else {"forward": 0, "backward": 0})
 
 
@@ -192,6 +172,7 @@ def test_gradcheck_fused(case, monkeypatch):
     monkeypatch.setattr(fused, "CHUNK", 3)
     _, variant, extra = case
     (cell,) = make_cells(variant, extra, E=2, H=3, L=1)
+    layer = fast_layer(cell, case_spec(variant, extra))
     names = [n for n, _ in cell.named_parameters()]
     params = [p.detach().clone().requires_grad_(True) for p in cell.parameters()]
     x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -200,19 +181,22 @@ def test_gradcheck_fused(case, monkeypatch):
 
     def fn(x, *rest):
         p = dict(zip(names, rest[n_state:]))
-        out, final = _run_with(cell, p, x, rest[:n_state])
+        out, final = _run_with(layer, p, x, rest[:n_state])
         return (out,) + tuple(final)
 
     assert torch.autograd.gradcheck(fn, (x, *state, *params))
 
 
-def _run_with(cell, params, x, state):
-    """fused.run_layer with the cell's parameters replaced by ``params`` (for gradcheck)."""
+def _run_with(layer, params, x, state):
+    """The layer's fast path with the cell's parameters replaced by ``params`` (for gradcheck)."""
+    cell = layer.cell
     saved = {n: getattr(cell, n) for n in params}
     try:
         for n, p in params.items():
             cell._parameters[n] = p
-        return fused.run_layer(cell, x, tuple(state))
+        path, reasons = layer.fast_path(x)
+        assert path is not None, reasons
+        return path.run(cell, x, tuple(state))
     finally:
         for n, p in saved.items():
             cell._parameters[n] = p
@@ -224,18 +208,19 @@ def test_edge_windows_and_inference(case, H):
     """T=1, no initial state (zeros), an empty window, and inference mode give the basic layer's results."""
     _, variant, extra = case
     (cell,) = make_cells(variant, extra, H=H, L=1, dtype=torch.float32)
+    layer = fast_layer(cell, case_spec(variant, extra))
     x = torch.randn(1, 2, 3)
-    out, state = fused.run_layer(cell, x, None)
+    out, state = layer(x, None)
     ref_out, ref_state = basic_layer(cell)(x, None)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(tuple(state), tuple(ref_state))
 
-    empty, same = fused.run_layer(cell, x[:0], tuple(state))
+    empty, same = layer(x[:0], tuple(state))
     assert empty.shape == (0, 2, H) and all(a is b for a, b in zip(same, state))
 
     x = torch.randn(5, 2, 3)
     with torch.inference_mode():
-        out, state = fused.run_layer(cell, x, None)
+        out, state = layer(x, None)
         ref_out, ref_state = basic_layer(cell)(x, None)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(tuple(state), tuple(ref_state))
@@ -244,19 +229,22 @@ def test_edge_windows_and_inference(case, H):
 def test_truncated_bptt_windows_carry_state():
     """Two windows with the state carried and detached between them equal one long window's outputs."""
     (cell,) = make_cells("lstm", {}, L=1, dtype=torch.float64)
+    layer = fast_layer(cell, spec_named("lstm"))
     x = torch.randn(10, 2, 3, dtype=torch.float64)
-    whole, _ = fused.run_layer(cell, x, None)
-    first, state = fused.run_layer(cell, x[:6], None)
-    second, _ = fused.run_layer(cell, x[6:], tuple(s.detach() for s in state))
+    whole, _ = layer(x, None)
+    first, state = layer(x[:6], None)
+    second, _ = layer(x[6:], tuple(s.detach() for s in state))
     torch.testing.assert_close(torch.cat([first, second]), whole)
 
 
 def test_autocast_is_left_to_the_step_by_step_layer():
     (cell,) = make_cells("lstm", {}, L=1, dtype=torch.float32)
+    layer = fast_layer(cell, spec_named("lstm"))
     x = torch.randn(3, 2, 3)
-    assert fused.supports(cell, x)
+    assert layer.fast_path(x)[0] is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fused.supports(cell, x)
+        path, reasons = layer.fast_path(x)
+        assert path is None and all("autocast" in r for r in reasons)
 
 
 # --------------------------------------------------------------------------- the native loops (C)
@@ -266,7 +254,7 @@ def test_autocast_is_left_to_the_step_by_step_layer():
 # same checks, at sizes that take that path (test_fused_matches_torch_modules above
 # runs nn.LSTM and nn.GRU against them too).
 
-NATIVE_LIB, NATIVE_WHY = native.library()
+NATIVE_LIB, NATIVE_WHY = library()
 needs_native = pytest.mark.skipif(NATIVE_LIB is None, reason=f"the native loops are unavailable here: {NATIVE_WHY}")
 NATIVE_CASES = [c for c in CASES if c[1] in ("lstm", "coupled", "rnn", "gru") or c[0].startswith("peephole-diag")]
 
@@ -283,7 +271,7 @@ def test_native_loops_match_the_step_by_step_layer(case, H, B, monkeypatch):
     T = 7
     x = torch.randn(T, B, 6, requires_grad=True)
     states = random_states(cells, B, torch.float32)
-    out, finals = run_stack(cells, x, states, use_fused=True)
+    out, finals = run_stack(cells, x, states, use_fused=True, spec=case_spec(variant, extra))
     ref_out, ref_finals = run_stack(cells, x, states, use_fused=False)
     # the vanilla rnn with these large weights is chaotic: rounding grows ten times faster
     tol = 1e-4 if variant == "rnn" else 1e-5
@@ -299,10 +287,12 @@ def test_native_loops_match_the_step_by_step_layer(case, H, B, monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("kind", ["lstm", "gru:cudnn", "rnn"])
 def test_native_loops_give_the_same_bits_on_any_number_of_threads(kind):
     """The C loops share each step's panels among threads without changing any sum's order."""
     T, B, H = 9, 33, 64
+    kernel = spec_named(kind).kernel
+    kind = kernel.kind
     G = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
     gen = torch.Generator().manual_seed(0)
     pre, w_hh = torch.randn(T, B, G * H, generator=gen), torch.randn(G * H, H, generator=gen) * 0.2
@@ -318,10 +308,10 @@ def test_native_loops_give_the_same_bits_on_any_number_of_threads(kind):
             hs[0] = h0
             if cs is not None:
                 cs[0] = c0
-            native.recurrent_forward(kind, gates, w_hh, hs, cs, tcs)
+            native_loops.recurrent_forward(kernel, gates, w_hh, hs, cs, tcs)
             dpre, dh, dc = torch.empty_like(gates), torch.zeros(B, H), c0.clone()
             dph = torch.empty_like(gates) if kind == "gru" else None
-            native.recurrent_backward(kind, gates, w_hh, hs, cs, tcs, dhs, dpre, dh, dc, dph=dph)
+            native_loops.recurrent_backward(kernel, gates, w_hh, hs, cs, tcs, dhs, dpre, dh, dc, dph=dph)
             results.append([t for t in (gates, hs, tcs, dpre, dh, cs, dc if cs is not None else None, dph)
                             if t is not None])
     finally:
@@ -337,22 +327,26 @@ def test_the_torch_loops_run_where_the_native_ones_cannot(monkeypatch):
     for variant, extra, H, dtype in (("lstm", {}, 32, torch.float64), ("lstm", {}, 24, torch.float32),
                                      ("peephole", {"peephole_form": "full"}, 32, torch.float32)):
         cells = make_cells(variant, extra, H=H, dtype=dtype)
-        out, _ = run_stack(cells, torch.randn(3, 2, 3, dtype=dtype), random_states(cells, 2, dtype), use_fused=True)
+        out, _ = run_stack(cells, torch.randn(3, 2, 3, dtype=dtype), random_states(cells, 2, dtype), use_fused=True,
+                           spec=case_spec(variant, extra))
         out.sum().backward()
-    monkeypatch.setitem(fused.NATIVE, "on", False)
+    monkeypatch.setitem(fused_native.NATIVE, "on", False)
     cells = make_cells("lstm", {}, H=32, dtype=torch.float32)
-    run_stack(cells, torch.randn(3, 2, 3), random_states(cells, 2, torch.float32), use_fused=True)
+    run_stack(cells, torch.randn(3, 2, 3), random_states(cells, 2, torch.float32), use_fused=True,
+              spec=spec_named("lstm"))
     assert calls == {"forward": 0, "backward": 0}
 
 
 @needs_native
 @pytest.mark.filterwarnings("ignore:Input #")           # float32 on purpose (see the docstring)
-@pytest.mark.parametrize("kind", ["lstm", "peephole", "coupled", "gru", "gru_cho", "rnn"])
-def test_gradcheck_native_loops(kind):
+@pytest.mark.parametrize("name", ["lstm", "peephole:diag", "coupled", "gru:cudnn", "gru:cho", "rnn"])
+def test_gradcheck_native_loops(name):
     """torch.autograd.gradcheck through the C loops, w.r.t. input, initial state and every weight.
     The loops are float32 only, so the finite differences are float32's: eps 1e-2 and tolerances
     to match (the float64 gradchecks above check the same equations on the torch loops, and the
     tests above tie the two together to 1e-4)."""
+    kernel = spec_named(name).kernel
+    kind = kernel.kind
     torch.manual_seed(0)
     T, B, E, H = 3, 2, 4, 32
     G = 4 if kind in ("lstm", "peephole") else 1 if kind == "rnn" else 3
@@ -363,14 +357,15 @@ def test_gradcheck_native_loops(kind):
     b, b2 = ((torch.randn(G * H) * 0.3).requires_grad_() for _ in range(2))
     p = (torch.randn(3, H) * 0.3).requires_grad_()
     if kind == "gru":
-        fn, inputs = (lambda *a: fused._NativeGRU.apply(*a)), (x, h0, w_ih, w_hh, b, b2)
+        fn, inputs = (lambda *a: fused_native._NativeGRU.apply(*a, kernel)), (x, h0, w_ih, w_hh, b, b2)
     elif kind == "gru_cho":
-        fn, inputs = (lambda *a: fused._NativeChoGRU.apply(*a)), (x, h0, w_ih, w_hh, b)
+        fn, inputs = (lambda *a: fused_native._NativeChoGRU.apply(*a, kernel)), (x, h0, w_ih, w_hh, b)
     elif kind == "rnn":
-        fn, inputs = (lambda *a: fused._NativeRNN.apply(*a)), (x, h0, w_ih, w_hh, b)
+        fn, inputs = (lambda *a: fused_native._NativeRNN.apply(*a, kernel)), (x, h0, w_ih, w_hh, b)
     else:
         def fn(x, h0, c0, w_ih, w_hh, b, p):
-            hs, c = fused._NativeLSTMFamily.apply(x, h0, c0, w_ih, w_hh, b, p if kind == "peephole" else None, kind)
+            hs, c = fused_native._NativeLSTMFamily.apply(x, h0, c0, w_ih, w_hh, b, p if kind == "peephole" else None,
+                                                         kernel)
             return hs, c
         inputs = (x, h0, c0, w_ih, w_hh, b, p)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-2, atol=2e-2, rtol=2e-2)

@@ -8,16 +8,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from charlstm import native
 from charlstm.cli import app
 from charlstm.config import ModelConfig
 from charlstm.errors import UsageError
 from charlstm.model import build_model
-from charlstm.sample import FastStep, SamplingOptions, generate, make_stepper, read_prime
+from charlstm.native import build as native_build
+from charlstm.native.step import NativeStep
+from charlstm.sample import generate
+from charlstm.sampling import SamplingOptions
+from charlstm.steppers import FastStep, make_stepper, read_prime
 
-from test_sample import VOCAB, save_run
+from conftest import draw, save_run, tiny_vocab
 
-LIB, WHY = native.library()
+VOCAB = tiny_vocab()
+LIB, WHY = native_build.library()
 needs_native = pytest.mark.skipif(LIB is None, reason=f"the native step is unavailable here: {WHY}")
 
 SHAPES = [(1, 8), (2, 16), (3, 24), (2, 72)]     # (layers, hidden); 2H = 144 rows: more than one block of 128
@@ -57,7 +61,7 @@ def check_against_forward(model, B: int, tol: float = 1e-5) -> None:
     idx = torch.randint(0, 70, (10, B))
     with torch.inference_mode():
         ref, ref_state = model(idx)                                      # (T, B, V)
-        out, state = stepped(native.NativeStep(model), model, idx)
+        out, state = stepped(NativeStep(model), model, idx)
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(state.h, ref_state.h, rtol=tol, atol=tol)
     if ref_state.c is None:
@@ -103,7 +107,7 @@ def test_fp16_step_is_forward_with_its_weights_rounded_to_fp16(layers, hidden):
     with torch.inference_mode():
         ref, _ = half_weights(model)(idx)
         exact, _ = model(idx)
-        out, _ = stepped(native.NativeStep(model, "fp16"), model, idx)
+        out, _ = stepped(NativeStep(model, "fp16"), model, idx)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)             # float32 arithmetic on fp16 weights
     assert 0 < (out - exact).abs().max() < 0.02                           # and what rounding costs
 
@@ -115,12 +119,12 @@ def test_native_generation_draws_what_the_torch_step_draws(opts):
     model = lstm(2, 16)
     outs = []
     with torch.inference_mode():
-        for stepper in (FastStep(model), native.NativeStep(model)):
+        for stepper in (FastStep(model), NativeStep(model)):
             logits, state = read_prime(model, torch.tensor([1, 2, 3]), 3)
             stepper.load_state(state)
             gen = torch.Generator().manual_seed(7)
-            a, logits = stepper.generate(logits, 20, opts, gen)
-            b, logits = stepper.generate(logits, 20, opts, gen)          # chunks continue each other
+            a, logits = draw(stepper, logits, 20, opts, gen)
+            b, logits = draw(stepper, logits, 20, opts, gen)          # chunks continue each other
             outs.append((torch.cat([a, b]), logits))
     assert outs[1][0].dtype == torch.int64 and outs[1][0].shape == (40, 3)
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
@@ -136,10 +140,10 @@ def test_threads_share_the_step_without_changing_it():
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             with torch.inference_mode():
-                step = native.NativeStep(model)
+                step = NativeStep(model)
                 logits, state = read_prime(model, torch.tensor([4, 5]), 5)
                 step.load_state(state)
-                ids, logits = step.generate(logits, 30, SamplingOptions(), torch.Generator().manual_seed(1))
+                ids, logits = draw(step, logits, 30, SamplingOptions(), torch.Generator().manual_seed(1))
             runs.append((ids, logits, step.get_state().c))
     finally:
         torch.set_num_threads(before)
@@ -151,13 +155,13 @@ def test_threads_share_the_step_without_changing_it():
 @needs_native
 def test_make_stepper_takes_the_native_step_where_it_can_run():
     model = lstm(2, 16)
-    assert isinstance(make_stepper(model), native.NativeStep)
+    assert isinstance(make_stepper(model), NativeStep)
     assert make_stepper(model, precision="fp16").name == "native step (fp16)"
     # top-k and top-p, other variants, sizes and types take the torch step
     assert isinstance(make_stepper(model, options=SamplingOptions(top_k=5)), FastStep)
-    assert isinstance(make_stepper(model, options=SamplingOptions(top_k=5, greedy=True)), native.NativeStep)
+    assert isinstance(make_stepper(model, options=SamplingOptions(top_k=5, greedy=True)), NativeStep)
     assert isinstance(make_stepper(model, native=False), FastStep)
-    assert isinstance(make_stepper(lstm(2, 16, variant="gru", gru_form="cho")), native.NativeStep)
+    assert isinstance(make_stepper(lstm(2, 16, variant="gru", gru_form="cho")), NativeStep)
     for other in (lstm(2, 12), lstm(2, 16).double(), lstm(2, 16, variant="peephole", peephole_form="full")):
         assert isinstance(make_stepper(other), FastStep)
         with pytest.raises(UsageError, match="needs the native step"):
@@ -167,31 +171,31 @@ def test_make_stepper_takes_the_native_step_where_it_can_run():
 
 
 def test_without_a_compiler_the_torch_step_samples(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_LIB", {})
+    monkeypatch.setattr(native_build, "_LIB", {})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))                  # nothing compiled yet
     monkeypatch.setenv("CC", "no-such-compiler-here")
-    lib, why = native.library()
+    lib, why = native_build.library()
     assert lib is None and ("no C compiler" in why or "lacks" in why or "needs Linux" in why)
     model = lstm(2, 16)
     assert isinstance(make_stepper(model), FastStep)
     with pytest.raises(UsageError, match="needs the native step"):
         make_stepper(model, precision="fp16")
-    monkeypatch.setattr(native, "_LIB", {})
+    monkeypatch.setattr(native_build, "_LIB", {})
     monkeypatch.setenv("CHARLSTM_NO_NATIVE", "1")
-    assert native.library() == (None, "turned off by CHARLSTM_NO_NATIVE")
+    assert native_build.library() == (None, "turned off by CHARLSTM_NO_NATIVE")
 
 
 @needs_native
 def test_compiling_into_an_empty_cache_is_atomic_and_reused(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_LIB", {})
+    monkeypatch.setattr(native_build, "_LIB", {})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    lib, why = native.library()
+    lib, why = native_build.library()
     assert lib is not None, why
     built = list((tmp_path / "charlstm").iterdir())
     assert len(built) == 1 and built[0].name.startswith("charlstm-") and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(native, "_LIB", {})
-    assert native.library()[0] is not None
+    monkeypatch.setattr(native_build, "_LIB", {})
+    assert native_build.library()[0] is not None
     assert [p.stat().st_mtime_ns for p in (tmp_path / "charlstm").iterdir()] == [stamp]
 
 
@@ -205,14 +209,7 @@ def text_lstm_run(tmp_path, hidden: int = 16):
     """A run of an LSTM over the tiny corpus's vocabulary that the native step can sample."""
     run = tmp_path / "run"
     save_run(run, dict(variant="lstm"))                                 # then swap in a size it takes
-    from charlstm import checkpoint as ck
-    from charlstm.config import TrainConfig
-
-    model = build_model(ModelConfig(vocab_size=len(VOCAB), embed=5, hidden=hidden, layers=2))
-    ck.save_checkpoint(run, step=20, model=model, optimizer=None, model_cfg=model.cfg,
-                       train_cfg=TrainConfig(data="tiny.txt"), vocab=VOCAB,
-                       corpus_meta={"name": "tiny.txt", "source": "test", "sha256": "0" * 64},
-                       trainer_state={"step": 20, "metrics": {}}, is_best=True, keep=3)
+    save_run(run, step=20, model=build_model(ModelConfig(vocab_size=len(VOCAB), embed=5, hidden=hidden, layers=2)))
     return run
 
 

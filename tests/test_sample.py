@@ -14,10 +14,11 @@ from charlstm.config import ModelConfig, TrainConfig
 from charlstm.corpus import Vocab
 from charlstm.errors import CharlstmError, UsageError
 from charlstm.model import build_model
-from charlstm.sample import (FastStep, ModelStep, SamplingOptions, choose_next, format_samples, generate,
-                             make_stepper, read_prime)
+from charlstm.sample import format_samples, generate
+from charlstm.sampling import SamplingOptions, choose_next
+from charlstm.steppers import FastStep, ModelStep, make_stepper, read_prime
 
-from conftest import tiny_text
+from conftest import draw, save_run, text_model, tiny_model, tiny_text, tiny_vocab
 
 # Every variant and form, on both backends where there are two.
 VARIANTS = [
@@ -41,17 +42,7 @@ def ident(case: dict) -> str:
     return "-".join(str(v) for v in case.values())
 
 
-def tiny_model(case: dict, vocab_size: int = 11, dtype=torch.float64, layers: int = 3):
-    """A small model with weights large enough that every gate matters."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=vocab_size, embed=5, hidden=7, layers=layers, **case))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.uniform_(-0.7, 0.7)
-    return model.to(dtype).eval()
-
-
-VOCAB = Vocab.from_text(tiny_text())
+VOCAB = tiny_vocab()
 
 
 @pytest.fixture(autouse=True)
@@ -61,11 +52,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def text_model(case: dict | None = None, dtype=torch.float32):
-    """A small model over the tiny corpus's vocabulary (Unicode included)."""
-    return tiny_model(case or dict(variant="lstm"), len(VOCAB), dtype=dtype, layers=2)
 
 
 # --------------------------------------------------------------------------- the fast step
@@ -99,8 +85,8 @@ def test_fast_generation_is_the_reference_generation(case):
             logits, state = read_prime(model, torch.tensor([1, 2, 3]), 3)
             stepper.load_state(state)
             gen = torch.Generator().manual_seed(7)
-            a, logits = stepper.generate(logits, 20, opts, gen)
-            b, _ = stepper.generate(logits, 20, opts, gen)              # chunks continue each other
+            a, logits = draw(stepper, logits, 20, opts, gen)
+            b, _ = draw(stepper, logits, 20, opts, gen)              # chunks continue each other
             outs.append(torch.cat([a, b]))
     assert outs[0].shape == (40, 3)
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
@@ -224,17 +210,6 @@ def test_streaming_reports_the_text_as_it_is_produced():
 
 
 # --------------------------------------------------------------------------- the command
-
-def save_run(run_dir: Path, case: dict | None = None, step: int = 10) -> Path:
-    """A run directory with one checkpoint of a small model over the tiny corpus's vocabulary."""
-    model = text_model(case)
-    model.float()
-    cfg = model.cfg
-    return ck.save_checkpoint(run_dir, step=step, model=model, optimizer=None, model_cfg=cfg,
-                              train_cfg=TrainConfig(data="tiny.txt"), vocab=VOCAB,
-                              corpus_meta={"name": "tiny.txt", "source": "test", "sha256": "0" * 64},
-                              trainer_state={"step": step, "metrics": {}}, is_best=True, keep=3)
-
 
 def invoke(*args):
     return CliRunner().invoke(app, ["sample", *map(str, args)])
