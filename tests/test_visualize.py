@@ -1,16 +1,15 @@
-"""Tests of `charlstm visualize`: recording, text features, unit ranking, saturation, the page.
+"""Tests of `charlstm visualize`: recording, text features, unit ranking, saturation, the page and its files.
 
 The browser test renders the page in headless Chromium (Debian's ``chromium``
-package). Where it is missing, a session fixture installs it with apt-get when
-running as root (as CI does); it skips with the reason only where that is not
-possible. Set CHARLSTM_NO_BROWSER_INSTALL=1 to never install.
+package). No test installs it: `make browser` does (as root, where it is
+missing; CI runs it before `make test`), and the test skips with the reason
+where no Chromium is on PATH.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import statistics
@@ -374,20 +373,11 @@ def _find_chromium() -> str | None:
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """A headless-capable Chromium; installed with apt-get (root only) where missing, else skip."""
+    """A headless-capable Chromium from PATH; skips, saying why and how to get one, where there is none."""
     exe = _find_chromium()
-    if exe is None and os.environ.get("CHARLSTM_NO_BROWSER_INSTALL", "") in ("", "0"):
-        if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-            try:
-                subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-                subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=1200)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-            exe = _find_chromium()
     if exe is None:
-        pytest.skip("headless Chromium is not installed and could not be installed here "
-                    "(needs root, apt-get and the Debian package registry: apt-get install chromium)")
+        pytest.skip(f"no headless Chromium on PATH (looked for {', '.join(CHROMIUM_NAMES)}); "
+                    "`make browser` installs Debian's chromium when run as root, as CI does")
     return exe
 
 
