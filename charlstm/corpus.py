@@ -651,7 +651,8 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
         bin_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(tmp_bin, "wb")
     except OSError as e:
-        note(f"warning: cannot write the token cache under {bin_path.parent} ({e.strerror or e}); keeping the tokens in memory")
+        note(f"warning: cannot write the token cache under {bin_path.parent} ({e.strerror or e}); "
+             "keeping the tokens in memory")
         tmp_bin, tmp_meta, out = None, None, io.BytesIO()
     try:
         with out:

@@ -130,7 +130,8 @@ def _model_rows(d: dict) -> list[tuple[str, str]]:
 def _training_rows(d: dict) -> list[tuple[str, str]]:
     t, o, v = d["training"], d["train_options"], d["versions"] or {}
     epochs = t["epochs"]
-    rows = [("steps trained", f"{t['steps']:,}" + (f" ({epochs:.2f} epochs)" if isinstance(epochs, (int, float)) else ""))]
+    steps = f"{t['steps']:,}" + (f" ({epochs:.2f} epochs)" if isinstance(epochs, (int, float)) else "")
+    rows = [("steps trained", steps)]
     if isinstance(t["train_time"], (int, float)):
         speed = f", {t['chars_per_sec']:,.0f} chars/s" if isinstance(t["chars_per_sec"], (int, float)) else ""
         rows.append(("training time", f"{t['train_time']:.0f} s{speed}"))

@@ -263,7 +263,8 @@ def ranking_table(rec: Recording, ranking: list[dict]) -> Table:
 def saturation_table(sat: list[dict]) -> Table:
     """--saturation as a table: one row per layer and gate."""
     table = Table(title=f"gate saturation: fraction of steps x units below {SATURATION_LOW} / above {SATURATION_HIGH}")
-    for col in ("layer", "gate", f"< {SATURATION_LOW}", f"> {SATURATION_HIGH}", "units mostly low", "units mostly high"):
+    columns = ("layer", "gate", f"< {SATURATION_LOW}", f"> {SATURATION_HIGH}", "units mostly low", "units mostly high")
+    for col in columns:
         table.add_column(col, justify="right")
     for d in sat:
         table.add_row(str(d["layer"]), d["gate"], f"{d['left']:.3f}", f"{d['right']:.3f}",
