@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 # The constraints file pins torch==2.13.0 (a CPU build on the dev machines' disk).
 PIP_INSTALL := $(PIP) install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,23 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest -q
+
+# The browser test (tests/test_visualize.py) renders the page in headless Chromium; no test installs
+# it. As root with apt-get, install Debian's chromium where no Chromium is on PATH; otherwise say
+# why not and succeed (the test then skips with the reason). .ci/run calls this before `make test`.
+CHROMIUM_NAMES := chromium chromium-browser google-chrome google-chrome-stable
+browser:
+	@found=$$(command -v $(CHROMIUM_NAMES) | head -n 1); \
+	if [ -n "$$found" ]; then \
+	  echo "browser: $$found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "browser: installing Debian's chromium with apt-get"; \
+	  { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+	    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	    || echo "browser: apt-get could not install chromium: the browser test will be skipped"; \
+	else \
+	  echo "browser: no Chromium on PATH and not root with apt-get: the browser test will be skipped"; \
+	fi
 
 clean:
 	rm -rf $(VENV) checkpoints/demo

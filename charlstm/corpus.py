@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .console import note
 from .errors import CharlstmError, UsageError
 
 # --------------------------------------------------------------------------- constants
@@ -260,11 +261,6 @@ def _directory_files(root: Path) -> tuple[list[Path], list[Path]]:
     return text, binary
 
 
-def warn(message: str) -> None:
-    """Tell the user about a problem that does not stop loading: one line on stderr."""
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def _tinyshakespeare_url() -> str:
     return os.environ.get(TINYSHAKESPEARE_URL_ENV) or TINYSHAKESPEARE_URL
 
@@ -355,7 +351,7 @@ def _resolve_source(source: str, data_dir: Path, progress: bool) -> _Source:
         if binary:
             names = ", ".join(str(p.relative_to(path)) for p in binary[:20])
             more = f" and {len(binary) - 20} more" if len(binary) > 20 else ""
-            warn(f"skipped {len(binary)} binary file(s) under {path}: {names}{more}")
+            note(f"warning: skipped {len(binary)} binary file(s) under {path}: {names}{more}")
         if not text:
             raise CharlstmError(
                 f"--data {source}: the directory has no text files"
@@ -655,7 +651,8 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
         bin_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(tmp_bin, "wb")
     except OSError as e:
-        warn(f"cannot write the token cache under {bin_path.parent} ({e.strerror or e}); keeping the tokens in memory")
+        note(f"warning: cannot write the token cache under {bin_path.parent} ({e.strerror or e}); "
+             "keeping the tokens in memory")
         tmp_bin, tmp_meta, out = None, None, io.BytesIO()
     try:
         with out:

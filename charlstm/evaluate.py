@@ -1,33 +1,23 @@
-"""`charlstm eval`: the loss of a checkpoint, in nats per character and bits per character.
-
-The text is a split of the checkpoint's own corpus (validation by default,
-cut exactly as the trainer cut it) or any UTF-8 file. The figure comes from
-:func:`charlstm.evaluation.evaluate_loss`, the routine the trainer evaluates with,
-with the run's batch size and window length, so ``eval`` on the validation
-split repeats the trainer's validation loss for that checkpoint.
-Characters outside the model's vocabulary cannot be scored: they are left out
-of the text, counted and listed, never a crash.
-"""
+"""`charlstm eval`: the loss of a checkpoint, in nats and bits per character, on a split of its
+corpus or on a UTF-8 file; characters outside its vocabulary are left out and counted (docs/sampling.md)."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
+from .checkpoint import load_checkpoint, resolve_checkpoint
+from .console import note
+from .corpus import encode_text, load_corpus
 from .errors import CharlstmError, UsageError
 from .evaluation import evaluate_loss
 from .runtime import resolve_device, torch_threads
 
 LN2 = math.log(2.0)
 SPLITS = ("train", "val", "test")
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def read_text_file(path: Path) -> str:
@@ -50,29 +40,16 @@ def read_text_file(path: Path) -> str:
 def split_tokens(ckpt, split: str, *, progress: bool = True) -> tuple[torch.Tensor, dict]:
     """The token ids (N,) of one split of the checkpoint's corpus, in the checkpoint's vocabulary,
     cut as the trainer cut them; and notes (corpus sha256, whether it changed, unknown characters)."""
-    from .corpus import load_corpus
-
     train_cfg = ckpt.train_cfg
     corpus = load_corpus(train_cfg.data, invalid_utf8=train_cfg.invalid_utf8, progress=progress)
     stored_sha = (ckpt.corpus_meta or {}).get("sha256")
     changed = stored_sha is not None and stored_sha != corpus.sha256
     if changed:
-        _warn(f"the corpus {train_cfg.data} has changed since {ckpt.path} was trained "
-              f"(sha256 {corpus.sha256[:12]}..., trained on {str(stored_sha)[:12]}...); "
-              "the figure is for the text as it is now")
+        note(f"warning: the corpus {train_cfg.data} has changed since {ckpt.path} was trained "
+             f"(sha256 {corpus.sha256[:12]}..., trained on {str(stored_sha)[:12]}...); "
+             "the figure is for the text as it is now")
     tokens = corpus.split(train_cfg.val_frac, train_cfg.test_frac)[split]
-    unknown: list[str] = []
-    n_unknown = 0
-    if corpus.vocab != ckpt.vocab:
-        # A run started --init-from another model, or a changed corpus: re-encode in the model's ids.
-        table = torch.tensor([ckpt.vocab.stoi.get(c, -1) for c in corpus.vocab.chars], dtype=torch.long)
-        ids = table[tokens.long()]
-        known = ids >= 0
-        n_unknown = int((~known).sum())
-        if n_unknown:
-            seen = torch.unique(tokens.long()[~known]).tolist()
-            unknown = [corpus.vocab.chars[i] for i in seen]
-        tokens = ids[known]
+    tokens, n_unknown, unknown = _reencode(tokens, corpus.vocab, ckpt.vocab)
     if tokens.numel() < 2:
         fix = {"test": "the run was trained without a test split (--test-frac 0)",
                "val": "the run was trained without a validation split (--val-frac 0)",
@@ -83,10 +60,21 @@ def split_tokens(ckpt, split: str, *, progress: bool = True) -> tuple[torch.Tens
                     "unknown_chars": n_unknown, "unknown": unknown}
 
 
+def _reencode(tokens: torch.Tensor, corpus_vocab, model_vocab) -> tuple[torch.Tensor, int, list[str]]:
+    """Tokens (N,) of the corpus's vocabulary in the model's ids, characters the model lacks left out;
+    with how many were left out and which (a run started --init-from another model, or a changed corpus)."""
+    if corpus_vocab == model_vocab:
+        return tokens, 0, []
+    table = torch.tensor([model_vocab.stoi.get(c, -1) for c in corpus_vocab.chars], dtype=torch.long)
+    ids = table[tokens.long()]
+    known = ids >= 0
+    n_unknown = int((~known).sum())
+    unknown = [corpus_vocab.chars[i] for i in torch.unique(tokens.long()[~known]).tolist()] if n_unknown else []
+    return ids[known], n_unknown, unknown
+
+
 def file_tokens(ckpt, path: Path) -> tuple[torch.Tensor, dict]:
     """The token ids (N,) of a text file in the checkpoint's vocabulary, unknown characters left out."""
-    from .corpus import encode_text
-
     text = read_text_file(path)
     ids = encode_text(text, ckpt.vocab, "skip")
     n_unknown = len(text) - ids.numel()
@@ -100,9 +88,7 @@ def evaluate_checkpoint(ckpt, *, split: str = "val", text_file: Path | None = No
                         device=None, progress: bool = True) -> dict:
     """The loss of a loaded checkpoint on a split of its corpus or on a text file, as a JSON-safe dict:
     loss_nats, bpc, chars (characters scored), and where the text came from."""
-
-    if split not in SPLITS:
-        raise UsageError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
+    check_split(split)
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1 (got {batch_size})")
     if text_file is not None:
@@ -133,34 +119,43 @@ def evaluate_checkpoint(ckpt, *, split: str = "val", text_file: Path | None = No
     return result
 
 
+def check_split(split: str) -> None:
+    """UsageError unless ``split`` is one of SPLITS."""
+    if split not in SPLITS:
+        raise UsageError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
+
+
+def evaluate_run(run: Path | None, *, split: str = "val", text_file: Path | None = None, batch_size: int | None = None,
+                 device: str = "auto", checkpoints: Path = Path("checkpoints")) -> dict:
+    """Load the checkpoint RUN names (the most recent run under ``checkpoints`` when None) and evaluate it:
+    the dict of :func:`evaluate_checkpoint`."""
+    check_split(split)
+    dev = resolve_device(device)
+    path = resolve_checkpoint(run, checkpoints)
+    if run is None:
+        note(f"evaluating {path} (the most recent run under {checkpoints}/)")
+    ckpt = load_checkpoint(path, map_location=dev)
+    return evaluate_checkpoint(ckpt, split=split, text_file=text_file, batch_size=batch_size, device=dev)
+
+
+def format_result(result: dict) -> str:
+    """The result as `charlstm eval` prints it: the loss, then the characters left out, if any."""
+    where = f"--text-file {result['text_file']}" if result["text_file"] is not None else f"its {result['split']} split"
+    lines = [f"{result['checkpoint']} on {where}: {result['loss_nats']:.4f} nats/char, {result['bpc']:.4f} bpc "
+             f"over {result['chars']:,} characters"]
+    if result["unknown_chars"]:
+        shown = ", ".join(f"{c!r}" for c in result["unknown"][:20])
+        more = f" and {len(result['unknown']) - 20} more" if len(result["unknown"]) > 20 else ""
+        lines.append(f"{result['unknown_chars']:,} character(s) outside the model's vocabulary were left out "
+                     f"({len(result['unknown'])} distinct: {shown}{more})")
+    return "\n".join(lines)
+
+
 def run_from_cli(*, run: Path | None, split: str, text_file: Path | None, batch_size: int | None, device: str,
                  json_out: bool, threads: int | None = None, checkpoints: Path = Path("checkpoints")) -> dict:
     """`charlstm eval`: print the loss of the checkpoint RUN names (one JSON object with --json)."""
     with torch_threads(threads):
-        return _eval_command(run=run, split=split, text_file=text_file, batch_size=batch_size, device=device,
-                             json_out=json_out, checkpoints=checkpoints)
-
-
-def _eval_command(*, run, split, text_file, batch_size, device, json_out, checkpoints) -> dict:
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-
-    if split not in SPLITS:
-        raise UsageError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
-    dev = resolve_device(device)
-    path = resolve_checkpoint(run, checkpoints)
-    if run is None:
-        print(f"evaluating {path} (the most recent run under {checkpoints}/)", file=sys.stderr, flush=True)
-    ckpt = load_checkpoint(path, map_location=dev)
-    result = evaluate_checkpoint(ckpt, split=split, text_file=text_file, batch_size=batch_size, device=dev)
-    if json_out:
-        print(json.dumps(result))
-        return result
-    where = f"--text-file {text_file}" if text_file is not None else f"its {split} split"
-    print(f"{ckpt.path} on {where}: {result['loss_nats']:.4f} nats/char, {result['bpc']:.4f} bpc "
-          f"over {result['chars']:,} characters")
-    if result["unknown_chars"]:
-        shown = ", ".join(f"{c!r}" for c in result["unknown"][:20])
-        more = f" and {len(result['unknown']) - 20} more" if len(result["unknown"]) > 20 else ""
-        print(f"{result['unknown_chars']:,} character(s) outside the model's vocabulary were left out "
-              f"({len(result['unknown'])} distinct: {shown}{more})")
+        result = evaluate_run(run, split=split, text_file=text_file, batch_size=batch_size, device=device,
+                              checkpoints=checkpoints)
+    print(json.dumps(result) if json_out else format_result(result))
     return result

@@ -1,17 +1,17 @@
-"""`charlstm info`: what a checkpoint is.
-
-The cell variant and backend, sizes and parameter count, the vocabulary, the
-corpus it was trained on (source and sha256), how far training went and its
-best validation loss, the training options, and the software versions that
-wrote it; as a table or as one JSON object.
-"""
+"""`charlstm info`: what a checkpoint is (model, vocabulary, corpus, training, options, versions), as a
+table or one JSON object (docs/sampling.md)."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .checkpoint import list_checkpoints, load_checkpoint, read_pointer, resolve_checkpoint
+from .console import note
 
 LN2 = math.log(2.0)
 
@@ -20,13 +20,8 @@ def _bpc(loss):
     return None if not isinstance(loss, (int, float)) else loss / LN2
 
 
-def describe_checkpoint(ckpt) -> dict:
-    """Everything `charlstm info` reports about a loaded checkpoint, JSON-safe."""
-    from .checkpoint import list_checkpoints, read_pointer
-
-    mc, tc = ckpt.model_cfg, ckpt.train_cfg
-    ts = ckpt.trainer_state if isinstance(ckpt.trainer_state, dict) else {}
-    metrics = ckpt.metrics if isinstance(ckpt.metrics, dict) else {}
+def _model_section(ckpt) -> dict:
+    mc = ckpt.model_cfg
     model = {
         "variant": mc.variant,
         "backend": mc.backend,
@@ -47,41 +42,58 @@ def describe_checkpoint(ckpt) -> dict:
         model["forget_bias"] = mc.forget_bias
     if mc.init == "chrono":
         model["chrono_tmax"] = mc.chrono_tmax
-    corpus = dict(ckpt.corpus_meta or {})
-    run_dir = ckpt.path.parent
-    best, latest = read_pointer(run_dir, "best"), read_pointer(run_dir, "latest")
-    siblings = [p.name for _, p in list_checkpoints(run_dir)]
+    return model
+
+
+def _training_section(ckpt) -> dict:
+    ts = ckpt.trainer_state if isinstance(ckpt.trainer_state, dict) else {}
+    metrics = ckpt.metrics if isinstance(ckpt.metrics, dict) else {}
     best_val = ts.get("best_val_loss", metrics.get("best_val_loss"))
     val = ts.get("val_loss", metrics.get("val_loss"))
+    return {
+        "steps": ckpt.step,
+        "epochs": ts.get("epochs_done", metrics.get("epochs")),
+        "train_time": ts.get("train_time", metrics.get("train_time")),
+        "chars_seen": ts.get("chars_seen"),
+        "chars_per_sec": metrics.get("chars_per_sec"),
+        "train_loss": metrics.get("train_loss"),
+        "val_loss": val,
+        "val_bpc": _bpc(val),
+        "best_val_loss": best_val,
+        "best_val_bpc": _bpc(best_val),
+        "best_step": ts.get("best_step", metrics.get("best_step")),
+    }
+
+
+def describe_checkpoint(ckpt) -> dict:
+    """Everything `charlstm info` reports about a loaded checkpoint, JSON-safe."""
+    run_dir = ckpt.path.parent
+    best, latest = read_pointer(run_dir, "best"), read_pointer(run_dir, "latest")
     return {
         "checkpoint": str(ckpt.path),
         "run_dir": str(run_dir),
         "step": ckpt.step,
         "created": ckpt.config.get("created"),
-        "model": model,
+        "model": _model_section(ckpt),
         "vocab": {"size": len(ckpt.vocab), "chars": "".join(ckpt.vocab.chars)},
-        "corpus": corpus,
-        "training": {
-            "steps": ckpt.step,
-            "epochs": ts.get("epochs_done", metrics.get("epochs")),
-            "train_time": ts.get("train_time", metrics.get("train_time")),
-            "chars_seen": ts.get("chars_seen"),
-            "chars_per_sec": metrics.get("chars_per_sec"),
-            "train_loss": metrics.get("train_loss"),
-            "val_loss": val,
-            "val_bpc": _bpc(val),
-            "best_val_loss": best_val,
-            "best_val_bpc": _bpc(best_val),
-            "best_step": ts.get("best_step", metrics.get("best_step")),
-        },
-        "train_options": tc.to_dict(),
+        "corpus": dict(ckpt.corpus_meta or {}),
+        "training": _training_section(ckpt),
+        "train_options": ckpt.train_cfg.to_dict(),
         "preset": ckpt.config.get("preset"),
         "init_from": ckpt.config.get("init_from"),
-        "run_checkpoints": siblings,
+        "run_checkpoints": [p.name for _, p in list_checkpoints(run_dir)],
         "best": None if best is None else best.name,
         "latest": None if latest is None else latest.name,
         "versions": ckpt.versions,
     }
+
+
+def describe_run(run: Path | None, checkpoints: Path = Path("checkpoints")) -> dict:
+    """Describe the checkpoint RUN names (the most recent run under ``checkpoints`` when None)."""
+    path = resolve_checkpoint(run, checkpoints)
+    if run is None:
+        note(f"describing {path} (the most recent run under {checkpoints}/)")
+    return describe_checkpoint(load_checkpoint(path, map_location="cpu"))
 
 
 def _fmt_loss(loss) -> str:
@@ -93,61 +105,66 @@ def _fmt_chars(chars: str, limit: int = 60) -> str:
     return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
 
 
-def print_description(d: dict) -> None:
-    """The description as a two-column table on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
-    m, c, t, v = d["model"], d["corpus"], d["training"], d["versions"] or {}
-    table = Table(title=d["checkpoint"], show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
+def _model_rows(d: dict) -> list[tuple[str, str]]:
+    m, c = d["model"], d["corpus"]
     variant = m["variant"]
     if variant == "peephole":
         variant += f" ({m['peephole_form']}, gates {m['peepholes'] or 'none'})"
     elif variant == "gru":
         variant += f" ({m['gru_form']} form)"
-    table.add_row("variant", variant)
-    table.add_row("backend", m["backend"])
-    table.add_row("size", f"{m['layers']} layers x {m['hidden']} hidden, embedding {m['embed']}, "
-                          f"dropout {m['dropout']:g}" + ("" if m["bias"] else ", no biases"))
-    table.add_row("parameters", f"{m['parameters']:,}")
-    table.add_row("vocabulary", f"{d['vocab']['size']} characters: {_fmt_chars(d['vocab']['chars'])}")
-    table.add_row("corpus", f"{c.get('name', '?')}: {c.get('source', '?')}")
-    table.add_row("corpus sha256", str(c.get("sha256", "?")))
+    rows = [
+        ("variant", variant),
+        ("backend", m["backend"]),
+        ("size", f"{m['layers']} layers x {m['hidden']} hidden, embedding {m['embed']}, "
+                 f"dropout {m['dropout']:g}" + ("" if m["bias"] else ", no biases")),
+        ("parameters", f"{m['parameters']:,}"),
+        ("vocabulary", f"{d['vocab']['size']} characters: {_fmt_chars(d['vocab']['chars'])}"),
+        ("corpus", f"{c.get('name', '?')}: {c.get('source', '?')}"),
+        ("corpus sha256", str(c.get("sha256", "?"))),
+    ]
     if c.get("n_chars") is not None:
-        table.add_row("corpus size", f"{c['n_chars']:,} characters")
+        rows.append(("corpus size", f"{c['n_chars']:,} characters"))
+    return rows
+
+
+def _training_rows(d: dict) -> list[tuple[str, str]]:
+    t, o, v = d["training"], d["train_options"], d["versions"] or {}
     epochs = t["epochs"]
-    table.add_row("steps trained", f"{t['steps']:,}" + (f" ({epochs:.2f} epochs)" if isinstance(epochs, (int, float)) else ""))
+    steps = f"{t['steps']:,}" + (f" ({epochs:.2f} epochs)" if isinstance(epochs, (int, float)) else "")
+    rows = [("steps trained", steps)]
     if isinstance(t["train_time"], (int, float)):
         speed = f", {t['chars_per_sec']:,.0f} chars/s" if isinstance(t["chars_per_sec"], (int, float)) else ""
-        table.add_row("training time", f"{t['train_time']:.0f} s{speed}")
-    table.add_row("val loss", _fmt_loss(t["val_loss"]))
+        rows.append(("training time", f"{t['train_time']:.0f} s{speed}"))
+    rows.append(("val loss", _fmt_loss(t["val_loss"])))
     best = _fmt_loss(t["best_val_loss"])
     if t["best_step"] is not None and t["best_val_loss"] is not None:
         best += f" at step {t['best_step']:,}"
-    table.add_row("best val loss", best)
-    o = d["train_options"]
-    table.add_row("training", f"data {o.get('data')}, seq-len {o.get('seq_len')}, batch {o.get('batch_size')}, "
-                              f"lr {o.get('lr'):g} ({o.get('schedule')}), seed {o.get('seed')}"
-                              + (f", preset {d['preset']}" if d.get("preset") else ""))
+    rows.append(("best val loss", best))
+    rows.append(("training", f"data {o.get('data')}, seq-len {o.get('seq_len')}, batch {o.get('batch_size')}, "
+                             f"lr {o.get('lr'):g} ({o.get('schedule')}), seed {o.get('seed')}"
+                             + (f", preset {d['preset']}" if d.get("preset") else "")))
     marks = [n + (" (best)" if n == d["best"] else "") + (" (latest)" if n == d["latest"] else "")
              for n in d["run_checkpoints"]]
-    table.add_row("run", f"{d['run_dir']}: " + (", ".join(marks) if marks else "-"))
-    table.add_row("written by", ", ".join(f"{k} {val}" for k, val in v.items() if val) + f"; {d['created'] or ''}")
-    Console(soft_wrap=False, highlight=False).print(table)
+    rows.append(("run", f"{d['run_dir']}: " + (", ".join(marks) if marks else "-")))
+    rows.append(("written by", ", ".join(f"{k} {val}" for k, val in v.items() if val) + f"; {d['created'] or ''}"))
+    return rows
+
+
+def description_table(d: dict) -> Table:
+    """The description as a two-column table."""
+    table = Table(title=d["checkpoint"], show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name, value in _model_rows(d) + _training_rows(d):
+        table.add_row(name, value)
+    return table
 
 
 def run_from_cli(*, run: Path | None, json_out: bool, checkpoints: Path = Path("checkpoints")) -> dict:
     """`charlstm info`: describe the checkpoint RUN names (one JSON object with --json)."""
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-
-    path = resolve_checkpoint(run, checkpoints)
-    if run is None:
-        print(f"describing {path} (the most recent run under {checkpoints}/)", file=sys.stderr, flush=True)
-    d = describe_checkpoint(load_checkpoint(path, map_location="cpu"))
+    d = describe_run(run, checkpoints)
     if json_out:
         print(json.dumps(d))
     else:
-        print_description(d)
+        Console(soft_wrap=False, highlight=False).print(description_table(d))
     return d

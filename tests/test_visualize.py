@@ -1,23 +1,27 @@
-"""Tests of `charlstm visualize`: recording, text features, unit ranking, saturation, the page.
+"""Tests of `charlstm visualize`: recording, text features, unit ranking, saturation, the page and its files.
 
 The browser test renders the page in headless Chromium (Debian's ``chromium``
-package). Where it is missing, a session fixture installs it with apt-get when
-running as root (as CI does); it skips with the reason only where that is not
-possible. Set CHARLSTM_NO_BROWSER_INSTALL=1 to never install.
+package). No test installs it: `make browser` does (as root, where it is
+missing; CI runs it before `make test`), and the test skips with the reason
+where no Chromium is on PATH.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import statistics
 import struct
 import subprocess
+import sys
 import tempfile
+import zipfile
 import zlib
+from fnmatch import fnmatch
+from importlib import resources
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,7 @@ import torch
 from typer.testing import CliRunner
 
 from charlstm import visualize as vis
+from charlstm.visualize import page, recording
 from charlstm.checkpoint import save_checkpoint
 from charlstm.cli import app
 from charlstm.config import ModelConfig, TrainConfig
@@ -159,7 +164,7 @@ CONFIGS = [
 
 @pytest.mark.parametrize("variant,backend,gru_form", CONFIGS, ids=[f"{v}-{b}-{g}" for v, b, g in CONFIGS])
 def test_recorded_h_equals_the_models_forward(variant, backend, gru_form, monkeypatch):
-    monkeypatch.setattr(vis, "CHUNK", 16)  # many chunk boundaries: the state must be carried across them
+    monkeypatch.setattr(recording, "CHUNK", 16)  # many chunk boundaries: the state must be carried across them
     text = SAMPLE
     vocab = Vocab.from_text(text)
     torch.manual_seed(3)
@@ -294,12 +299,63 @@ def test_quantized_traces_decode_to_the_recording():
     g = torch.Generator().manual_seed(2)
     c = 5 * torch.randn(len(text), 3, generator=g)
     layers = [{"h": torch.tanh(c), "c": c}]
-    enc = vis._quantize(c)
+    enc = vis.quantize(c)
     raw = torch.tensor(list(base64.urlsafe_b64decode(enc["b64"])), dtype=torch.float32).view(3, len(text))  # (H, T)
     lo, hi = torch.tensor(enc["lo"]), torch.tensor(enc["hi"])
     decoded = lo[:, None] + (hi - lo)[:, None] * raw / 255
     assert float((decoded.T - c).abs().max()) <= float((hi - lo).max()) / 255 / 2 + 1e-4
     assert vis.build_page(fake_recording(text, layers, "rnn"), [], meta={}).count("charlstm-data") >= 1
+
+
+# ---------------------------------------------------------------------------- the page's files
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSET_DIR = ROOT / "charlstm" / "assets"
+
+
+def test_page_assets_are_package_resources_inlined_into_the_page():
+    for name in page.ASSETS:
+        resource = resources.files("charlstm") / "assets" / name
+        assert resource.is_file(), f"charlstm/assets/{name} is not reachable through importlib.resources"
+        assert resource.read_text(encoding="utf-8") == (ASSET_DIR / name).read_text(encoding="utf-8")
+    html, css, js = (page.read_asset(name) for name in page.ASSETS)
+    assert html.count(page.STYLE_TAG) == 1 and html.count(page.SCRIPT_TAG) == 1
+    assert "//" not in css and "//" not in js  # the page may hold no '//' at all (see the test above)
+    template = page.page_template()
+    assert f"<style>\n{css}</style>" in template and f"<script>\n{js}</script>" in template
+    assert page.STYLE_TAG not in template and page.SCRIPT_TAG not in template
+    assert template.count("__TITLE__") == 1 and template.count("__DATA__") == 1
+
+
+def test_pyproject_package_data_lists_every_asset():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
+    setuptools_conf = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    patterns = setuptools_conf["package-data"]["charlstm"]
+    assets = sorted(p.relative_to(ROOT / "charlstm").as_posix() for p in ASSET_DIR.iterdir() if p.is_file())
+    assert {f"assets/{name}" for name in page.ASSETS} <= set(assets)
+    for rel in assets:
+        assert any(fnmatch(rel, pattern) for pattern in patterns), f"charlstm/{rel} matches no package-data pattern"
+    if isinstance(setuptools_conf.get("packages"), list):  # packages listed by hand: the subpackage must be there
+        assert "charlstm.visualize" in setuptools_conf["packages"]
+
+
+@pytest.mark.skipif(find_spec("setuptools") is None, reason="building the wheel needs setuptools")
+def test_the_wheel_ships_the_assets_and_every_subpackage(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "charlstm", src / "charlstm", ignore=shutil.ignore_patterns("__pycache__"))
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", build, str(tmp_path / "dist")], cwd=src, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = set(zipfile.ZipFile(tmp_path / "dist" / done.stdout.strip().splitlines()[-1]).namelist())
+    for name in page.ASSETS:
+        assert f"charlstm/assets/{name}" in names
+    for init in (ROOT / "charlstm").rglob("__init__.py"):
+        rel = init.relative_to(ROOT).as_posix()
+        assert rel in names, f"the wheel lacks {rel}: add its package to pyproject.toml"
 
 
 # ---------------------------------------------------------------------------- the page in a real browser
@@ -317,20 +373,11 @@ def _find_chromium() -> str | None:
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """A headless-capable Chromium; installed with apt-get (root only) where missing, else skip."""
+    """A headless-capable Chromium from PATH; skips, saying why and how to get one, where there is none."""
     exe = _find_chromium()
-    if exe is None and os.environ.get("CHARLSTM_NO_BROWSER_INSTALL", "") in ("", "0"):
-        if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-            try:
-                subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-                subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=1200)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-            exe = _find_chromium()
     if exe is None:
-        pytest.skip("headless Chromium is not installed and could not be installed here "
-                    "(needs root, apt-get and the Debian package registry: apt-get install chromium)")
+        pytest.skip(f"no headless Chromium on PATH (looked for {', '.join(CHROMIUM_NAMES)}); "
+                    "`make browser` installs Debian's chromium when run as root, as CI does")
     return exe
 
 

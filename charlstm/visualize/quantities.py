@@ -1,0 +1,37 @@
+"""What `charlstm visualize` records for each cell variant: the one per-variant table of the package."""
+
+from __future__ import annotations
+
+from ..model import LSTM_FAMILY
+
+QUANTITY_HELP = {
+    "h": "hidden state h_t (the layer's output)",
+    "c": "cell state C_t",
+    "f": "forget gate f_t",
+    "i": "input gate i_t",
+    "o": "output gate o_t",
+    "z": "update gate z_t",
+    "r": "reset gate r_t",
+}
+GATES = {"rnn": (), "lstm": ("f", "i", "o"), "peephole": ("f", "i", "o"), "coupled": ("f", "i", "o"), "gru": ("z", "r")}
+
+
+def quantities_for(variant: str) -> tuple[str, ...]:
+    """The quantities recorded for a variant, in display order."""
+    states = ("h", "c") if variant in LSTM_FAMILY else ("h",)
+    return states + GATES[variant]
+
+
+def quantity_notes(cfg) -> list[str]:
+    """What a quantity means for this particular variant, where it is not the obvious."""
+    notes = []
+    if cfg.variant == "coupled":
+        notes.append("coupled has no input gate of its own: its i is 1 - f, shown for comparison with the LSTM")
+    if cfg.variant == "gru":
+        if cfg.gru_form == "cudnn":
+            notes.append("gru (cudnn form): z is the share of the old state kept, h = (1 - z) * n + z * h_prev")
+        else:
+            notes.append("gru (cho form): z is the share of the new candidate taken, h = (1 - z) * h_prev + z * n")
+    if cfg.variant == "rnn":
+        notes.append("rnn has no gates: only h is recorded")
+    return notes
