@@ -20,9 +20,7 @@ from torch import Tensor, nn
 from .config import ModelConfig, TrainConfig
 from .errors import UsageError
 from .layers import RecurrentStack
-from .registry import CELLS, CellSpec, spec_for
-
-LSTM_FAMILY = tuple(dict.fromkeys(s.variant for s in CELLS if s.has_cell_state))
+from .registry import CellSpec, spec_for
 
 
 class State(NamedTuple):

@@ -45,11 +45,19 @@ class CellSpec:
     fast_paths: tuple[FastPath, ...] = ()  # window runners, tried in order (none: step by step)
     kernel: Optional[Kernel] = None        # the native training loops' kind and panel slots
     step: Optional[str] = None             # the sampling steps' kind (steppers.FastStep, native.step)
+    saturating: Optional[tuple[str, ...]] = None   # recorded gates in (0, 1) (default: recorded but the state)
 
     @property
     def has_cell_state(self) -> bool:
         """Whether the cell carries C beside h (the LSTM family)."""
         return "c" in self.cell.state_names
+
+    @property
+    def gate_quantities(self) -> tuple[str, ...]:
+        """The recorded quantities that are gates in (0, 1), whose saturation visualize measures."""
+        if self.saturating is not None:
+            return self.saturating
+        return tuple(q for q in self.recorded if q not in self.cell.state_names)
 
     def block(self, gate: str) -> int:
         """The index of a gate's block in the weight rows."""
@@ -124,6 +132,16 @@ def spec_named(name: str) -> CellSpec:
     if len(matches) != 1:
         raise KeyError(name)
     return matches[0]
+
+
+def recorded(variant: str) -> tuple[str, ...]:
+    """What visualize records for a variant (the same for each of its forms), in display order."""
+    return next(s.recorded for s in CELLS if s.variant == variant)
+
+
+def gate_quantities(variant: str) -> tuple[str, ...]:
+    """The recorded gates of a variant (in (0, 1): their saturation is measured)."""
+    return next(s.gate_quantities for s in CELLS if s.variant == variant)
 
 
 def reorder_blocks(t: Tensor, order: tuple[int, ...], H: int) -> Tensor:

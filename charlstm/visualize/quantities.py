@@ -1,8 +1,8 @@
-"""What `charlstm visualize` records for each cell variant: the one per-variant table of the package."""
+"""What `charlstm visualize` records for each cell variant (from the cell registry) and what it means."""
 
 from __future__ import annotations
 
-from ..model import LSTM_FAMILY
+from ..registry import VARIANTS, gate_quantities, recorded
 
 QUANTITY_HELP = {
     "h": "hidden state h_t (the layer's output)",
@@ -13,13 +13,12 @@ QUANTITY_HELP = {
     "z": "update gate z_t",
     "r": "reset gate r_t",
 }
-GATES = {"rnn": (), "lstm": ("f", "i", "o"), "peephole": ("f", "i", "o"), "coupled": ("f", "i", "o"), "gru": ("z", "r")}
+GATES = {variant: gate_quantities(variant) for variant in VARIANTS}   # the registry's, by variant
 
 
 def quantities_for(variant: str) -> tuple[str, ...]:
-    """The quantities recorded for a variant, in display order."""
-    states = ("h", "c") if variant in LSTM_FAMILY else ("h",)
-    return states + GATES[variant]
+    """The quantities recorded for a variant, in display order (the cell registry's `recorded`)."""
+    return recorded(variant)
 
 
 def quantity_notes(cfg) -> list[str]:
