@@ -32,7 +32,7 @@ from ..corpus import Vocab, load_corpus
 from ..errors import CharlstmError
 from ..longgap import LongGapTask, train_long_gap
 from ..model import resolve_backend
-from . import report
+from .report import LN2, corpus_summary, long_gap_summary, write_corpus_files, write_long_gap_files
 from .settings import match_parameters, reference_parameters, threads_per_job
 
 RESULT_FILE = "result.json"
@@ -54,8 +54,8 @@ def compare_corpus(settings: CompareConfig, *, progress: bool = True, plot: bool
     specs = plan_runs(settings, vocab_size, hidden_sizes)
     results = run_all(specs, settings, progress=progress)
     reference = reference_parameters(settings, vocab_size) if settings.match_params else None
-    summary = report.corpus_summary(settings, [results[s["run_dir"]] for s in specs], corpus.meta(), reference)
-    report.write_corpus_files(summary, settings, plot)
+    summary = corpus_summary(settings, [results[s["run_dir"]] for s in specs], corpus.meta(), reference)
+    write_corpus_files(summary, settings, plot)
     return summary
 
 
@@ -66,8 +66,8 @@ def compare_long_gap(settings: CompareConfig, *, progress: bool = True, plot: bo
     settings.out.mkdir(parents=True, exist_ok=True)
     specs = plan_runs(settings, task0.vocab_size, hidden_sizes)
     results = run_all(specs, settings, progress=progress)
-    summary = report.long_gap_summary(settings, [results[s["run_dir"]] for s in specs])
-    report.write_long_gap_files(summary, settings, plot)
+    summary = long_gap_summary(settings, [results[s["run_dir"]] for s in specs])
+    write_long_gap_files(summary, settings, plot)
     return summary
 
 
@@ -305,8 +305,8 @@ def _execute_corpus_run(spec: dict, progress: bool) -> dict:
         "params": result.params,
         "best_val_loss": best,
         "final_val_loss": final,
-        "best_val_bpc": None if best is None else best / report.LN2,
-        "final_val_bpc": None if final is None else final / report.LN2,
+        "best_val_bpc": None if best is None else best / LN2,
+        "final_val_bpc": None if final is None else final / LN2,
         "train_loss": result.train_loss,
         "steps": result.steps,
         "epochs": result.epochs,
