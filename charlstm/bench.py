@@ -8,18 +8,10 @@ In one run and side by side, for every chosen variant x backend x size:
 - sampling throughput of the sampler's stepper (``sample.make_stepper``, what
   ``charlstm sample`` uses), one stream and B streams at once.
 
-Every figure is also given as a ratio to ``torch.nn.LSTM`` measured in the same
-run at the same sizes (for sampling: ``nn.LSTM`` stepped one character at a
-time through ``model.forward``), and as achieved GFLOP/s against this machine's
-``torch.mm`` peak, also measured in the same run (large square products and
-the recurrent product's shape B x H by H x 4H). FLOPs are counted as 6 per
-recurrent or input weight per character for training (2 forward, 4 backward)
-and 2 for sampling; the head and the pointwise work are not counted.
-
-Timing: every measurement is a closure; after ``warmup`` untimed rounds the
-closures run in ``repeats`` interleaved rounds (each round runs every closure
-once), so that a change of machine load hits all of them alike. Figures are
-medians; a ratio is the median of the per-round ratios.
+Every figure is also a ratio to ``torch.nn.LSTM`` measured in the same run at
+the same sizes, and achieved GFLOP/s against this machine's ``torch.mm`` peak
+(measured in the same run too). The method (interleaved rounds, medians, FLOP
+counts) is in docs/performance.md; bench_report.py turns the report into a table.
 """
 
 from __future__ import annotations
@@ -33,105 +25,26 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from .config import GRU_FORMS, PEEPHOLE_FORMS, VARIANTS, ModelConfig
-from .errors import CharlstmError, UsageError
+from .config import BenchConfig, ModelConfig
+from .errors import UsageError
+from .layers import Recurrent
+from .model import build_model, has_cudnn
 from .native.build import library
+from .registry import CELLS, spec_for
+from .runtime import resolve_device
 from .sampling import SamplingOptions, gumbel_noise
 from .steppers import ModelStep, make_stepper, stepping_threads
 
-BACKENDS = ("cudnn", "custom", "basic")   # basic: the custom cells through the plain unbind loop
-MEASURES = ("train", "sample", "sample-batch")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-PEAK_SQUARE = 2048                         # n of the n x n by n x n products that give the mm peak
 MIN_JOB_SECONDS = 0.02                     # small products are repeated inside one timing to last this long
-
-
-# --------------------------------------------------------------------------- settings
-
-@dataclass
-class BenchSettings:
-    """What to measure and how (built from the command line)."""
-
-    variants: list[str] = field(default_factory=lambda: ["lstm", "peephole", "coupled", "gru"])
-    backends: list[str] = field(default_factory=lambda: ["cudnn", "custom"])
-    hidden: list[int] = field(default_factory=lambda: [256])        # H
-    layers: list[int] = field(default_factory=lambda: [2])          # L
-    batch_size: list[int] = field(default_factory=lambda: [32])     # B
-    seq_len: list[int] = field(default_factory=lambda: [128])       # T
-    embed: int = 64                       # E
-    vocab: int = 65                       # V
-    peephole_form: str = "diag"           # form of the peephole variant
-    gru_form: str = "cudnn"               # form of the gru variant
-    device: str = "cpu"                   # cpu | cuda (resolved from auto)
-    threads: int | None = None            # torch intra-op threads (None: torch's default)
-    repeats: int = 5                      # timed rounds (medians over these)
-    warmup: int = 2                       # untimed rounds first
-    sample_length: int = 256              # characters per sampling measurement
-    sample_threads: int | None = None     # threads while sampling (None: charlstm sample's default for the step)
-    measures: list[str] = field(default_factory=lambda: list(MEASURES))
-    peak_size: int = PEAK_SQUARE          # n of the square mm peak (0: skip)
-    seed: int = 0
-    clock: str = "wall"                   # wall (perf_counter) | cpu (this process's CPU time)
-
-    def validate(self) -> None:
-        for v in self.variants:
-            if v.split(":")[0] not in VARIANTS:
-                raise UsageError(f"--variants: unknown variant {v!r} (choose from {', '.join(VARIANTS)}; "
-                                 "a form after a colon: gru:cho, peephole:full)")
-            if ":" in v:
-                base, form = v.split(":", 1)
-                forms = {"gru": GRU_FORMS, "peephole": PEEPHOLE_FORMS}.get(base, ())
-                if form not in forms:
-                    raise UsageError(f"--variants: {v!r} has no form {form!r}"
-                                     + (f" (forms: {', '.join(forms)})" if forms else ""))
-        for b in self.backends:
-            if b not in BACKENDS:
-                raise UsageError(f"--backends: unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
-        for m in self.measures:
-            if m not in MEASURES:
-                raise UsageError(f"--measures: unknown measure {m!r} (choose from {', '.join(MEASURES)})")
-        if not self.variants or not self.backends or not self.measures:
-            raise UsageError("--variants, --backends and --measures each need at least one value")
-        for name in ("hidden", "layers", "batch_size", "seq_len"):
-            for n in getattr(self, name):
-                if n < 1:
-                    raise UsageError(f"--{name.replace('_', '-')} values must be >= 1 (got {n})")
-        for name in ("embed", "vocab", "repeats", "sample_length"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.vocab < 2:
-            raise UsageError(f"--vocab must be >= 2 (got {self.vocab})")
-        if self.warmup < 0 or self.peak_size < 0:
-            raise UsageError("--warmup and --peak-size must be >= 0")
-        if self.clock not in CLOCKS:
-            raise UsageError(f"--clock must be one of {', '.join(CLOCKS)} (got {self.clock!r})")
-        if self.clock == "cpu" and self.device != "cpu":
-            raise UsageError("--clock cpu measures CPU time and only makes sense with --device cpu")
-        for name in ("threads", "sample_threads"):
-            n = getattr(self, name)
-            if n is not None and n < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {n})")
-
-
-def parse_int_list(text: str, option: str) -> list[int]:
-    """'256' or '256,512' -> [256, 512]; UsageError naming the option otherwise."""
-    try:
-        values = [int(part) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"{option} takes integers separated by commas, e.g. 256,512 (got {text!r})") from None
-    if not values:
-        raise UsageError(f"{option} needs at least one value")
-    return values
-
-
-def parse_name_list(text: str) -> list[str]:
-    return [part.strip() for part in str(text).split(",") if part.strip()]
+SIZE_FIELDS = ("hidden", "layers", "batch_size", "seq_len")
 
 
 # --------------------------------------------------------------------------- what one row is
@@ -144,48 +57,31 @@ class Sizes:
     seq_len: int
 
 
-def model_config(variant: str, backend: str, sizes: Sizes, s: BenchSettings) -> ModelConfig:
+def model_config(variant: str, backend: str, sizes: Sizes, s: BenchConfig) -> ModelConfig:
     """The ModelConfig of one row (variant may carry a form: 'gru:cho', 'peephole:full')."""
     base, _, form = variant.partition(":")
     extra = {}
-    if base == "gru":
-        extra["gru_form"] = form or s.gru_form
-    if base == "peephole":
-        extra["peephole_form"] = form or s.peephole_form
+    field = next((c.form_field for c in CELLS if c.variant == base and c.form_field), None)
+    if field is not None:                          # the form named after the colon, else --gru-form/--peephole-form
+        extra[field] = form or getattr(s, field)
     return ModelConfig(vocab_size=s.vocab, variant=base, backend="custom" if backend == "basic" else backend,
                        embed=s.embed, hidden=sizes.hidden, layers=sizes.layers, **extra)
 
 
-def has_torch_module(cfg: ModelConfig) -> bool:
-    """Whether torch.nn has this cell (nn.RNN, nn.LSTM, nn.GRU in its own form)."""
-    return cfg.variant in ("rnn", "lstm") or (cfg.variant == "gru" and cfg.gru_form == "cudnn")
-
-
 def weight_count(cfg: ModelConfig) -> int:
-    """Recurrent and input weights of the stack (the matrices the FLOP count is based on):
-    W_ih and W_hh of every layer, and full-matrix peepholes; no biases, embedding or head."""
-    G = {"rnn": 1, "lstm": 4, "peephole": 4, "coupled": 3, "gru": 3}[cfg.variant]
-    H, total = cfg.hidden, 0
-    for k in range(cfg.layers):
-        n_in = cfg.embed if k == 0 else H
-        total += G * H * (n_in + H)
-        if cfg.variant == "peephole" and cfg.peephole_form == "full":
-            total += len(cfg.peepholes) * H * H
-    return total
+    """Recurrent and input weights of the stack (the matrices the FLOP count is based on): the
+    registry's count (every 2-D parameter of the cells); no biases, embedding or head."""
+    return spec_for(cfg).weights(cfg)
 
 
 def label(variant: str, cfg: ModelConfig) -> str:
-    if cfg.variant == "gru":
-        return f"gru ({cfg.gru_form})"
-    if cfg.variant == "peephole":
-        return f"peephole ({cfg.peephole_form})"
-    return variant
+    """The row's name: the variant, with its form where it has several ('gru (cho)')."""
+    spec = spec_for(cfg)
+    return f"{spec.variant} ({spec.form})" if spec.form else variant
 
 
 def use_fused_path(model, on: bool) -> None:
     """Choose, for a custom model, between the fused layers (``on``) and the plain unbind loop."""
-    from .layers import Recurrent
-
     for layer in getattr(model.rnn, "layers", []):
         if isinstance(layer, Recurrent):
             layer.use_fused = on
@@ -305,8 +201,6 @@ def mm_job(m: int, k: int, n: int, device: torch.device, *, transposed: bool,
 
 def run_rounds(jobs: dict, warmup: int, repeats: int, progress: bool) -> dict:
     """Run every job once per round (warm-up rounds untimed); {key: [seconds per timed round]}."""
-    from tqdm import tqdm
-
     times = {key: [] for key in jobs}
     total = (warmup + repeats) * len(jobs)
     with tqdm(total=total, desc="measuring", unit="run", file=sys.stderr, disable=not progress, leave=False,
@@ -340,24 +234,49 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
+def run_bench(s: BenchConfig, *, progress: bool = True) -> dict:
     """Measure everything ``s`` asks for and return the report (JSON-safe)."""
-    from .model import build_model
-
-    s.validate()
-    clock = CLOCKS[s.clock]
-    device = torch.device(s.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    device = resolve_device(s.device)
+    if s.clock == "cpu" and device.type != "cpu":
+        raise UsageError("--clock cpu measures CPU time and only makes sense with --device cpu")
     if s.threads is not None:
         torch.set_num_threads(s.threads)
+    clock = CLOCKS[s.clock]
     all_sizes = [Sizes(*p) for p in itertools.product(s.hidden, s.layers, s.batch_size, s.seq_len)]
-    measures = set(s.measures)
+    rows, jobs, steppers, skipped = _model_jobs(s, all_sizes, device, clock)
+    peak_shapes = sorted({(z.batch_size, z.hidden) for z in all_sizes})
+    for B, H in peak_shapes:
+        jobs[("peak", "recurrent", B, H)] = mm_job(B, H, 4 * H, device, transposed=True, clock=clock)
+    if s.peak_size:
+        n = s.peak_size
+        jobs[("peak", "square", n)] = mm_job(n, n, n, device, transposed=False, clock=clock)
 
-    jobs: dict = {}
-    rows: list[dict] = []
-    skipped: list[str] = []
-    steppers: dict = {}
+    times = run_rounds(jobs, s.warmup, s.repeats, progress)
+
+    peak = _peaks(s, peak_shapes, times)
+    results = _figures(rows, times, steppers, peak, s.sample_length)
+    _per_flop_ratios(results)
+    return {
+        "command": "charlstm bench",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "device": str(device),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "native": native_status()},
+        "settings": {**dataclasses.asdict(s), "device": device.type},
+        "flops": {"train_per_weight_per_char": 6, "sample_per_weight_per_char": 2,
+                  "counted": "W_ih and W_hh of every layer (and full peephole matrices); no head, no pointwise"},
+        "peak": peak,
+        "baselines": _baselines(rows, times, s.sample_length),
+        "results": results,
+        "skipped": skipped,
+    }
+
+
+def _model_jobs(s: BenchConfig, all_sizes: list[Sizes], device: torch.device, clock) -> tuple:
+    """A row per variant x backend x sizes (the nn.LSTM baseline first), and the jobs that time them:
+    (rows, {key: job}, {key: stepper name}, [skipped notes])."""
+    jobs, rows, skipped, steppers = {}, [], [], {}
     for sizes in all_sizes:
         combos = [("lstm", "cudnn", True)]                     # the baseline, always measured
         combos += [(v, b, False) for v in s.variants for b in s.backends]
@@ -368,7 +287,7 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
             if key in seen:
                 continue
             seen.add(key)
-            if backend == "cudnn" and not has_torch_module(cfg):
+            if backend == "cudnn" and not has_cudnn(cfg):
                 note = f"{label(variant, cfg)} has no torch.nn module (cudnn backend): skipped"
                 if note not in skipped:
                     skipped.append(note)
@@ -381,52 +300,53 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
                    **dataclasses.asdict(sizes), "embed": s.embed, "vocab": s.vocab,
                    "weights": weight_count(cfg), "model": model}
             rows.append(row)
-            if "train" in measures:
-                jobs[(id(row), "train")] = train_job(model, cfg, sizes, device, s.seed, clock)
-            for measure, streams in (("sample", 1), ("sample-batch", sizes.batch_size)):
-                if measure not in measures:
-                    continue
-                jobs[(id(row), measure)], steppers[(id(row), measure)] = sample_job(
-                    model, streams, s.sample_length, device, s.seed, threads=s.sample_threads, clock=clock)
-                if baseline:
-                    # nn.LSTM stepped one character at a time, with and without oneDNN: the
-                    # faster of the two is the reference of the sampling ratios
-                    for ref in ("onednn", "no-onednn"):
-                        jobs[(id(row), measure, ref)], steppers[(id(row), measure, ref)] = sample_job(
-                            model, streams, s.sample_length, device, s.seed, reference=ref,
-                            threads=s.sample_threads, clock=clock)
-    peak_shapes = sorted({(z.batch_size, z.hidden) for z in all_sizes})
-    for B, H in peak_shapes:
-        jobs[("peak", "recurrent", B, H)] = mm_job(B, H, 4 * H, device, transposed=True, clock=clock)
-    if s.peak_size:
-        n = s.peak_size
-        jobs[("peak", "square", n)] = mm_job(n, n, n, device, transposed=False, clock=clock)
+            _row_jobs(row, model, cfg, sizes, s, device, clock, jobs, steppers)
+    return rows, jobs, steppers, skipped
 
-    times = run_rounds(jobs, s.warmup, s.repeats, progress)
 
-    # peaks
+def _row_jobs(row, model, cfg, sizes, s: BenchConfig, device, clock, jobs: dict, steppers: dict) -> None:
+    """The measures of one row (and, for the baseline, nn.LSTM stepped with and without oneDNN)."""
+    if "train" in s.measures:
+        jobs[(id(row), "train")] = train_job(model, cfg, sizes, device, s.seed, clock)
+    for measure, streams in (("sample", 1), ("sample-batch", sizes.batch_size)):
+        if measure not in s.measures:
+            continue
+        jobs[(id(row), measure)], steppers[(id(row), measure)] = sample_job(
+            model, streams, s.sample_length, device, s.seed, threads=s.sample_threads, clock=clock)
+        if row["baseline"]:
+            # the faster of the two is the reference of the sampling ratios
+            for ref in ("onednn", "no-onednn"):
+                jobs[(id(row), measure, ref)], steppers[(id(row), measure, ref)] = sample_job(
+                    model, streams, s.sample_length, device, s.seed, reference=ref,
+                    threads=s.sample_threads, clock=clock)
+
+
+def _peaks(s: BenchConfig, peak_shapes: list, times: dict) -> dict:
+    """GFLOP/s of the square product and of the recurrent product's shape at each (B, H)."""
     peak = {"square": None, "recurrent": []}
     if s.peak_size:
         n = s.peak_size
         t = times[("peak", "square", n)]
         peak["square"] = {"shape": [n, n, n], "gflops": 2 * n ** 3 / statistics.median(t) / 1e9,
                           "best_gflops": 2 * n ** 3 / min(t) / 1e9}
-    recurrent_peak = {}
     for B, H in peak_shapes:
         t = times[("peak", "recurrent", B, H)]
         flops = 2 * B * H * 4 * H
-        recurrent_peak[(B, H)] = flops / statistics.median(t) / 1e9
         peak["recurrent"].append({"batch_size": B, "hidden": H, "shape": [B, H, 4 * H],
-                                  "gflops": recurrent_peak[(B, H)], "best_gflops": flops / min(t) / 1e9})
+                                  "gflops": flops / statistics.median(t) / 1e9, "best_gflops": flops / min(t) / 1e9})
+    return peak
 
-    # figures
-    def base_row(row):
-        return next(r for r in rows if r["baseline"] and all(r[f] == row[f] for f in
-                                                             ("hidden", "layers", "batch_size", "seq_len")))
 
+def _same_sizes(a: dict, b: dict) -> bool:
+    return all(a[f] == b[f] for f in SIZE_FIELDS)
+
+
+def _figures(rows: list[dict], times: dict, steppers: dict, peak: dict, sample_length: int) -> list[dict]:
+    """Each row's chars/s, ratio to nn.LSTM, GFLOP/s and fractions of the peaks, per measure."""
+    recurrent_peak = {(p["batch_size"], p["hidden"]): p["gflops"] for p in peak["recurrent"]}
     results = []
     for row in rows:
-        base = base_row(row)
+        base = next(r for r in rows if r["baseline"] and _same_sizes(r, row))
         out = {k: v for k, v in row.items() if k != "model"}
         for measure, streams, flops_per_weight in (("train", row["batch_size"] * row["seq_len"], 6),
                                                    ("sample", 1, 2),
@@ -434,7 +354,7 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
             key = (id(row), measure)
             if key not in times:
                 continue
-            chars = streams if measure == "train" else streams * s.sample_length
+            chars = streams if measure == "train" else streams * sample_length
             t = times[key]
             if measure == "train":
                 ref_times = times[(id(base), measure)]
@@ -455,12 +375,16 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
                 fig["stepper"] = steppers[key]
             out[measure.replace("-", "_")] = fig
         results.append(out)
+    return results
 
+
+def _baselines(rows: list[dict], times: dict, sample_length: int) -> list[dict]:
+    """The nn.LSTM rows' own figures: training chars/s, stepped sampling with and without oneDNN."""
     baselines = []
     for row in rows:
         if not row["baseline"]:
             continue
-        entry = {f: row[f] for f in ("hidden", "layers", "batch_size", "seq_len")}
+        entry = {f: row[f] for f in SIZE_FIELDS}
         if (id(row), "train") in times:
             t = times[(id(row), "train")]
             entry["train_chars_per_s"] = row["batch_size"] * row["seq_len"] / statistics.median(t)
@@ -469,81 +393,22 @@ def run_bench(s: BenchSettings, *, progress: bool = True) -> dict:
                 key = (id(row), measure, ref)
                 if key in times:
                     name = f"{measure.replace('-', '_')}_{ref.replace('-', '_')}_chars_per_s"
-                    entry[name] = streams * s.sample_length / statistics.median(times[key])
+                    entry[name] = streams * sample_length / statistics.median(times[key])
         entry["sample_reference"] = ("nn.LSTM stepped one character at a time through model.forward, "
                                      "with oneDNN (torch's default) and without; ratios use the faster")
         baselines.append(entry)
+    return baselines
 
-    # per FLOP against custom lstm at the same sizes
+
+def _per_flop_ratios(results: list[dict]) -> None:
+    """Training GFLOP/s against the custom lstm's at the same sizes and backend (added to each row)."""
     for r in results:
         if "train" not in r:
             continue
         twin = next((q for q in results if q["variant"] == "lstm" and q["backend"] == r["backend"]
-                     and all(q[f] == r[f] for f in ("hidden", "layers", "batch_size", "seq_len"))), None)
+                     and _same_sizes(q, r)), None)
         if twin is not None and "train" in twin:
             r["train"]["gflops_ratio_to_lstm_same_backend"] = r["train"]["gflops"] / twin["train"]["gflops"]
-
-    return {
-        "command": "charlstm bench",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "device": str(device),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "native": native_status()},
-        "settings": {k: v for k, v in dataclasses.asdict(s).items()},
-        "flops": {"train_per_weight_per_char": 6, "sample_per_weight_per_char": 2,
-                  "counted": "W_ih and W_hh of every layer (and full peephole matrices); no head, no pointwise"},
-        "peak": peak,
-        "baselines": baselines,
-        "results": results,
-        "skipped": skipped,
-    }
-
-
-# --------------------------------------------------------------------------- output
-
-def _fmt_rate(x: float) -> str:
-    return f"{x:,.0f}"
-
-
-def make_table(report: dict):
-    """A rich Table of the report's results."""
-    from rich.table import Table
-
-    peak = report["peak"]
-    m = report["machine"]
-    parts = [f"{m['cpu']}, {m['threads']} thread(s), torch {m['torch']}"]
-    if peak["square"]:
-        n = peak["square"]["shape"][0]
-        parts.append(f"mm peak {peak['square']['gflops']:.1f} GFLOP/s ({n}x{n}x{n})")
-    for p in peak["recurrent"]:
-        B, H, H4 = p["shape"]
-        parts.append(f"{p['gflops']:.1f} at {B}x{H} by {H}x{H4}")
-    table = Table(title="charlstm bench: " + "; ".join(parts), title_justify="left")
-    for name, justify in (("variant", "left"), ("backend", "left"), ("H", "right"), ("L", "right"),
-                          ("B", "right"), ("T", "right"),
-                          ("train chars/s", "right"), ("x nn.LSTM", "right"), ("GFLOP/s", "right"),
-                          ("% mm peak", "right"),
-                          ("sample 1 chars/s", "right"), ("x nn.LSTM", "right"),
-                          ("sample B chars/s", "right"), ("x nn.LSTM", "right")):
-        table.add_column(name, justify=justify)
-
-    def cells(fig: dict | None, *, with_flops: bool) -> list[str]:
-        if fig is None:
-            return ["-", "-"] + (["-", "-"] if with_flops else [])
-        out = [_fmt_rate(fig["chars_per_s"]), f"{fig['ratio_to_nn_lstm']:.2f}"]
-        if with_flops:
-            frac = fig.get("fraction_of_mm_peak")
-            out += [f"{fig['gflops']:.1f}", "-" if frac is None else f"{100 * frac:.0f}%"]
-        return out
-
-    for r in report["results"]:
-        table.add_row(r["variant"], r["backend"], str(r["hidden"]), str(r["layers"]), str(r["batch_size"]),
-                      str(r["seq_len"]),
-                      *cells(r.get("train"), with_flops=True),
-                      *cells(r.get("sample"), with_flops=False),
-                      *cells(r.get("sample_batch"), with_flops=False))
-    return table
 
 
 def native_status() -> str:
@@ -554,63 +419,3 @@ def native_status() -> str:
     return ("C loops for custom lstm, peephole (diag), coupled, gru (both forms) and rnn with H a multiple of 32 "
             "on the CPU; C sampling step for every variant but peephole (full)")
 
-
-def table_footer(report: dict) -> list[str]:
-    """Lines printed under the table: the sampling reference and the method."""
-    lines = [f"native kernels: {report['machine'].get('native', 'not recorded')}"]
-    for b in report["baselines"]:
-        ref = [f"{k.replace('_chars_per_s', '').replace('_', ' ').replace('onednn', 'oneDNN')} "
-               f"{_fmt_rate(v)} chars/s"
-               for k, v in b.items() if k.endswith("_chars_per_s") and k.startswith("sample")]
-        if ref:
-            lines.append(f"sampling ratios are to the faster nn.LSTM stepped through model.forward "
-                         f"(H={b['hidden']} L={b['layers']} B={b['batch_size']}): " + ", ".join(ref))
-    steppers = {r[m]["stepper"] for r in report["results"] for m in ("sample", "sample_batch") if m in r}
-    if steppers:
-        st = report["settings"]["sample_threads"]
-        lines.append("sampler stepper: " + ", ".join(sorted(steppers))
-                     + (f", {st} thread(s) while sampling" if st else
-                        ", threads as charlstm sample: all cores for the native step, 1 for the torch steps"))
-    s = report["settings"]
-    clock = "wall-clock time" if s["clock"] == "wall" else "this process's CPU time"
-    lines.append(f"{clock}; medians of {s['repeats']} interleaved rounds after {s['warmup']} warm-up round(s); "
-                 "ratios are medians of per-round ratios; training FLOPs = 6 x weights x chars, sampling 2 x")
-    lines.extend(report["skipped"])
-    return lines
-
-
-def run_from_cli(*, variants: str, backends: str, hidden: str, layers: str, batch_size: str, seq_len: str,
-                 embed: int, vocab: int, peephole_form: str, gru_form: str, device: str, threads: int | None,
-                 repeats: int, warmup: int, sample_length: int, measures: str, peak_size: int, seed: int,
-                 clock: str, json_out: bool, sample_threads: int | None = None) -> dict:
-    """`charlstm bench`: measure, then print a table (or one JSON object with --json)."""
-    import json
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be one of auto, cpu, cuda (got {device!r})")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if peephole_form not in PEEPHOLE_FORMS:
-        raise UsageError(f"--peephole-form must be one of {', '.join(PEEPHOLE_FORMS)} (got {peephole_form!r})")
-    if gru_form not in GRU_FORMS:
-        raise UsageError(f"--gru-form must be one of {', '.join(GRU_FORMS)} (got {gru_form!r})")
-    settings = BenchSettings(
-        variants=parse_name_list(variants), backends=parse_name_list(backends),
-        hidden=parse_int_list(hidden, "--hidden"), layers=parse_int_list(layers, "--layers"),
-        batch_size=parse_int_list(batch_size, "--batch-size"), seq_len=parse_int_list(seq_len, "--seq-len"),
-        embed=embed, vocab=vocab, peephole_form=peephole_form, gru_form=gru_form, device=device,
-        threads=threads, sample_threads=sample_threads, repeats=repeats, warmup=warmup,
-        sample_length=sample_length,
-        measures=parse_name_list(measures), peak_size=peak_size, seed=seed, clock=clock,
-    )
-    report = run_bench(settings, progress=True)
-    if json_out:
-        sys.stdout.write(json.dumps(report) + "\n")
-    else:
-        from rich.console import Console
-
-        console = Console(width=max(160, Console().width))
-        console.print(make_table(report))
-        for line in table_footer(report):
-            console.print(line, highlight=False)
-    return report

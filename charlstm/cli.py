@@ -1,22 +1,53 @@
-"""The `charlstm` command line: parses options, calls library functions, prints.
+"""The `charlstm` command line: options built from config.py's dataclasses, calls, printing.
 
-Every command's work lives in a library module; this file only turns options
-into calls. A user's mistake raises ``CharlstmError`` somewhere below and is
-printed here as one line on stderr with a non-zero exit status; ``--debug``
-(anywhere on the command line) shows the traceback instead.
+The options of train, compare-variants and bench are generated from the fields of
+ModelConfig, TrainConfig, CompareConfig and BenchConfig (name, type, default and
+help live there; see ``field_options``). A user's mistake raises CharlstmError
+below and is printed here as one line on stderr, as are the parser's own errors;
+``--debug`` (anywhere on the command line) shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import io
+import json
 import os
 import sys
+import traceback
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Any
 
+import torch
 import typer
+from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
-from .errors import CharlstmError, NotImplementedYet
+from . import __version__, bench_report
+from . import bench as bench_mod
+from . import compare as compare_mod
+from . import evaluate as eval_mod
+from . import info as info_mod
+from . import sample as sample_mod
+from . import train as train_mod
+from . import visualize as vis_mod
+from .config import (
+    PRESET_HELP,
+    PRESETS,
+    BenchConfig,
+    CompareConfig,
+    ModelConfig,
+    TrainConfig,
+    parse_duration,
+    parse_list,
+    preset_changes,
+)
+from .console import note
+from .errors import CharlstmError
 
 DEBUG_ENV = "CHARLSTM_DEBUG"
 
@@ -28,27 +59,66 @@ def debug_enabled() -> bool:
 def report_error(err: BaseException, code: int) -> int:
     """Print one line for a user's mistake (or the traceback under --debug); return the exit code."""
     if debug_enabled():
-        import traceback
-
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
     else:
-        print(f"error: {err}", file=sys.stderr)
+        note(f"error: {err}")
     return code
 
 
+# --------------------------------------------------------------------------- the parser's errors
+
+def _sentence(text: str) -> str:
+    """'No such command 'x'.' -> 'no such command 'x'' (a clause after 'error: ')."""
+    text = text.strip().rstrip(".")
+    return text[:1].lower() + text[1:]
+
+
+def parser_message(e: typer.TyperException) -> str:
+    """The parser's error as one clause: "--hidden: 'abc' is not an integer"."""
+    param = getattr(e, "param", None)
+    if getattr(e, "possibilities", None):          # no such option, with the close ones
+        return f"no such option: {e.option_name} (did you mean {', '.join(sorted(e.possibilities))}?)"
+    if param is None or type(e).__name__ == "MissingParameter":
+        return _sentence(e.format_message())
+    name = param.opts[0] if getattr(param, "opts", None) and param.param_type_name == "option" \
+        else param.human_readable_name
+    errors = getattr(e.__cause__, "errors", None)   # typer converts values with pydantic
+    if callable(errors) and errors():
+        first = errors()[0]
+        kind = first.get("type", "")
+        what = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(kind.split("_")[0])
+        if what and "input" in first:
+            return f"{name}: {first['input']!r} is not {what}"
+        return f"{name}: {_sentence(first.get('msg', e.message))}"
+    return f"{name}: {_sentence(e.message)}"
+
+
 class CharlstmGroup(TyperGroup):
-    """Click group that turns CharlstmError into one line on stderr and an exit status.
+    """Click group that turns CharlstmError and the parser's errors into one line on stderr.
 
     Living in the group (not only in ``main``) means ``CliRunner`` tests see the
     same behaviour as the console script. ``--debug`` is accepted anywhere.
     """
 
-    def main(self, args=None, *a, **kw):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         args = list(sys.argv[1:] if args is None else args)
         if "--debug" in args:
             args = [x for x in args if x != "--debug"]
             os.environ[DEBUG_ENV] = "1"
-        return super().main(args, *a, **kw)
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            note("aborted")
+            sys.exit(1)
+        except typer.TyperException as e:        # click's UsageError and kin (exit 2)
+            if type(e).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                if debug_enabled():
+                    traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+                note(f"error: {parser_message(e)}")
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)   # typer returns the status of an Exit
 
     def invoke(self, ctx):
         try:
@@ -56,91 +126,204 @@ class CharlstmGroup(TyperGroup):
         except CharlstmError as e:
             ctx.exit(report_error(e, e.exit_code))
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            note("interrupted")
             ctx.exit(130)
 
 
 app = typer.Typer(
     cls=CharlstmGroup,
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Character-level language models: LSTM, peephole, coupled, GRU and vanilla RNN cells.",
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"charlstm {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors (also accepted after the command)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print charlstm's version and torch's, then exit."),
 ) -> None:
     if debug:
         os.environ[DEBUG_ENV] = "1"
 
 
+# --------------------------------------------------------------------------- options from the dataclasses
+
+def shown(value: Any) -> str | None:
+    """A default as --help shows it (None: no default to show)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def help_text(text: str, default: str | None) -> str:
+    """Help with its default, escaped: rich would take '[default: 256]' for markup and drop it."""
+    return escape(text + (f"  [default: {default}]" if default is not None else ""))
+
+
+def opt(default: Any, *decls: str, help: str, show: str | None = None, **kw) -> Any:
+    """typer.Option with the default in the help (``show`` where the value alone would mislead)."""
+    text = show if show is not None else (None if isinstance(default, bool) else shown(default))
+    return typer.Option(default, *decls, help=help_text(help, text), show_default=False, **kw)
+
+
+TEXT_PARSERS = {
+    "duration": lambda text, option: parse_duration(text),
+    "names": lambda text, option: parse_list(text, option, "names"),
+    "ints": lambda text, option: parse_list(text, option, "ints"),
+}
+
+
+@dataclass(frozen=True)
+class FieldOption:
+    """A command-line option generated from a config dataclass field.
+
+    Every generated option defaults to None (or off, for a switch): "not given", so
+    that a preset, a resumed run or a task default can fill in what was not given.
+    ``--help`` shows the field's default.
+    """
+
+    field: str                 # the dataclass field
+    param: inspect.Parameter   # what typer reads: name, type, typer.Option(None, '--flag', help=...)
+    text: str | None = None    # how the option's text becomes the field's value (TEXT_PARSERS)
+    inverted: bool = False     # a switch that sets the field False (--no-bias)
+
+    @property
+    def flag(self) -> str:
+        return self.param.default.param_decls[0].split("/")[0]
+
+    def value(self, raw: Any) -> Any:
+        """The field's value for what the command line gave."""
+        if self.inverted:
+            return not raw
+        if self.text:
+            return TEXT_PARSERS[self.text](raw, self.flag)
+        return raw
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _option_type(owner: type, f: dataclasses.Field) -> type:
+    """The type the option parses: the field's (int, float, str, bool, Path), str for text options."""
+    if f.metadata.get("text"):
+        return str
+    hint = typing.get_type_hints(owner)[f.name]
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+
+
+def field_option(owner: type, f: dataclasses.Field, *, help: str | None = None, show: str | None = None,
+                 panel: str | None = None) -> FieldOption:
+    """The option of one field: ``--hidden`` from ``hidden``, its type, its help and its default shown
+    (``help``, ``show``: instead of the field's, e.g. compare-variants' per-task defaults)."""
+    meta = f.metadata
+    decl = meta.get("flag") or "--" + f.name.replace("_", "-")
+    kind = _option_type(owner, f)
+    value = _field_default(f)
+    show = show or meta.get("shown") or shown(value)
+    if kind is bool and "/" in decl:                 # --bf16/--no-bf16
+        show = meta.get("shown") or decl.split("/")[0 if value else 1]
+        annotation, initial = bool | None, None
+    elif kind is bool:                               # a switch: --match-params, or --no-bias (inverted)
+        show, annotation, initial = None, bool, False
+    else:
+        annotation, initial = kind | None, None
+    option = typer.Option(initial, decl, help=help_text(help or meta.get("help", ""), show), show_default=False,
+                          rich_help_panel=panel)
+    name = decl.split("/")[0].lstrip("-").replace("-", "_")
+    param = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+    return FieldOption(f.name, param, meta.get("text"), inverted=kind is bool and name != f.name)
+
+
+def field_options(owner: type, names=None, *, panel: str | None = None, help: dict | None = None,
+                  show: dict | None = None) -> list[FieldOption]:
+    """Options for the fields of ``owner`` that have one (``names``: these, in this order; ``help``
+    and ``show``: {field: text} where the command says more than the field's own help and default)."""
+    fields = {f.name: f for f in dataclasses.fields(owner) if f.metadata.get("flag") != "" and "help" in f.metadata}
+    chosen = list(fields) if names is None else list(names)
+    return [field_option(owner, fields[n], help=(help or {}).get(n), show=(show or {}).get(n), panel=panel)
+            for n in chosen]
+
+
+def with_options(options: list[FieldOption]):
+    """Decorator: the command takes its own parameters and, in its ``**options``, the generated ones."""
+    def decorate(func):
+        sig = inspect.signature(func, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        func.__signature__ = sig.replace(parameters=[*own, *(o.param for o in options)])
+        return func
+
+    return decorate
+
+
+def given(options: list[FieldOption], values: dict) -> dict:
+    """{field: value} of the options the command line gave (a switch left off is not given)."""
+    out = {}
+    for o in options:
+        raw = values.get(o.param.name)
+        if raw is None or (raw is False and o.param.annotation is bool):
+            continue
+        out[o.field] = o.value(raw)
+    return out
+
+
+def _flags(settings: dict) -> str:
+    """{'hidden': 384, 'max_time': 600.0} -> '--hidden 384 --max-time 600s'."""
+    parts = []
+    for key, value in settings.items():
+        if key == "max_time":
+            value = f"{value:g}s"
+        parts.append(f"--{key.replace('_', '-')} {shown(value)}")
+    return " ".join(parts)
+
+
+def _presets_epilog() -> str:
+    lines = ["Presets (--preset NAME): the options each one changes from the defaults above; options "
+             "given on the command line override them."]
+    lines += [f"{name} ({PRESET_HELP.get(name, '')}): {_flags(preset_changes(name))}" for name in PRESETS]
+    return escape("\n\n".join(lines))
+
+
+def _print_table(table) -> None:
+    """A rich table on stdout; into a file or a pipe as wide as the table needs, never wrapped."""
+    console = Console(file=sys.stdout)
+    if not console.is_terminal:
+        needed = Console(file=io.StringIO(), width=1000).measure(table).maximum
+        console = Console(file=sys.stdout, width=max(needed, 80))
+    console.print(table)
+
+
 # --------------------------------------------------------------------------- train
 
-@app.command()
+TRAIN_OPTIONS = [*field_options(ModelConfig, panel="Model"), *field_options(TrainConfig, panel="Training")]
+
+
+@app.command(epilog=_presets_epilog())
+@with_options(TRAIN_OPTIONS)
 def train(
-    data: Optional[str] = typer.Option(None, "--data", help="pystdlib (built in), tinyshakespeare (downloaded once), a text file, or a directory of text files.  [default: pystdlib, or the preset's]"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Named recipe: demo (about 2 CPU minutes), shakespeare (the README's 10-minute CPU recipe). Explicit options override it."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="rnn, lstm, peephole, coupled or gru.  [default: lstm]"),
-    backend: Optional[str] = typer.Option(None, "--backend", help="auto (cudnn where the variant has one, else custom), cudnn or custom.  [default: auto]"),
-    peephole_form: Optional[str] = typer.Option(None, "--peephole-form", help="Peephole form: diag (one weight per unit) or full (H x H).  [default: diag]"),
-    peepholes: Optional[str] = typer.Option(None, "--peepholes", help="Gates with peepholes: any subset of fio.  [default: fio]"),
-    gru_form: Optional[str] = typer.Option(None, "--gru-form", help="GRU equations: cudnn (torch.nn.GRU) or cho (the seed's).  [default: cudnn]"),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Stacked recurrent layers.  [default: 2]"),
-    hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden units per layer.  [default: 256]"),
-    embed: Optional[int] = typer.Option(None, "--embed", help="Character embedding size.  [default: 64]"),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout between layers and before the head (never recurrent).  [default: 0.0]"),
-    forget_bias: Optional[float] = typer.Option(None, "--forget-bias", help="Initial forget-gate bias for the LSTM family.  [default: 1.0]"),
-    init: Optional[str] = typer.Option(None, "--init", help="uniform (PyTorch's) or chrono (Tallec & Ollivier).  [default: uniform]"),
-    chrono_tmax: Optional[int] = typer.Option(None, "--chrono-tmax", help="T_max of chrono initialisation (0: the training window length).  [default: 0]"),
-    no_bias: bool = typer.Option(False, "--no-bias", help="Cells without biases (the seed's GRU equations to the letter)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Truncated-BPTT window T.  [default: 128]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Parallel contiguous streams B.  [default: 32]"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW).  [default: 3e-3]"),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine (with warmup), constant, or step (char-rnn style decay).  [default: cosine]"),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warmup steps.  [default: 100]"),
-    min_lr_frac: Optional[float] = typer.Option(None, "--min-lr-frac", help="cosine: final learning rate as a fraction of --lr.  [default: 0.1]"),
-    lr_decay: Optional[float] = typer.Option(None, "--lr-decay", help="step schedule: multiply the learning rate by this...  [default: 0.97]"),
-    lr_decay_every: Optional[int] = typer.Option(None, "--lr-decay-every", help="...every this many steps.  [default: 500]"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (not on biases or embeddings).  [default: 0.0]"),
-    beta2: Optional[float] = typer.Option(None, "--beta2", help="AdamW's second-moment decay (0.99 suits small batches of characters; torch's default is 0.999).  [default: 0.99]"),
-    clip: Optional[float] = typer.Option(None, "--clip", help="Clip gradients to this global norm (0 disables).  [default: 1.0]"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Budget: optimizer steps."),
-    max_epochs: Optional[float] = typer.Option(None, "--max-epochs", help="Budget: passes over the training split."),
-    max_time: Optional[str] = typer.Option(None, "--max-time", help="Budget: wall time, e.g. 90s, 10m, 1h."),
-    clock: Optional[str] = typer.Option(None, "--clock", help="What --max-time counts: wall (time of training steps) or cpu (this process's CPU time; for benchmarks on a shared machine).  [default: wall]"),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate on the whole validation split every N steps.  [default: 500]"),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save a checkpoint every N steps.  [default: 500]"),
-    keep: Optional[int] = typer.Option(None, "--keep", help="Keep the N latest checkpoints plus the best.  [default: 3]"),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Write a metrics.jsonl line every N steps.  [default: 10]"),
-    sample_chars: Optional[int] = typer.Option(None, "--sample-chars", help="Length of the sample printed at each evaluation (0: none).  [default: 200]"),
-    val_frac: Optional[float] = typer.Option(None, "--val-frac", help="Validation split: the last fraction of the corpus.  [default: 0.1]"),
-    test_frac: Optional[float] = typer.Option(None, "--test-frac", help="Test split, just before the validation split (for `charlstm eval --split test`).  [default: 0.0]"),
-    invalid_utf8: Optional[str] = typer.Option(None, "--invalid-utf8", help="strict (error) or replace (U+FFFD) for undecodable bytes.  [default: strict]"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory.  [default: checkpoints/<name>]"),
-    name: Optional[str] = typer.Option(None, "--name", help="Run name (the directory under checkpoints/).  [default: VARIANT-DATA, numbered if taken]"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out/--name (only charlstm's own files are removed)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run exactly where it stopped."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from another run's weights with a fresh optimizer."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed.  [default: 1337]"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda.  [default: auto]"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch.  [default: torch's]"),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast on CUDA (ignored on CPU).  [default: --bf16]"),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (evaluations, samples and the summary are still printed)."),
+    preset: str | None = opt(None, "--preset", help=f"Named recipe: {', '.join(PRESETS)} (what each changes: "
+                                "below). Explicit options override it.", show="none"),
+    resume: Path | None = opt(None, "--resume", help="Continue a run exactly where it stopped."),
+    init_from: Path | None = opt(None, "--init-from", help="Start from another run's weights with a fresh optimizer."),
+    overwrite: bool = opt(False, "--overwrite", help="Replace the run already in --out/--name (only charlstm's own files are removed)."),
+    no_progress: bool = opt(False, "--no-progress", help="No progress bar (evaluations, samples and the summary are still printed)."),
+    **options,
 ) -> None:
     """Train a model; writes a run directory with checkpoints and metrics.jsonl."""
-    try:
-        from . import train as train_mod
-    except ImportError as e:  # pragma: no cover - only before the trainer exists
-        raise NotImplementedYet("charlstm train") from e
-    flags = ("flags", "train_mod", "preset", "resume", "init_from", "no_bias", "overwrite", "no_progress")
-    options = {k: v for k, v in locals().items() if k not in flags and v is not None}
-    if no_bias:
-        options["bias"] = False
-    result = train_mod.run_from_cli(options, preset=preset, resume=resume, init_from=init_from,
-                                    overwrite=overwrite, progress=not no_progress)
+    result = train_mod.run_from_cli(given(TRAIN_OPTIONS, options), preset=preset, resume=resume,
+                                    init_from=init_from, overwrite=overwrite, progress=not no_progress)
     if result is not None and result.interrupted:
         raise typer.Exit(result.exit_code)
 
@@ -149,171 +332,150 @@ def train(
 
 @app.command()
 def sample(
-    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run under checkpoints/)."),
-    prime: str = typer.Option("", "--prime", help="Text to condition on; the output begins with it."),
-    length: int = typer.Option(500, "--length", help="Characters to generate after the prime."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature (> 0)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample only from the K most likely characters."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: smallest set with probability >= P."),
-    greedy: bool = typer.Option(False, "--greedy", help="Always take the most likely character."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same text on the same machine)."),
-    num_samples: int = typer.Option(1, "--num-samples", help="Generate N samples together as a batch."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Write the text to FILE instead of stdout."),
-    no_stream: bool = typer.Option(False, "--no-stream", help="Print the text at the end instead of as it is generated."),
-    unknown: str = typer.Option("error", "--unknown", help="Prime characters outside the vocabulary: error or skip."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Threads while generating (default: all cores for the native LSTM step, one for the torch step, whose small operations a second thread mostly waits for)."),
-    precision: str = typer.Option("fp32", "--precision", help="Weights of the native LSTM step: fp32, or fp16 (half the bytes read per character; logits within ~0.003 of fp32)."),
+    run: Path | None = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run under checkpoints/)."),
+    prime: str = opt("", "--prime", help="Text to condition on; the output begins with it.", show="''"),
+    length: int = opt(500, "--length", help="Characters to generate after the prime."),
+    temperature: float = opt(1.0, "--temperature", help="Softmax temperature (> 0)."),
+    top_k: int | None = opt(None, "--top-k", help="Sample only from the K most likely characters.", show="off"),
+    top_p: float | None = opt(None, "--top-p", help="Nucleus sampling: smallest set with probability >= P.", show="off"),
+    greedy: bool = opt(False, "--greedy", help="Always take the most likely character."),
+    seed: int | None = opt(None, "--seed", help="Random seed (same seed, same text on the same machine).", show="random"),
+    num_samples: int = opt(1, "--num-samples", help="Generate N samples together as a batch."),
+    output: Path | None = opt(None, "--output", help="Write the text to FILE instead of stdout."),
+    no_stream: bool = opt(False, "--no-stream", help="Print the text at the end instead of as it is generated."),
+    unknown: str = opt("error", "--unknown", help="Prime characters outside the vocabulary: error or skip."),
+    device: str = opt("auto", "--device", help="auto, cpu or cuda."),
+    threads: int | None = opt(None, "--threads", help="Threads while generating.", show="all cores for the native "
+                                 "step, one for the torch step, whose small operations a second thread mostly waits for"),
+    precision: str = opt("fp32", "--precision", help="Weights of the native LSTM step: fp32, or fp16 (half the bytes "
+                         "read per character; logits within ~0.003 of fp32)."),
 ) -> None:
     """Generate text from a checkpoint."""
-    try:
-        from . import sample as sample_mod
-    except ImportError as e:
-        raise NotImplementedYet("charlstm sample") from e
-    sample_mod.run_from_cli(**{k: v for k, v in locals().items() if k != "sample_mod"})
+    sample_mod.run_from_cli(**locals())
 
 
 # --------------------------------------------------------------------------- eval
 
 @app.command("eval")
 def eval_(
-    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint directory."),
-    split: str = typer.Option("val", "--split", help="Split of the checkpoint's corpus: train, val or test."),
-    text_file: Optional[Path] = typer.Option(None, "--text-file", help="Evaluate on this text file instead of a split."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Streams evaluated in parallel (default: the run's)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch intra-op threads (default: torch's)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    run: Path | None = typer.Argument(None, help="Run directory or checkpoint directory."),
+    split: str = opt("val", "--split", help="Split of the checkpoint's corpus: train, val or test."),
+    text_file: Path | None = opt(None, "--text-file", help="Evaluate on this text file instead of a split."),
+    batch_size: int | None = opt(None, "--batch-size", help="Streams evaluated in parallel.", show="the run's"),
+    device: str = opt("auto", "--device", help="auto, cpu or cuda."),
+    threads: int | None = opt(None, "--threads", help="Torch intra-op threads.", show="torch's"),
+    json_out: bool = opt(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Loss (nats/char) and bits per character of a checkpoint on text."""
-    try:
-        from . import evaluate as eval_mod
-    except ImportError as e:
-        raise NotImplementedYet("charlstm eval") from e
-    eval_mod.run_from_cli(**{k: v for k, v in locals().items() if k != "eval_mod"})
+    eval_mod.run_from_cli(**locals())
 
 
 # --------------------------------------------------------------------------- info
 
 @app.command()
 def info(
-    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint directory."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    run: Path | None = typer.Argument(None, help="Run directory or checkpoint directory."),
+    json_out: bool = opt(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """What a checkpoint is: config, parameters, corpus, metrics."""
-    try:
-        from . import info as info_mod
-    except ImportError as e:
-        raise NotImplementedYet("charlstm info") from e
-    info_mod.run_from_cli(**{k: v for k, v in locals().items() if k != "info_mod"})
+    info_mod.run_from_cli(**locals())
 
 
 # --------------------------------------------------------------------------- compare-variants
 
+def _compare_options() -> list[FieldOption]:
+    """CompareConfig's own options, then the ModelConfig and TrainConfig fields it passes through."""
+    def task_defaults(names) -> dict:
+        out = {}
+        for name in names:
+            values = {task: CompareConfig.task_default(task, name) for task in CompareConfig.TASK_DEFAULTS}
+            if len(set(map(repr, values.values()))) > 1:
+                out[name] = ", ".join(f"{task} {shown(v) if v is not None else 'none'}" for task, v in values.items())
+        return out
+
+    model, train = CompareConfig.MODEL_OPTIONS, CompareConfig.TRAIN_OPTIONS
+    return [
+        *field_options(CompareConfig, panel="Comparison"),
+        *field_options(ModelConfig, model, panel="Model", help=model, show=task_defaults(model)),
+        *field_options(TrainConfig, train, panel="Training", help=train, show=task_defaults(train)),
+    ]
+
+
+COMPARE_OPTIONS = _compare_options()
+
+
 @app.command("compare-variants")
+@with_options(COMPARE_OPTIONS)
 def compare_variants(
-    task: str = typer.Option("corpus", "--task", help="corpus (language modelling on --data) or long-gap (recall a key after G distractors)."),
-    variants: str = typer.Option("rnn,lstm,peephole,coupled,gru", "--variants", help="Comma-separated cell variants to compare."),
-    seeds: str = typer.Option("1", "--seeds", help="Comma-separated seeds; each variant is trained once per seed (mean ± std)."),
-    gaps: str = typer.Option("5,20,50,100", "--gaps", help="long-gap: comma-separated gap lengths G."),
-    keys: int = typer.Option(8, "--keys", help="long-gap: number of keys K to recall (chance is 1/K)."),
-    distractors: int = typer.Option(8, "--distractors", help="long-gap: size of the distractor alphabet."),
-    eval_size: int = typer.Option(1000, "--eval-size", help="long-gap: held-out sequences that accuracy is measured on."),
-    match_params: bool = typer.Option(False, "--match-params", help="Size each variant's hidden layer so its parameter count is within 2% of an lstm of --hidden units."),
-    data: str = typer.Option("pystdlib", "--data", help="corpus: pystdlib, tinyshakespeare, a text file or a directory (as for train)."),
-    val_frac: float = typer.Option(0.1, "--val-frac", help="corpus: validation split, the last fraction of the corpus."),
-    hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden units per layer (the reference size under --match-params).  [default: corpus 256, long-gap 64]"),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Stacked recurrent layers.  [default: corpus 2, long-gap 1]"),
-    embed: Optional[int] = typer.Option(None, "--embed", help="Character embedding size.  [default: corpus 64, long-gap 16]"),
-    dropout: float = typer.Option(0.0, "--dropout", help="Dropout between layers and before the head."),
-    backend: str = typer.Option("auto", "--backend", help="auto (cudnn where the variant has one, else custom), cudnn or custom."),
-    peephole_form: str = typer.Option("diag", "--peephole-form", help="Peephole form: diag or full."),
-    peepholes: str = typer.Option("fio", "--peepholes", help="Gates with peepholes: any subset of fio."),
-    gru_form: str = typer.Option("cudnn", "--gru-form", help="GRU equations: cudnn or cho."),
-    init: str = typer.Option("uniform", "--init", help="uniform (PyTorch's) or chrono (Tallec & Ollivier; T_max = the sequence length in long-gap)."),
-    forget_bias: float = typer.Option(1.0, "--forget-bias", help="Initial forget-gate bias for the LSTM family."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="corpus: truncated-BPTT window T.  [default: 128]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Streams (corpus) or sequences (long-gap) per step.  [default: 32]"),
-    lr: float = typer.Option(3e-3, "--lr", help="Learning rate (AdamW for corpus with the train schedule; constant Adam for long-gap)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="corpus: cosine, constant or step.  [default: train's, cosine]"),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="corpus: linear warmup steps.  [default: train's, 100]"),
-    clip: float = typer.Option(1.0, "--clip", help="Clip gradients to this global norm (0 disables)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Budget per run: optimizer steps.  [default: corpus 500, long-gap 1000, unless --max-time is given]"),
-    max_time: Optional[str] = typer.Option(None, "--max-time", help="Budget per run: wall time, e.g. 60s, 2m (with --max-steps, the first reached stops)."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps for the learning curves.  [default: a tenth of --max-steps, else 100]"),
-    jobs: int = typer.Option(1, "--jobs", help="Runs trained at the same time, in separate processes, threads split among them."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads in all (split among --jobs).  [default: torch's]"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Comparison directory; one run directory per variant and seed inside.  [default: checkpoints/compare-<data> or checkpoints/compare-long-gap]"),
-    no_plot: bool = typer.Option(False, "--no-plot", help="Write the data files but no figures."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars or per-run messages on stderr."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (the table is not printed)."),
+    no_plot: bool = opt(False, "--no-plot", help="Write the data files but no figures."),
+    no_progress: bool = opt(False, "--no-progress", help="No progress bars or per-run messages on stderr."),
+    json_out: bool = opt(False, "--json", help="Print one JSON object on stdout (the table is not printed)."),
+    **options,
 ) -> None:
     """Train several cell variants under one budget and compare them.
 
     Rerunning the same command reads finished runs back instead of training them again.
     """
-    from . import compare as compare_mod
-
-    compare_mod.run_from_cli(**{k: v for k, v in locals().items() if k != "compare_mod"})
+    settings = compare_mod.settings_from_options(given(COMPARE_OPTIONS, options))
+    summary = compare_mod.run_comparison(settings, progress=not no_progress, plot=not no_plot)
+    if json_out:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        _print_table(compare_mod.make_table(summary))
+    for name, path in summary["files"].items():
+        note(f"{name}: {path}")
+    if summary.get("plot_message"):
+        note(summary["plot_message"])
 
 
 # --------------------------------------------------------------------------- bench
 
+BENCH_OPTIONS = field_options(BenchConfig)
+
+
 @app.command()
+@with_options(BENCH_OPTIONS)
 def bench(
-    variants: str = typer.Option("lstm,peephole,coupled,gru", "--variants", help="Comma-separated variants (rnn, lstm, peephole, coupled, gru); a form after a colon: gru:cho, peephole:full."),
-    backends: str = typer.Option("cudnn,custom", "--backends", help="Comma-separated backends: cudnn (torch.nn modules), custom (our cells, fused loop), basic (our cells, plain unbind loop)."),
-    hidden: str = typer.Option("256", "--hidden", help="Hidden sizes H, comma-separated (every combination of the size options is measured)."),
-    layers: str = typer.Option("2", "--layers", help="Layer counts L, comma-separated."),
-    batch_size: str = typer.Option("32", "--batch-size", help="Streams B (training batch and batched sampling), comma-separated."),
-    seq_len: str = typer.Option("128", "--seq-len", help="Training windows T, comma-separated."),
-    embed: int = typer.Option(64, "--embed", help="Embedding size E."),
-    vocab: int = typer.Option(65, "--vocab", help="Vocabulary size V (random tokens)."),
-    peephole_form: str = typer.Option("diag", "--peephole-form", help="Form of the peephole variant: diag or full."),
-    gru_form: str = typer.Option("cudnn", "--gru-form", help="Form of the gru variant: cudnn or cho."),
-    measures: str = typer.Option("train,sample,sample-batch", "--measures", help="What to time: train (fwd+bwd+AdamW), sample (one stream), sample-batch (B streams)."),
-    sample_length: int = typer.Option(256, "--sample-length", help="Characters generated per sampling measurement."),
-    sample_threads: Optional[int] = typer.Option(None, "--sample-threads", help="Threads while sampling (default: charlstm sample's, all cores for the native step, 1 for the torch step)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch.  [default: torch's]"),
-    repeats: int = typer.Option(5, "--repeats", help="Timed rounds; figures are medians over them."),
-    warmup: int = typer.Option(2, "--warmup", help="Untimed rounds before the timed ones."),
-    peak_size: int = typer.Option(2048, "--peak-size", help="n of the n x n x n torch.mm product that gives the peak (0: skip it)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the weights and random tokens."),
-    clock: str = typer.Option("wall", "--clock", help="wall (elapsed time) or cpu (this process's CPU time: steadier on a busy shared machine, use with --threads 1)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of the table."),
+    json_out: bool = opt(False, "--json", help="Print one JSON object on stdout instead of the table."),
+    **options,
 ) -> None:
     """Throughput of variants and backends, side by side: training and sampling chars/s,
     as ratios to nn.LSTM and as GFLOP/s against this machine's torch.mm peak."""
-    from . import bench as bench_mod
-
-    bench_mod.run_from_cli(**{k: v for k, v in locals().items() if k != "bench_mod"})
+    report = bench_mod.run_bench(BenchConfig(**given(BENCH_OPTIONS, options)), progress=True)
+    if json_out:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    console = Console(width=max(160, Console().width))
+    console.print(bench_report.make_table(report))
+    for line in bench_report.table_footer(report):
+        console.print(line, highlight=False)
 
 
 # --------------------------------------------------------------------------- visualize
 
 @app.command()
 def visualize(
-    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run under checkpoints/)."),
-    text: Optional[str] = typer.Option(None, "--text", help="The text to run the model over."),
-    text_file: Optional[Path] = typer.Option(None, "--text-file", help="Read the text from this UTF-8 file instead."),
-    html: Optional[Path] = typer.Option(None, "--html", help="Write the self-contained page here (overwritten). Default when no other output is asked: <run>/visualize.html, or visualize-2.html... if that exists."),
-    unit: Optional[str] = typer.Option(None, "--unit", help="Print the text coloured by unit LAYER:INDEX (both from 0), e.g. 0:17."),
-    quantity: Optional[str] = typer.Option(None, "--quantity", help="c, h, f, i, o (LSTM family), z, r (gru). With --unit: what colours the text (default c, else h). With --find-units: rank only this quantity (default: all)."),
-    scale: str = typer.Option("unit", "--scale", help="Colours of h and c with --unit: unit (divided by the unit's max |value|) or fixed (h as is, tanh of c)."),
-    find_units: bool = typer.Option(False, "--find-units", help="Rank units by correlation with text features (quotes, brackets, position in line, word starts, indentation)."),
-    top: int = typer.Option(5, "--top", help="Units listed per feature."),
-    saturation: bool = typer.Option(False, "--saturation", help="Gate saturation table (fraction of steps < 0.1 and > 0.9) and plot (with the plot extra)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Saturation plot file (.png or .svg), or a stem for both. Default: <run>/saturation.png and .svg, never overwriting."),
-    json_out: bool = typer.Option(False, "--json", help="Print the --find-units / --saturation results as one JSON object on stdout."),
-    unknown: str = typer.Option("error", "--unknown", help="Characters outside the vocabulary: error (list them) or skip (drop them)."),
-    max_chars: int = typer.Option(2000, "--max-chars", help="Record at most this many characters (the page grows with it)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    run: Path | None = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run under checkpoints/)."),
+    text: str | None = opt(None, "--text", help="The text to run the model over."),
+    text_file: Path | None = opt(None, "--text-file", help="Read the text from this UTF-8 file instead."),
+    html: Path | None = opt(None, "--html", help="Write the self-contained page here (overwritten), when no other "
+                               "output is asked or when given.", show="<run>/visualize.html, or visualize-2.html... if that exists"),
+    unit: str | None = opt(None, "--unit", help="Print the text coloured by unit LAYER:INDEX (both from 0), e.g. 0:17."),
+    quantity: str | None = opt(None, "--quantity", help="c, h, f, i, o (LSTM family), z, r (gru). With --unit: what "
+                                  "colours the text (default c, else h). With --find-units: rank only this quantity "
+                                  "(default: all)."),
+    scale: str = opt("unit", "--scale", help="Colours of h and c with --unit: unit (divided by the unit's max |value|) or fixed (h as is, tanh of c)."),
+    find_units: bool = opt(False, "--find-units", help="Rank units by correlation with text features (quotes, brackets, position in line, word starts, indentation)."),
+    top: int = opt(5, "--top", help="Units listed per feature."),
+    saturation: bool = opt(False, "--saturation", help="Gate saturation table (fraction of steps < 0.1 and > 0.9) and plot (with the plot extra)."),
+    plot: Path | None = opt(None, "--plot", help="Saturation plot file (.png or .svg), or a stem for both; never "
+                               "overwriting.", show="<run>/saturation.png and .svg"),
+    json_out: bool = opt(False, "--json", help="Print the --find-units / --saturation results as one JSON object on stdout."),
+    unknown: str = opt("error", "--unknown", help="Characters outside the vocabulary: error (list them) or skip (drop them)."),
+    max_chars: int = opt(2000, "--max-chars", help="Record at most this many characters (the page grows with it)."),
+    device: str = opt("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """See what the cells have learned: colour a text by any unit, gate or cell; find units that track features."""
-    from . import visualize as vis_mod
-
     vis_mod.run_from_cli(run=run, text=text, text_file=text_file, html=html, unit=unit, quantity=quantity,
                          scale=scale, find_units=find_units, top=top, saturation_table=saturation, plot=plot,
                          json_out=json_out, unknown=unknown, max_chars=max_chars, device=device)

@@ -16,10 +16,3 @@ class UsageError(CharlstmError):
     """A bad option value or combination of options (exit status 2, like click)."""
 
     exit_code = 2
-
-
-class NotImplementedYet(CharlstmError):
-    """A command of the CLI contract that is not built yet (exit status 1)."""
-
-    def __init__(self, what: str):
-        super().__init__(f"{what} is not implemented yet")

@@ -201,18 +201,18 @@ def test_bad_options_are_usage_errors(work):
 
 def test_max_time_alone_replaces_the_default_step_budget():
     s = compare.settings_from_options({"max_time": "90s"})
-    assert s.max_steps is None and s.max_time == 90.0
+    assert s.train.max_steps is None and s.train.max_time == 90.0
     s = compare.settings_from_options({})
-    assert s.max_steps == 500 and s.max_time is None
+    assert s.train.max_steps == 500 and s.train.max_time is None
     s = compare.settings_from_options({"task": "long-gap", "max_time": "2m", "max_steps": 300})
-    assert (s.max_steps, s.max_time, s.hidden, s.layers) == (300, 120.0, 64, 1)
+    assert (s.train.max_steps, s.train.max_time, s.model.hidden, s.model.layers) == (300, 120.0, 64, 1)
 
 
 def test_threads_are_split_among_jobs():
     s = compare.settings_from_options({"jobs": 3, "threads": 8})
-    assert s.threads_per_job() == 2
-    assert compare.settings_from_options({"jobs": 4, "threads": 2}).threads_per_job() == 1
-    assert compare.settings_from_options({"threads": 2}).threads_per_job() == 2
+    assert compare.threads_per_job(s) == 2
+    assert compare.threads_per_job(compare.settings_from_options({"jobs": 4, "threads": 2})) == 1
+    assert compare.threads_per_job(compare.settings_from_options({"threads": 2})) == 2
 
 
 # --------------------------------------------------------------------------- matched parameter counts
