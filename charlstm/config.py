@@ -77,7 +77,7 @@ class ModelConfig(_JsonConfig):
     """Everything needed to rebuild a model (stored in config.json of each checkpoint)."""
 
     vocab_size: int = setting(0, "V, set from the corpus vocabulary.", flag="")
-    variant: str = setting("lstm", "rnn, lstm, peephole, coupled or gru.")
+    variant: str = setting("lstm", f"{', '.join(VARIANTS[:-1])} or {VARIANTS[-1]}.")
     backend: str = setting("auto", "auto (cudnn where the variant has one, else custom), cudnn or custom.")
     embed: int = setting(64, "Character embedding size E.")
     hidden: int = setting(256, "Hidden units per layer H.")
@@ -361,7 +361,7 @@ class BenchConfig:
     """`charlstm bench`: what to measure and how (the sizes' defaults are train's)."""
 
     variants: list[str] = setting(factory=lambda: ["lstm", "peephole", "coupled", "gru"],
-                                  help="Variants, comma-separated (rnn, lstm, peephole, coupled, gru); a form "
+                                  help=f"Variants, comma-separated ({', '.join(VARIANTS)}); a form "
                                        "after a colon: gru:cho, peephole:full.", text="names")
     backends: list[str] = setting(factory=lambda: ["cudnn", "custom"],
                                   help="Backends, comma-separated: cudnn (torch.nn modules), custom (our cells, "
