@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .config import TrainConfig
 from .console import note
 from .errors import CharlstmError, UsageError
 
@@ -48,9 +49,6 @@ CHUNK_BYTES = 4 * 1024 * 1024     # bytes read, decoded and encoded at a time (b
 UTF32_SLICE_CHARS = 1024 * 1024   # characters turned into a UTF-32 buffer at a time
 BINARY_SNIFF_BYTES = 8192         # a NUL byte in the first 8 KiB marks a binary file (as git does)
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024  # no progress bar for work smaller than this
-
-# Default minimum a corpus must reach, quoted in error messages (TrainConfig defaults B=32, T=128).
-_DEFAULT_B, _DEFAULT_T = 32, 128
 
 
 # --------------------------------------------------------------------------- vocabulary
@@ -631,8 +629,8 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
     if n_tokens == 0:
         raise CharlstmError(
             f"--data {src.name} contains no text (0 characters); a corpus needs at least batch size x seq len + 1 "
-            f"characters in its training split ({_DEFAULT_B * _DEFAULT_T + 1:,} with the defaults "
-            f"--batch-size {_DEFAULT_B} --seq-len {_DEFAULT_T})"
+            f"characters in its training split ({TrainConfig.batch_size * TrainConfig.seq_len + 1:,} with the "
+            f"defaults --batch-size {TrainConfig.batch_size} --seq-len {TrainConfig.seq_len})"
         )
     replaced = invalid_utf8 == "replace" and 0xFFFD in seen
     vocab = Vocab.from_code_points(seen)
