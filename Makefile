@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 # The constraints file pins torch==2.13.0 (a CPU build on the dev machines' disk).
 PIP_INSTALL := $(PIP) install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-install
 	$(PIP_INSTALL) -e '.[test,plot]'
 	touch $@
 
+# The gpu extra (triton) on top of the test extras, for `make gpu-check`.
+$(VENV)/.stamp-gpu: $(VENV)/.stamp-test
+	$(PIP_INSTALL) -e '.[test,plot,gpu]'
+	touch $@
+
 install: $(VENV)/.stamp-install
 install-test: $(VENV)/.stamp-test
 
@@ -30,6 +35,12 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest -q
+
+# On a CUDA machine: device and versions, every CUDA test, charlstm bench on every variant and
+# backend, one layer's window on every path, 60 s of bf16 training, 10,000 sampled characters;
+# one JSON report (benchmarks/gpu_check.py). Without a CUDA device it says so and exits 0.
+gpu-check: $(VENV)/.stamp-gpu
+	$(BIN)/python benchmarks/gpu_check.py --out checkpoints/gpu-check.json
 
 clean:
 	rm -rf $(VENV) checkpoints/demo
