@@ -9,8 +9,8 @@ and B off the tile sizes so that the masks are exercised).
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -172,6 +172,18 @@ def test_functions_take_fused_py_arguments_and_agree(kind):
     (out, grads), (out_ref, grads_ref) = run(triton_fn), run(fused_fn)
     for a, b in zip(out + grads, out_ref + grads_ref, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["lstm", "peephole_full", "gru", "gru_cho"])
+def test_several_tiles_of_batch_rows_and_units(kind, monkeypatch):
+    """B 66 and H 40: two tiles of batch rows by three of units, and products over several blocks
+    (tile offsets, masks at both ends; the two-launch steps read every tile of the first launch)."""
+    here = sys.modules[__name__]
+    for name, value in (("T", 2), ("B", 66), ("H", 40)):
+        monkeypatch.setattr(here, name, value)
+    torch.manual_seed(7)
+    _check_against_step_by_step(make_cell(kind), torch.float64)
 
 
 @needs_triton

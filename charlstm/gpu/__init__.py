@@ -112,6 +112,8 @@ def run_layer(kind: str, x: Tensor, state: tuple | None, w_ih: Tensor, w_hh: Ten
     reason = why_unavailable(x)
     if reason is not None:
         raise RuntimeError(f"the Triton kernels cannot run here: {reason}")
+    if kind.startswith("peephole") and peep is None:
+        raise ValueError(f"{kind} needs its peephole weights (peep)")
     F = load()
     H = w_hh.shape[1]
     with_c = kind in ("lstm", "peephole", "peephole_full", "coupled")
