@@ -273,8 +273,10 @@ def test_cuda_graphs_choose_the_plain_path_on_the_cpu():
     x = torch.randn(T, B, E)
     assert not graphs.capturable(x)
     hs, state = graphs.run_graphed(layer, x, layer.cell.zero_state(B))
+    hs2, state2 = graphs.run_cell_graphed(layer.cell, fused.run_layer, x, layer.cell.zero_state(B))
     hs_ref, state_ref = layer(x)
     torch.testing.assert_close(hs, hs_ref)
+    torch.testing.assert_close(hs2, hs_ref)
     assert not graphs.cached()
 
 
@@ -288,11 +290,12 @@ def test_cuda_graph_replays_match_the_plain_layer_over_two_windows(path):
     torch.manual_seed(6)
     graphs.clear()
     cell = make_cell("lstm").cuda()
-    layer = graphs.Window(cell, gpu.run_cell if path == "triton" else fused.run_layer)
+    run = gpu.run_cell if path == "triton" else fused.run_layer
+    layer = graphs.Window(cell, run)
     state = state_ref = cell.zero_state(B, device="cuda")
     for window in range(2):
         x = torch.randn(T, B, E, device="cuda", requires_grad=True)
-        hs, state = graphs.run_graphed(layer, x, state)
+        hs, state = graphs.run_cell_graphed(cell, run, x, state)
         g = torch.autograd.grad(hs.square().sum(), [x, *cell.parameters()])
         hs_ref, state_ref = layer(x, state_ref)
         g_ref = torch.autograd.grad(hs_ref.square().sum(), [x, *cell.parameters()])

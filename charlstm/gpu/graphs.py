@@ -7,7 +7,9 @@ captures the layer's forward and backward for the window's shapes with
 ``torch.cuda.make_graphed_callables`` on first use and replays the two graphs on
 every later window of those shapes (a graph reads the parameters where they
 live, so optimizer steps in place are seen). It runs only on CUDA with autograd
-on; everywhere else it calls the layer as it is.
+on; everywhere else it calls the layer as it is. ``run_cell_graphed(cell, run, x,
+state)`` does the same for a cell and a window runner (``fused.run_layer``,
+``gpu.run_cell``), keeping one module per cell so that later calls find the graphs.
 
 Rules for the caller: ``layer(x, state) -> (h (T, B, H), state)`` must not itself
 call run_graphed, and must have static control flow for given shapes (fused.py's
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 ENV = "CHARLSTM_CUDA_GRAPHS"
 _GRAPHS: dict = {}               # (id(layer), shapes, dtypes, flags) -> graphed module
+_WINDOWS: dict = {}              # (id(cell), run) -> Window, for run_cell_graphed
 
 
 def enabled() -> bool:
@@ -95,11 +98,21 @@ def run_graphed(layer: nn.Module, x: Tensor, state: tuple | None) -> tuple[Tenso
     return out[0], out[1:]
 
 
+def run_cell_graphed(cell: nn.Module, run: Callable, x: Tensor, state: tuple | None) -> tuple[Tensor, tuple]:
+    """``run(cell, x, state)`` (``fused.run_layer``, ``gpu.run_cell``) through ``run_graphed``, with
+    one ``Window`` per cell and runner kept here, so that every call finds its captured graphs."""
+    key = (id(cell), run)
+    if key not in _WINDOWS:
+        _WINDOWS[key] = Window(cell, run)
+    return run_graphed(_WINDOWS[key], x, state)
+
+
 def cached() -> int:
     """How many captured windows are held."""
     return len(_GRAPHS)
 
 
 def clear() -> None:
-    """Drop every captured window (and the memory its graphs hold)."""
+    """Drop every captured window (and the memory its graphs hold): call it when a model is done with."""
     _GRAPHS.clear()
+    _WINDOWS.clear()
