@@ -46,9 +46,10 @@ class _Launch:
         BH = 32 if H >= 512 else 16
         BK = min(64 if half else 32, max(16, triton.next_power_of_2(H)))
         dot = tl.float32 if half and INTERPRETED else _TL[x.dtype]   # the interpreter's bf16 dot is wrong
-        tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        # IEEE products for float64, and for float32 unless torch allows TF32; Triton's default for half types
+        ieee = x.dtype == torch.float64 or (x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
         self.meta = dict(BB=BB, BH=BH, BK=BK, ACC=_TL[acc_dtype(x.dtype)], DOT=dot,
-                         PREC="tf32" if tf32 else "ieee", num_warps=4)
+                         PREC="ieee" if ieee else "tf32", num_warps=4)
         self.grid = (triton.cdiv(B, BB), triton.cdiv(H, BH))
 
     def __call__(self, kernel, *tensors, **const) -> None:
