@@ -13,9 +13,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import fused, fused_native
+from . import fused, fused_native, gpu
 from .cells import (Cell, ChoGRUCell, CoupledLSTMCell, GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell)
 from .fused import FastPath
+from .gpu import graphs
 from .native.abi import Kernel
 
 
@@ -75,6 +76,19 @@ class CellSpec:
         return sum(p.numel() for c in cells for p in c.parameters() if p.dim() == 2)
 
 
+def fast_paths(torch_loop: FastPath, *, native: Optional[FastPath] = None,
+               triton: Optional[str] = None) -> tuple[FastPath, ...]:
+    """A cell's window runners in the order a layer tries them: the Triton kernels of kind ``triton``
+    (CUDA, CHARLSTM_TRITON=1), the C loops ``native`` (CPU float32), the torch loop; each GPU path
+    first as a CUDA graph (CHARLSTM_CUDA_GRAPHS=1)."""
+    paths: list[FastPath] = []
+    if triton is not None:
+        paths += [graphs.graphed(gpu.triton_loop(triton)), gpu.triton_loop(triton)]
+    if native is not None:
+        paths.append(native)
+    return (*paths, graphs.graphed(torch_loop), torch_loop)
+
+
 _LSTM_KERNEL = Kernel("lstm", (0, 1, 3, 2))          # i, f, o | g
 _PEEPHOLE_KERNEL = Kernel("peephole", (0, 1, 3, 2))
 _COUPLED_KERNEL = Kernel("coupled", (0, 2, 1))       # f, o | g
@@ -85,29 +99,34 @@ _LSTM_CHRONO = (("f", 1), ("i", -1))
 
 CELLS: tuple[CellSpec, ...] = (
     CellSpec("rnn", "rnn", RNNCell, gates=("h",), recorded=("h",), cudnn=nn.RNN,
-             fast_paths=(fused_native.rnn(_RNN_KERNEL), fused.RNN), kernel=_RNN_KERNEL, step="rnn"),
+             fast_paths=fast_paths(fused.RNN, native=fused_native.rnn(_RNN_KERNEL), triton="rnn"),
+             kernel=_RNN_KERNEL, step="rnn"),
     CellSpec("lstm", "lstm", LSTMCell, gates=("i", "f", "g", "o"), recorded=("h", "c", "f", "i", "o"),
              forget_gate="f", chrono=_LSTM_CHRONO, cudnn=nn.LSTM,
-             fast_paths=(fused_native.lstm_family(_LSTM_KERNEL), fused.LSTM), kernel=_LSTM_KERNEL, step="lstm"),
+             fast_paths=fast_paths(fused.LSTM, native=fused_native.lstm_family(_LSTM_KERNEL), triton="lstm"),
+             kernel=_LSTM_KERNEL, step="lstm"),
     CellSpec("peephole:diag", "peephole", PeepholeLSTMCell, gates=("i", "f", "g", "o"),
              recorded=("h", "c", "f", "i", "o"), form="diag", form_field="peephole_form",
              options=_peephole_options, forget_gate="f", chrono=_LSTM_CHRONO,
-             fast_paths=(fused_native.lstm_family(_PEEPHOLE_KERNEL, peepholes=True), fused.PEEPHOLE),
+             fast_paths=fast_paths(fused.PEEPHOLE, native=fused_native.lstm_family(_PEEPHOLE_KERNEL, peepholes=True),
+                                   triton="peephole"),
              kernel=_PEEPHOLE_KERNEL, step="peephole"),
     CellSpec("peephole:full", "peephole", PeepholeLSTMCell, gates=("i", "f", "g", "o"),
              recorded=("h", "c", "f", "i", "o"), form="full", form_field="peephole_form",
              options=_peephole_options, forget_gate="f", chrono=_LSTM_CHRONO,
-             fast_paths=(fused.PEEPHOLE,), step="peephole"),
+             fast_paths=fast_paths(fused.PEEPHOLE, triton="peephole_full"), step="peephole"),
     CellSpec("coupled", "coupled", CoupledLSTMCell, gates=("f", "g", "o"), recorded=("h", "c", "f", "i", "o"),
              forget_gate="f", chrono=(("f", 1),),
-             fast_paths=(fused_native.lstm_family(_COUPLED_KERNEL), fused.COUPLED), kernel=_COUPLED_KERNEL,
-             step="coupled"),
+             fast_paths=fast_paths(fused.COUPLED, native=fused_native.lstm_family(_COUPLED_KERNEL), triton="coupled"),
+             kernel=_COUPLED_KERNEL, step="coupled"),
     CellSpec("gru:cudnn", "gru", GRUCell, gates=("r", "z", "n"), recorded=("h", "z", "r"), form="cudnn",
              form_field="gru_form", chrono=(("z", 1),), cudnn=nn.GRU,      # z keeps the old state
-             fast_paths=(fused_native.gru(_GRU_KERNEL), fused.GRU), kernel=_GRU_KERNEL, step="gru"),
+             fast_paths=fast_paths(fused.GRU, native=fused_native.gru(_GRU_KERNEL), triton="gru"),
+             kernel=_GRU_KERNEL, step="gru"),
     CellSpec("gru:cho", "gru", ChoGRUCell, gates=("r", "z", "n"), recorded=("h", "z", "r"), form="cho",
              form_field="gru_form", chrono=(("z", -1),),                   # 1 - z keeps the old state
-             fast_paths=(fused_native.cho_gru(_CHO_KERNEL), fused.CHO_GRU), kernel=_CHO_KERNEL, step="gru_cho"),
+             fast_paths=fast_paths(fused.CHO_GRU, native=fused_native.cho_gru(_CHO_KERNEL), triton="gru_cho"),
+             kernel=_CHO_KERNEL, step="gru_cho"),
 )
 
 VARIANTS: tuple[str, ...] = tuple(dict.fromkeys(s.variant for s in CELLS))
