@@ -65,6 +65,8 @@ class ModelConfig(_JsonConfig):
     forget_bias: float = 1.0      # initial forget-gate bias (LSTM family), Jozefowicz et al. 2015
     init: str = "uniform"         # uniform(-1/sqrt(H), 1/sqrt(H)) | chrono (Tallec & Ollivier 2018)
     chrono_tmax: int = 0          # T_max for chrono init (0: use the training window length)
+    mogrify_rounds: int = 5       # mogrifier: rounds of x and h gating each other (0: the plain lstm)
+    mogrify_rank: int = 0         # mogrifier: rank k of the rounds' matrices (0: full rank)
 
     def __post_init__(self) -> None:
         _choice("variant", self.variant, VARIANTS)
@@ -74,6 +76,8 @@ class ModelConfig(_JsonConfig):
         _choice("init", self.init, INITS)
         for name in ("embed", "hidden", "layers"):
             _positive(name, getattr(self, name))
+        for name in ("mogrify_rounds", "mogrify_rank"):
+            _positive(name, getattr(self, name), allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1) (got {self.dropout})")
         if self.peepholes and (set(self.peepholes) - set("fio") or len(set(self.peepholes)) != len(self.peepholes)):
