@@ -599,6 +599,16 @@ RNN = torch_loop(_rnn)
 
 # --------------------------------------------------------------------------- mogrifier
 
+def _mogrifier_values(x: Tensor, hs: Tensor, xh: Tensor, x_mid: list, h_mid: list, r: int) -> tuple[list, list]:
+    """The x values [x, x^(1), x^(3), ...] and h values [h_prev, h^(2), h^(4), ...] of r rounds, each
+    (T, B, .): the input, the hidden states before each step (hs[:-1]), the intermediate buffers,
+    and the last x and h of each step as views into xh = [x↑, h↑] (T, B, E+H) where a round makes them."""
+    E = x.shape[-1]
+    xv = [x, *x_mid] + ([xh[:, :, :E]] if r >= 1 else [])
+    hv = [hs[:-1], *h_mid] + ([xh[:, :, E:]] if r >= 2 else [])
+    return xv, hv
+
+
 def _mogrifier_rounds(r: int, xv: list, hv: list) -> list[tuple]:
     """Round i = 1 .. r as (odd, product input, scaled value, result), each a (T, B, .) tensor from
     the lists of x values xv = [x, x^(1), x^(3), ...] and h values hv = [h_prev, h^(2), h^(4), ...]."""
@@ -627,16 +637,16 @@ class _Mogrifier(torch.autograd.Function):
         T, B, E = x.shape
         H = w_hh.shape[1]
         r = len(mats) // (2 if rank else 1)
-        nq, nr = (r + 1) // 2, r // 2                       # odd (x) and even (h) rounds
         xh = x.new_empty(T, B, E + H)                       # [x↑, h↑] of every step
         hs = x.new_empty(T + 1, B, H)                       # h_{-1} .. h_{T-1}
         cs = x.new_empty(T + 1, B, H)
         tcs = x.new_empty(T, B, H)                          # tanh(c_t)
         gates = x.new_empty(T, B, 4 * H)                    # i, f, g, o activated
         hs[0], cs[0] = h0, c0
-        xv = [x] + [x.new_empty(T, B, E) for _ in range(nq - 1)] + [xh[:, :, :E]] * (nq > 0)
-        hv = [hs[:-1]] + [x.new_empty(T, B, H) for _ in range(nr - 1)] + [xh[:, :, E:]] * (nr > 0)
-        if nq == 0:
+        x_mid = [x.new_empty(T, B, E) for _ in range((r + 1) // 2 - 1)]     # x^(1), x^(3), ... but the last
+        h_mid = [x.new_empty(T, B, H) for _ in range(r // 2 - 1)]           # h^(2), h^(4), ... but the last
+        xv, hv = _mogrifier_values(x, hs, xh, x_mid, h_mid, r)
+        if r == 0:
             xh[:, :, :E] = x
         rounds = _mogrifier_rounds(r, xv, hv)
         sig2 = [x.new_empty(res.shape) for _, _, _, res in rounds]        # 2σ(Q h) or 2σ(R x)
@@ -655,15 +665,15 @@ class _Mogrifier(torch.autograd.Function):
                     torch.mm(src[t], m, out=s[t])
                 s[t].sigmoid_().mul_(2)
                 torch.mul(s[t], prev[t], out=res[t])
-            if nr == 0:
+            if r < 2:                                       # h↑ is h_{t-1}
                 XHh[t].copy_(Hs[t])
             (torch.mm(XH[t], w_t, out=G[t]) if b2 is None else torch.addmm(b2, XH[t], w_t, out=G[t])).sigmoid_()
             Gg[t].mul_(2).sub_(1)                           # g = tanh(p)
             c = torch.mul(Fg[t], C[t], out=C[t + 1])
             c.addcmul_(I[t], Gg[t])
             torch.mul(O[t], torch.tanh(c, out=TC[t]), out=Hs[t + 1])
-        ctx.has_bias, ctx.rank, ctx.r = b is not None, rank, r
-        ctx.save_for_backward(x, xh, hs, cs, tcs, gates, w_ih, w_hh, *xv[1:nq], *hv[1:nr], *sig2, *low, *mats)
+        ctx.has_bias, ctx.rank, ctx.r, ctx.n_mid = b is not None, rank, r, (len(x_mid), len(h_mid))
+        ctx.save_for_backward(x, xh, hs, cs, tcs, gates, w_ih, w_hh, *x_mid, *h_mid, *sig2, *low, *mats)
         return hs[1:], cs[T]
 
     @staticmethod
@@ -684,13 +694,11 @@ class _Mogrifier(torch.autograd.Function):
         r, rank = ctx.r, ctx.rank
         T, B, E = x.shape
         H = w_hh.shape[1]
-        nq, nr = (r + 1) // 2, r // 2
-        xv = [x] + rest[:max(nq - 1, 0)] + [xh[:, :, :E]] * (nq > 0)
-        rest = rest[max(nq - 1, 0):]
-        hv = [hs[:-1]] + rest[:max(nr - 1, 0)] + [xh[:, :, E:]] * (nr > 0)
-        rest = rest[max(nr - 1, 0):]
+        n_x, n_h = ctx.n_mid
         n_low = r if rank else 0
+        x_mid, h_mid, rest = rest[:n_x], rest[n_x:n_x + n_h], rest[n_x + n_h:]
         sig2, low, mats = rest[:r], rest[r:r + n_low], rest[r + n_low:]
+        xv, hv = _mogrifier_values(x, hs, xh, x_mid, h_mid, r)
         rounds = _mogrifier_rounds(r, xv, hv)
         da = [_Mogrifier._round_factor(s2, prev) for s2, (_, _, prev, _) in zip(sig2, rounds)]   # then * d result
         dlow = [torch.empty_like(u) for u in low]
