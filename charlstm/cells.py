@@ -4,7 +4,8 @@ Every cell maps one time step ``(x_proj_t, state) -> (h_t, state)``. The input
 half of every gate pre-activation, ``W_ih x_t + b``, is computed for all time
 steps at once by :meth:`project` (one matrix multiply over all T*B inputs, done
 by the layer before its time loop); the step itself only adds the recurrent
-product. ``state`` is a tuple of tensors: ``(h, c)`` for the LSTM family,
+product (the mogrifier's input is modulated by the state first: its ``project`` returns x and its
+step does the whole product). ``state`` is a tuple of tensors: ``(h, c)`` for the LSTM family,
 ``(h,)`` for rnn and gru.
 
 :meth:`gates` is the equations themselves: it returns every activation of one
@@ -239,3 +240,87 @@ class ChoGRUCell(Cell):
         n = torch.tanh(xn + F.linear(r * h, self.weight_hh[2 * H:]))
         h = (1.0 - z) * h + z * n
         return {"r": r, "z": z, "n": n, "h": h}
+
+
+class MogrifierLSTMCell(Cell):
+    """mogrifier (Melis et al. 2020): x and h gate each other for ``rounds`` rounds, then the lstm runs.
+
+    With x^(-1) = x_t and h^(0) = h_{t-1}, round i = 1 .. r: odd x^(i) = 2σ(Q^(i) h^(i-1)) * x^(i-2),
+    even h^(i) = 2σ(R^(i) x^(i-1)) * h^(i-2); the lstm step takes the last x and h (``x_mod``,
+    ``h_mod``) in place of x_t and h_{t-1} (the carried c is not modulated). r = 0 is the lstm.
+
+    The lstm part is LSTMCell's (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``, gates
+    i, f, g, o). Round i's matrix is ``weight_q<i>`` (E, H) for odd i and ``weight_r<i>`` (H, E)
+    for even i; at ``rank`` k > 0 it is the product of ``weight_q<i>_a`` (E, k) and
+    ``weight_q<i>_b`` (k, H) (``weight_r<i>_a`` (H, k), ``weight_r<i>_b`` (k, E)). The rounds have
+    no biases; each matrix is initialised as nn.Linear's weight, uniform ±1/sqrt(its columns).
+
+    The input x_t is modulated by h_{t-1} before the W_ih product, so that product cannot be
+    hoisted out of the time loop: :meth:`project` returns x itself and every step does all of it.
+    """
+
+    gate_blocks = 4
+    state_names = ("h", "c")
+    two_biases = True
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, rounds: int = 5, rank: int = 0):
+        self.rounds, self.rank = rounds, rank
+        super().__init__(input_size, hidden_size, bias)
+        # the lstm part was initialised in super().__init__; add the rounds' matrices now
+        for name, shape in self.round_shapes():
+            setattr(self, name, nn.Parameter(torch.empty(shape)))
+        self.reset_parameters()
+
+    def round_shapes(self) -> list[tuple[str, tuple[int, int]]]:
+        """(name, shape) of every round matrix, rounds in order (a before b at low rank)."""
+        E, H, k = self.input_size, self.hidden_size, self.rank
+        out = []
+        for i in range(1, self.rounds + 1):
+            name, rows, cols = (f"weight_q{i}", E, H) if i % 2 else (f"weight_r{i}", H, E)
+            out += [(name, (rows, cols))] if k == 0 else [(name + "_a", (rows, k)), (name + "_b", (k, cols))]
+        return out
+
+    def round_weights(self) -> list[Tensor]:
+        """The rounds' matrices in round order: one per round, or (a, b) per round at low rank."""
+        return [getattr(self, name) for name, _ in self.round_shapes()]
+
+    def reset_parameters(self) -> None:
+        """The lstm part uniform(-1/sqrt(H), 1/sqrt(H)); each round matrix as nn.Linear's weight."""
+        super().reset_parameters()
+        for name, (_, cols) in self.round_shapes():
+            if name in self._parameters:
+                bound = 1.0 / math.sqrt(cols)
+                nn.init.uniform_(self._parameters[name], -bound, bound)
+
+    def project(self, x: Tensor) -> Tensor:
+        """x itself: the input is modulated by the state before its product, inside the step."""
+        return x
+
+    def round_product(self, i: int, v: Tensor) -> Tensor:
+        """Q^(i) v (odd i) or R^(i) v (even i) for a batch of row vectors v."""
+        name = f"weight_q{i}" if i % 2 else f"weight_r{i}"
+        if self.rank == 0:
+            return F.linear(v, getattr(self, name))
+        return F.linear(F.linear(v, getattr(self, name + "_b")), getattr(self, name + "_a"))
+
+    def mogrify(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The rounds: x_t (B, E) and h_{t-1} (B, H) -> the modulated x (B, E) and h (B, H)."""
+        for i in range(1, self.rounds + 1):
+            if i % 2:
+                x = 2.0 * torch.sigmoid(self.round_product(i, h)) * x
+            else:
+                h = 2.0 * torch.sigmoid(self.round_product(i, x)) * h
+        return x, h
+
+    def gates(self, x_proj_t: Tensor, state: LayerState) -> dict[str, Tensor]:
+        h, c = state
+        x_mod, h_mod = self.mogrify(x_proj_t, h)
+        pre = F.linear(x_mod, self.weight_ih, self.input_bias()) + F.linear(h_mod, self.weight_hh)  # (B, 4H)
+        i, f, g, o = pre.chunk(4, 1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c + i * g
+        h = o * torch.tanh(c)
+        return {"x_mod": x_mod, "h_mod": h_mod, "i": i, "f": f, "g": g, "o": o, "c": c, "h": h}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rounds={self.rounds}, rank={self.rank}"

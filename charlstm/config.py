@@ -90,6 +90,8 @@ class ModelConfig(_JsonConfig):
     forget_bias: float = setting(1.0, "Initial forget-gate bias of the LSTM family (Jozefowicz et al. 2015).")
     init: str = setting("uniform", "uniform (PyTorch's, +-1/sqrt(H)) or chrono (Tallec & Ollivier 2018).")
     chrono_tmax: int = setting(0, "T_max of chrono initialisation (0: the training window length).")
+    mogrify_rounds: int = setting(5, "Mogrifier: rounds in which x and h gate each other (0: the plain lstm).")
+    mogrify_rank: int = setting(0, "Mogrifier: rank k of the rounds' matrices (0: full rank).")
 
     def __post_init__(self) -> None:
         _choice("variant", self.variant, VARIANTS)
@@ -99,6 +101,8 @@ class ModelConfig(_JsonConfig):
         _choice("init", self.init, INITS)
         for name in ("embed", "hidden", "layers"):
             _positive(name, getattr(self, name))
+        for name in ("mogrify_rounds", "mogrify_rank"):
+            _positive(name, getattr(self, name), allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1) (got {self.dropout})")
         if self.peepholes and (set(self.peepholes) - set("fio") or len(set(self.peepholes)) != len(self.peepholes)):

@@ -90,17 +90,21 @@ class CharModel(nn.Module):
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
-        """Initialise as EQUATIONS.md says: recurrent weights uniform(-1/sqrt(H), 1/sqrt(H)),
-        forget-gate bias (LSTM family) or chrono initialisation; embedding N(0, 1), head
-        uniform(-1/sqrt(H), 1/sqrt(H)) with zero bias."""
+        """Initialise as EQUATIONS.md says: recurrent weights uniform(-1/sqrt(H), 1/sqrt(H)) (the
+        mogrifier's rounds as nn.Linear's weights), forget-gate bias (LSTM family) or chrono
+        initialisation; embedding N(0, 1), head uniform(-1/sqrt(H), 1/sqrt(H)) with zero bias."""
         H = self.cfg.hidden
         bound = 1.0 / math.sqrt(H)
         nn.init.normal_(self.embedding.weight, 0.0, 1.0)
         nn.init.uniform_(self.head.weight, -bound, bound)
         nn.init.zeros_(self.head.bias)
         with torch.no_grad():
-            for p in self.rnn.parameters():
-                p.uniform_(-bound, bound)
+            if self.cfg.backend == "cudnn":
+                for p in self.rnn.parameters():
+                    p.uniform_(-bound, bound)
+            else:                                   # each cell's own init (the same for all but the mogrifier)
+                for layer in self.rnn.layers:
+                    layer.cell.reset_parameters()
             if self.cfg.bias:
                 for k in range(self.cfg.layers):
                     self._init_gate_biases(*self._layer_biases(k))

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from . import fused, fused_native, gpu
-from .cells import (Cell, ChoGRUCell, CoupledLSTMCell, GRUCell, LSTMCell, PeepholeLSTMCell, RNNCell)
+from .cells import (Cell, ChoGRUCell, CoupledLSTMCell, GRUCell, LSTMCell, MogrifierLSTMCell, PeepholeLSTMCell,
+                    RNNCell)
 from .fused import FastPath
 from .gpu import graphs
 from .native.abi import Kernel
@@ -26,6 +27,10 @@ def _no_options(cfg) -> dict:
 
 def _peephole_options(cfg) -> dict:
     return {"form": cfg.peephole_form, "peepholes": cfg.peepholes}
+
+
+def _mogrifier_options(cfg) -> dict:
+    return {"rounds": cfg.mogrify_rounds, "rank": cfg.mogrify_rank}
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,10 @@ CELLS: tuple[CellSpec, ...] = (
              form_field="gru_form", chrono=(("z", -1),),                   # 1 - z keeps the old state
              fast_paths=fast_paths(fused.CHO_GRU, native=fused_native.cho_gru(_CHO_KERNEL), triton="gru_cho"),
              kernel=_CHO_KERNEL, step="gru_cho"),
+    CellSpec("mogrifier", "mogrifier", MogrifierLSTMCell, gates=("i", "f", "g", "o"),
+             recorded=("h", "c", "f", "i", "o", "x_mod", "h_mod"), saturating=("f", "i", "o"),
+             options=_mogrifier_options, forget_gate="f", chrono=_LSTM_CHRONO,
+             fast_paths=fast_paths(fused.MOGRIFIER)),                 # samples through model.forward
 )
 
 VARIANTS: tuple[str, ...] = tuple(dict.fromkeys(s.variant for s in CELLS))

@@ -228,9 +228,9 @@ class FastStep:
 def make_stepper(model, *, fast: bool = True, script: bool = True, native: bool = True,
                  precision: str = "fp32", options: SamplingOptions | None = None):
     """The stepper for a CharModel: the native step where it can run this model and these options
-    (see charlstm/native.py), else the fast torch step (``fast=False``, or another kind of module:
-    ModelStep). ``precision='fp16'`` asks for the native step's float16 weights, and is an error
-    where that step cannot run."""
+    (see charlstm/native.py), else the fast torch step (``fast=False``, another kind of module, or a
+    cell without a step kind in the registry: ModelStep). ``precision='fp16'`` asks for the native
+    step's float16 weights, and is an error where that step cannot run."""
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     why = native_unavailable(model, options) if native and fast else "the native step was not asked for"
@@ -238,7 +238,7 @@ def make_stepper(model, *, fast: bool = True, script: bool = True, native: bool 
         return NativeStep(model, precision)
     if precision != "fp32":
         raise UsageError(f"--precision {precision} needs the native step, which cannot run here: {why}")
-    if fast and isinstance(model, CharModel):
+    if fast and isinstance(model, CharModel) and model.spec.step is not None:
         return FastStep(model, script=script)
     return ModelStep(model)
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import charlstm
 from charlstm import cli
-from charlstm.config import PRESETS, BenchConfig, CompareConfig, ModelConfig, TrainConfig
+from charlstm.config import PRESETS, VARIANTS, BenchConfig, CompareConfig, ModelConfig, TrainConfig
 from charlstm.errors import UsageError
 
 CLI_MD = Path(__file__).resolve().parents[1].parent / "shared" / "CLI.md"
@@ -139,7 +139,7 @@ def test_compare_and_bench_help_show_the_dataclasses_defaults():
     check_fields(shown, CompareConfig)
     check_fields(shown, ModelConfig, CompareConfig.MODEL_OPTIONS, CompareConfig.TASK_DEFAULTS)
     check_fields(shown, TrainConfig, CompareConfig.TRAIN_OPTIONS, CompareConfig.TASK_DEFAULTS)
-    assert shown["--hidden"] == "corpus 256, long-gap 64" and shown["--variants"] == "rnn,lstm,peephole,coupled,gru"
+    assert shown["--hidden"] == "corpus 256, long-gap 64" and shown["--variants"] == ",".join(VARIANTS)
     shown = rendered_defaults("bench")
     check_fields(shown, BenchConfig)
     assert shown["--device"] == "auto" and shown["--hidden"] == str(ModelConfig.hidden)
