@@ -31,7 +31,7 @@
   }
   function toColourScale(v, q, scale) {
     var s = new Float32Array(v.length), m = 0, k;
-    if (q === "h" || q === "c") {
+    if (D.gates.indexOf(q) < 0) {          /* states (h, c, the mogrifier's x_mod, h_mod): unbounded */
       if (scale === "fixed") {
         for (k = 0; k < v.length; k++) { s[k] = q === "c" ? Math.tanh(v[k]) : Math.max(-1, Math.min(1, v[k])); }
       } else {
@@ -88,15 +88,15 @@
   var current = null;
   function select(layer, unit, q, scale) {
     layer = Math.max(0, Math.min(D.layers.length - 1, layer | 0));
-    unit = Math.max(0, Math.min(H - 1, unit | 0));
     if (D.quantities.indexOf(q) < 0) { q = D.quantities[0]; }
+    unit = Math.max(0, Math.min(traces[layer][q].lo.length - 1, unit | 0));   /* x_mod of layer 0 is E wide */
     if (scale !== "fixed") { scale = "unit"; }
     $("layer").value = String(layer); $("unit").value = String(unit); $("quantity").value = q; $("scale").value = scale;
     var v = values(layer, q, unit);
     var c = toColourScale(v, q, scale);
     for (var k = 0; k < T; k++) { spans[k].style.backgroundColor = rgb(c.s[k]); }
     current = { layer: layer, unit: unit, q: q, v: v };
-    var gate = !(q === "h" || q === "c");
+    var gate = D.gates.indexOf(q) >= 0;
     $("lo").textContent = gate ? "0" : (scale === "fixed" ? (q === "c" ? "tanh -1" : "-1") : (-c.max).toPrecision(3));
     $("hi").textContent = gate ? "1" : (scale === "fixed" ? (q === "c" ? "tanh +1" : "+1") : (c.max).toPrecision(3));
     $("what").textContent = "layer " + layer + ", unit " + unit + ", " + D.quantity_help[q];

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..features import FEATURE_HELP, pearson, text_features
 from ..plots import Series, plot_lines
+from ..registry import gate_quantities
 from .quantities import GATES
 from .recording import Recording
 
@@ -79,12 +80,12 @@ def plot_saturation(sat: list[dict], stem: Path, *, title: str = "") -> list[Pat
 def colour_value(rec: Recording, layer: int, unit: int, quantity: str, scale: str = "unit") -> Tensor:
     """A unit's trace mapped to [-1, 1] for colouring: (T,).
 
-    Gates: 0 -> -1, 0.5 -> 0, 1 -> +1 (both scales). h and C: divided by the
-    unit's largest |value| over the text (``scale='unit'``), or taken as is for
-    h and through tanh for C (``scale='fixed'``).
+    Gates: 0 -> -1, 0.5 -> 0, 1 -> +1 (both scales). The states (h, C, the mogrifier's
+    modulated x and h): divided by the unit's largest |value| over the text
+    (``scale='unit'``), or taken as is, C through tanh (``scale='fixed'``).
     """
     v = rec.layers[layer][quantity][:, unit]  # (T,)
-    if quantity in ("h", "c"):
+    if quantity not in gate_quantities(rec.variant):
         if scale == "fixed":
             return torch.tanh(v) if quantity == "c" else v.clamp(-1, 1)
         m = v.abs().max()

@@ -77,8 +77,10 @@ def check_against_model(cfg, quantity: str | None, unit: str | None, layer_unit:
         raise UsageError(f"a {cfg.variant} model has no {quantity!r}; its quantities are {', '.join(quantities)}")
     if layer_unit is not None:
         layer, index = layer_unit
-        if layer >= cfg.layers or index >= cfg.hidden:
-            raise UsageError(f"--unit {unit}: the model has layers 0..{cfg.layers - 1} and units 0..{cfg.hidden - 1}")
+        width = cfg.embed if (quantity == "x_mod" and layer == 0) else cfg.hidden
+        if layer >= cfg.layers or index >= width:
+            raise UsageError(f"--unit {unit}: the model has layers 0..{cfg.layers - 1} and units 0..{width - 1}"
+                             + (" (x_mod of layer 0 has one per embedding dimension)" if width != cfg.hidden else ""))
 
 
 def read_text_arg(text: str | None, text_file: Path | None) -> str:

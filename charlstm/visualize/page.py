@@ -12,6 +12,7 @@ from importlib import resources
 import torch
 from torch import Tensor
 
+from ..registry import gate_quantities
 from .quantities import QUANTITY_HELP
 from .recording import Recording
 
@@ -70,6 +71,7 @@ def page_data(rec: Recording, ranking: list[dict], *, meta: dict, initial: dict 
         "vocab": rec.vocab,
         "variant": rec.variant,
         "quantities": list(rec.quantities),
+        "gates": list(gate_quantities(rec.variant)),
         "quantity_help": {q: QUANTITY_HELP[q] for q in rec.quantities},
         "layers": [{q: quantize(layer[q]) for q in rec.quantities} for layer in rec.layers],
         "hidden": rec.hidden,

@@ -12,6 +12,8 @@ QUANTITY_HELP = {
     "o": "output gate o_t",
     "z": "update gate z_t",
     "r": "reset gate r_t",
+    "x_mod": "the mogrifier's modulated input x↑ (the lstm's input after the rounds)",
+    "h_mod": "the mogrifier's modulated state h↑ (the lstm's h_{t-1} after the rounds)",
 }
 GATES = {variant: gate_quantities(variant) for variant in VARIANTS}   # the registry's, by variant
 
@@ -31,6 +33,9 @@ def quantity_notes(cfg) -> list[str]:
             notes.append("gru (cudnn form): z is the share of the old state kept, h = (1 - z) * n + z * h_prev")
         else:
             notes.append("gru (cho form): z is the share of the new candidate taken, h = (1 - z) * h_prev + z * n")
+    if cfg.variant == "mogrifier":
+        notes.append(f"mogrifier ({cfg.mogrify_rounds} rounds): x_mod and h_mod are x_t and h_t-1 after the rounds; "
+                     "x_mod of layer 0 has one unit per embedding dimension")
     if cfg.variant == "rnn":
         notes.append("rnn has no gates: only h is recorded")
     return notes
