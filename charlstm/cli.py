@@ -40,6 +40,7 @@ from .config import (
     PRESETS,
     BenchConfig,
     CompareConfig,
+    DynamicConfig,
     ModelConfig,
     TrainConfig,
     parse_duration,
@@ -47,7 +48,7 @@ from .config import (
     preset_changes,
 )
 from .console import note
-from .errors import CharlstmError
+from .errors import CharlstmError, UsageError
 
 DEBUG_ENV = "CHARLSTM_DEBUG"
 
@@ -356,7 +357,11 @@ def sample(
 
 # --------------------------------------------------------------------------- eval
 
+DYNAMIC_OPTIONS = field_options(DynamicConfig, panel="Dynamic evaluation (with --dynamic)")
+
+
 @app.command("eval")
+@with_options(DYNAMIC_OPTIONS)
 def eval_(
     run: Path | None = typer.Argument(None, help="Run directory or checkpoint directory."),
     split: str = opt("val", "--split", help="Split of the checkpoint's corpus: train, val or test."),
@@ -365,9 +370,16 @@ def eval_(
     device: str = opt("auto", "--device", help="auto, cpu or cuda."),
     threads: int | None = opt(None, "--threads", help="Torch intra-op threads.", show="torch's"),
     json_out: bool = opt(False, "--json", help="Print one JSON object on stdout."),
+    dynamic: bool = opt(False, "--dynamic", help="Also dynamic evaluation (Krause et al. 2018): a gradient step "
+                        "after each segment; reported beside the static figure, the model on disk unchanged."),
+    **options,
 ) -> None:
     """Loss (nats/char) and bits per character of a checkpoint on text."""
-    eval_mod.run_from_cli(**locals())
+    settings = given(DYNAMIC_OPTIONS, options)
+    if settings and not dynamic:
+        raise UsageError(f"--dynamic-{next(iter(settings)).replace('_', '-')} is an option of --dynamic; add --dynamic")
+    eval_mod.run_from_cli(run=run, split=split, text_file=text_file, batch_size=batch_size, device=device,
+                          threads=threads, json_out=json_out, dynamic=DynamicConfig(**settings) if dynamic else None)
 
 
 # --------------------------------------------------------------------------- info

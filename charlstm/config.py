@@ -11,6 +11,7 @@ are validated where a dataclass is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -240,6 +241,39 @@ def preset_changes(name: str) -> dict:
     """The settings a preset gives a value other than the dataclasses' default: {field: value}."""
     defaults = {**ModelConfig().to_dict(), **TrainConfig().to_dict()}
     return {k: v for k, v in PRESETS[name].items() if defaults.get(k) != v}
+
+
+# --------------------------------------------------------------------------- eval --dynamic
+
+DYNAMIC_RULES = ("rms", "sgd")
+
+
+@dataclass
+class DynamicConfig(_JsonConfig):
+    """Dynamic evaluation (`charlstm eval --dynamic`, Krause et al. 2018; docs/dynamic-eval.md): after
+    scoring each segment, one gradient step on it, pulled back towards the trained weights.
+
+    The defaults are those of Krause et al.'s reference implementation (dynamiceval.py), tuned there
+    for a word-level AWD-LSTM on Penn Treebank with segments of 5 tokens; docs/dynamic-eval.md says
+    how they were checked on tinyshakespeare's validation split."""
+
+    rule: str = setting("rms", "rms (the paper's: steps scaled by the training gradients' RMS) or sgd.",
+                        flag="--dynamic-rule")
+    segment: int = setting(5, "Characters per segment (one step after each).", flag="--dynamic-segment")
+    lr: float = setting(5e-5, "Learning rate of the steps (eta).", flag="--dynamic-lr")
+    decay: float = setting(2e-3, "Pull back towards the trained weights per step (lambda).", flag="--dynamic-decay")
+    epsilon: float = setting(2e-5, "The rms rule's epsilon.", flag="--dynamic-epsilon")
+    stat_segments: int = setting(0, "Training segments the rms rule's statistics are taken over (0: the whole "
+                                    "training split).", flag="--dynamic-stat-segments")
+
+    def __post_init__(self) -> None:
+        _choice("dynamic_rule", self.rule, DYNAMIC_RULES)
+        _positive("dynamic_segment", self.segment)
+        for name in ("lr", "decay", "epsilon"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise UsageError(f"--dynamic-{name} must be a number >= 0 (got {value})")
+        _positive("dynamic_stat_segments", self.stat_segments, allow_zero=True)
 
 
 # --------------------------------------------------------------------------- compare-variants

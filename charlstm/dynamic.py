@@ -17,23 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .batches import eval_windows
+from .config import DynamicConfig
 from .errors import CharlstmError, UsageError
 from .model import detach_state
 
 RULES = ("rms", "sgd")
 
-# Defaults: those of Krause et al.'s reference implementation (github.com/benkrause/dynamic-evaluation,
-# dynamiceval.py, the version whose code follows the paper's equations), tuned there for a word-level
-# AWD-LSTM on Penn Treebank with segments of 5 tokens; its grid search scales LR and DECAY in
-# proportion to the segment length. Still to be tuned on tinyshakespeare's validation split (never
-# on the split being reported).
-RULE = "rms"            # the paper's best: RMS-normalised steps, decay towards the trained weights
-SEGMENT_LEN = 5         # n: characters per segment, one step per segment (--bptt)
-LR = 5e-5               # η (--lr)
-DECAY = 2e-3            # λ, the pull back towards the trained weights (--lamb)
-EPSILON = 2e-5          # ε of the RMS rule (--epsilon)
-STAT_BATCH_SIZE = 100   # streams of the training-gradient statistics (--batch_size)
-STAT_SEGMENTS = None    # training segments for those statistics; None: the whole split (--max_batches -1)
+DEFAULTS = DynamicConfig()   # config.py holds the defaults and where they come from
+STAT_BATCH_SIZE = 100       # streams of the training-gradient statistics (Krause et al.'s --batch_size)
 
 
 def _check(rule: str, lr: float, decay: float, epsilon: float) -> None:
@@ -51,8 +42,8 @@ def _segment_loss(model, x, y, mask, state):
     return nll, mask.reshape(-1), detach_state(state)
 
 
-def gradient_rms(model, tokens: Tensor, *, batch_size: int = STAT_BATCH_SIZE, seq_len: int = SEGMENT_LEN,
-                 max_segments: int | None = STAT_SEGMENTS, device="cpu",
+def gradient_rms(model, tokens: Tensor, *, batch_size: int = STAT_BATCH_SIZE, seq_len: int = DEFAULTS.segment,
+                 max_segments: int | None = None, device="cpu",
                  token_map: Tensor | None = None) -> list[Tensor]:
     """The RMS rule's statistics: per parameter (in ``model.parameters()`` order), the root mean
     square over training segments of the gradient of each segment's mean loss, the state carried
@@ -106,7 +97,7 @@ class _Step:
 
 
 def dynamic_evaluate(model, tokens: Tensor, *, batch_size: int, seq_len: int, lr: float, decay: float,
-                     rule: str = RULE, epsilon: float = EPSILON, grad_rms: list[Tensor] | None = None,
+                     rule: str = DEFAULTS.rule, epsilon: float = DEFAULTS.epsilon, grad_rms: list[Tensor] | None = None,
                      device="cpu", token_map: Tensor | None = None) -> tuple[float, int]:
     """Mean cross-entropy in nats/char over the whole of ``tokens`` under dynamic evaluation, and the
     number of characters scored.

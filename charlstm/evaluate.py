@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
+from .config import DynamicConfig
 from .console import note
 from .corpus import encode_text, load_corpus
+from .dynamic import dynamic_evaluate, gradient_rms
 from .errors import CharlstmError, UsageError
 from .evaluation import evaluate_loss
 from .runtime import resolve_device, torch_threads
@@ -85,9 +87,10 @@ def file_tokens(ckpt, path: Path) -> tuple[torch.Tensor, dict]:
 
 
 def evaluate_checkpoint(ckpt, *, split: str = "val", text_file: Path | None = None, batch_size: int | None = None,
-                        device=None, progress: bool = True) -> dict:
+                        device=None, progress: bool = True, dynamic: DynamicConfig | None = None) -> dict:
     """The loss of a loaded checkpoint on a split of its corpus or on a text file, as a JSON-safe dict:
-    loss_nats, bpc, chars (characters scored), and where the text came from."""
+    loss_nats, bpc, chars (characters scored), and where the text came from; with ``dynamic``, also
+    the dynamic evaluation's figure under "dynamic" (the static one stays beside it)."""
     check_split(split)
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1 (got {batch_size})")
@@ -116,7 +119,25 @@ def evaluate_checkpoint(ckpt, *, split: str = "val", text_file: Path | None = No
     if text_file is None and split == "val":
         stored = (ckpt.trainer_state or {}).get("val_loss")
         result["trainer_val_loss"] = stored if isinstance(stored, (int, float)) else None
+    if dynamic is not None:
+        result["dynamic"] = evaluate_dynamic(ckpt, tokens, dynamic, batch_size=B, device=device, progress=progress)
     return result
+
+
+def evaluate_dynamic(ckpt, tokens: torch.Tensor, cfg: DynamicConfig, *, batch_size: int, device,
+                     progress: bool = True) -> dict:
+    """Dynamic evaluation of a checkpoint on tokens (the same streams as the static figure): its loss
+    and settings. The rms rule's statistics come from the checkpoint's training split, never from the
+    text being scored. The model (in memory and on disk) is not changed."""
+    grad_rms = None
+    if cfg.rule == "rms" and cfg.lr > 0:
+        train_tokens, _ = split_tokens(ckpt, "train", progress=progress)
+        grad_rms = gradient_rms(ckpt.model, train_tokens, seq_len=cfg.segment, device=device,
+                                max_segments=cfg.stat_segments or None)
+    loss, count = dynamic_evaluate(ckpt.model, tokens, batch_size=batch_size, seq_len=cfg.segment, lr=cfg.lr,
+                                   decay=cfg.decay, rule=cfg.rule if grad_rms is not None else "sgd",
+                                   epsilon=cfg.epsilon, grad_rms=grad_rms, device=device)
+    return {"loss_nats": loss, "bpc": loss / LN2, "chars": count, **cfg.to_dict()}
 
 
 def check_split(split: str) -> None:
@@ -126,7 +147,8 @@ def check_split(split: str) -> None:
 
 
 def evaluate_run(run: Path | None, *, split: str = "val", text_file: Path | None = None, batch_size: int | None = None,
-                 device: str = "auto", checkpoints: Path = Path("checkpoints")) -> dict:
+                 device: str = "auto", checkpoints: Path = Path("checkpoints"),
+                 dynamic: DynamicConfig | None = None) -> dict:
     """Load the checkpoint RUN names (the most recent run under ``checkpoints`` when None) and evaluate it:
     the dict of :func:`evaluate_checkpoint`."""
     check_split(split)
@@ -135,7 +157,8 @@ def evaluate_run(run: Path | None, *, split: str = "val", text_file: Path | None
     if run is None:
         note(f"evaluating {path} (the most recent run under {checkpoints}/)")
     ckpt = load_checkpoint(path, map_location=dev)
-    return evaluate_checkpoint(ckpt, split=split, text_file=text_file, batch_size=batch_size, device=dev)
+    return evaluate_checkpoint(ckpt, split=split, text_file=text_file, batch_size=batch_size, device=dev,
+                               dynamic=dynamic)
 
 
 def format_result(result: dict) -> str:
@@ -143,6 +166,11 @@ def format_result(result: dict) -> str:
     where = f"--text-file {result['text_file']}" if result["text_file"] is not None else f"its {result['split']} split"
     lines = [f"{result['checkpoint']} on {where}: {result['loss_nats']:.4f} nats/char, {result['bpc']:.4f} bpc "
              f"over {result['chars']:,} characters"]
+    dyn = result.get("dynamic")
+    if dyn is not None:
+        lines.append(f"dynamic evaluation ({dyn['rule']}, segments of {dyn['segment']}, lr {dyn['lr']:g}, "
+                     f"decay {dyn['decay']:g}): {dyn['loss_nats']:.4f} nats/char, {dyn['bpc']:.4f} bpc "
+                     f"({dyn['loss_nats'] - result['loss_nats']:+.4f} nats/char against the static figure above)")
     if result["unknown_chars"]:
         shown = ", ".join(f"{c!r}" for c in result["unknown"][:20])
         more = f" and {len(result['unknown']) - 20} more" if len(result["unknown"]) > 20 else ""
@@ -152,10 +180,12 @@ def format_result(result: dict) -> str:
 
 
 def run_from_cli(*, run: Path | None, split: str, text_file: Path | None, batch_size: int | None, device: str,
-                 json_out: bool, threads: int | None = None, checkpoints: Path = Path("checkpoints")) -> dict:
-    """`charlstm eval`: print the loss of the checkpoint RUN names (one JSON object with --json)."""
+                 json_out: bool, threads: int | None = None, checkpoints: Path = Path("checkpoints"),
+                 dynamic: DynamicConfig | None = None) -> dict:
+    """`charlstm eval`: print the loss of the checkpoint RUN names (one JSON object with --json); with
+    ``dynamic``, the dynamic evaluation's figure beside it."""
     with torch_threads(threads):
         result = evaluate_run(run, split=split, text_file=text_file, batch_size=batch_size, device=device,
-                              checkpoints=checkpoints)
+                              checkpoints=checkpoints, dynamic=dynamic)
     print(json.dumps(result) if json_out else format_result(result))
     return result

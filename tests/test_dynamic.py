@@ -63,7 +63,7 @@ def test_adapting_lowers_the_loss_on_a_text_that_repeats(case, rule, lr):
     toks = tokens(6)
     stats = gradient_rms(model, toks, batch_size=4, seq_len=20) if rule == "rms" else None
     static, n = evaluate_loss(model, toks, batch_size=2, seq_len=20, device="cpu")
-    dyn, m = dynamic_evaluate(model, toks, batch_size=2, seq_len=20, lr=lr, decay=dynamic.DECAY, rule=rule,
+    dyn, m = dynamic_evaluate(model, toks, batch_size=2, seq_len=20, lr=lr, decay=dynamic.DEFAULTS.decay, rule=rule,
                               grad_rms=stats)
     assert m == n
     assert dyn < static - 0.2

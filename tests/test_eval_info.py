@@ -156,3 +156,39 @@ def test_info_and_eval_refuse_damaged_checkpoints(work, tmp_path):
         assert r.exit_code == 1 and "damaged" in r.stderr and "Traceback" not in r.output
     r = invoke("info", tmp_path / "nope")
     assert r.exit_code == 1 and "does not exist" in r.stderr
+
+
+# --------------------------------------------------------------------------- eval --dynamic
+
+def _file_digests(run: Path) -> dict:
+    return {p.relative_to(run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_eval_dynamic_reports_both_figures_and_leaves_the_run_alone(work):
+    before = _file_digests(work / "run")
+    r = invoke("eval", "run", "--dynamic", "--dynamic-lr", "3e-3", "--dynamic-stat-segments", "20", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    static = invoke("eval", "run", "--json")
+    assert out["loss_nats"] == json.loads(static.stdout)["loss_nats"]         # the static figure is unchanged
+    dyn = out["dynamic"]
+    assert dyn["chars"] == out["chars"] and math.isfinite(dyn["loss_nats"]) and dyn["loss_nats"] != out["loss_nats"]
+    assert (dyn["rule"], dyn["segment"], dyn["lr"]) == ("rms", 5, 3e-3)
+    assert dyn["bpc"] == pytest.approx(dyn["loss_nats"] / math.log(2))
+    assert _file_digests(work / "run") == before                                # nothing on disk changed
+    text = invoke("eval", "run", "--dynamic", "--dynamic-rule", "sgd", "--dynamic-lr", "0")
+    lines = text.stdout.splitlines()
+    assert text.exit_code == 0 and lines[0].startswith("run/") and lines[1].startswith("dynamic evaluation (sgd")
+    assert "+0.0000 nats/char against the static figure" in lines[1]            # lr 0: the static figure
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dynamic-lr", "1e-3"], "--dynamic-lr is an option of --dynamic"),
+    (["--dynamic", "--dynamic-rule", "adam"], "--dynamic-rule must be one of rms, sgd"),
+    (["--dynamic", "--dynamic-lr", "-1"], "--dynamic-lr must be a number >= 0"),
+    (["--dynamic", "--dynamic-segment", "0"], "--dynamic-segment must be > 0"),
+])
+def test_eval_dynamic_option_errors_are_one_line(work, args, message):
+    r = invoke("eval", "run", *args)
+    assert r.exit_code == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.output
