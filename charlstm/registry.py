@@ -67,12 +67,13 @@ class CellSpec:
         return sum(p.numel() for c in cells for p in c.parameters() if p.dim() == 2)
 
 
-_LSTM_KERNEL = Kernel("lstm", (0, 1, 3, 2))          # i, f, o | g
-_PEEPHOLE_KERNEL = Kernel("peephole", (0, 1, 3, 2))
-_COUPLED_KERNEL = Kernel("coupled", (0, 2, 1))       # f, o | g
-_GRU_KERNEL = Kernel("gru", (0, 1, 2))
-_CHO_KERNEL = Kernel("gru_cho", (0, 1, 2))
-_RNN_KERNEL = Kernel("rnn", (0,))
+_LSTM_KERNEL = Kernel.of("lstm")                 # slots i, f, o | g (native/abi.py, checked against the C side)
+_PEEPHOLE_KERNEL = Kernel.of("peephole")
+_PEEPHOLE_FULL_KERNEL = Kernel.of("peephole_full")
+_COUPLED_KERNEL = Kernel.of("coupled")           # f, o | g
+_GRU_KERNEL = Kernel.of("gru")
+_CHO_KERNEL = Kernel.of("gru_cho")
+_RNN_KERNEL = Kernel.of("rnn")
 _LSTM_CHRONO = (("f", 1), ("i", -1))
 
 CELLS: tuple[CellSpec, ...] = (
@@ -89,7 +90,8 @@ CELLS: tuple[CellSpec, ...] = (
     CellSpec("peephole:full", "peephole", PeepholeLSTMCell, gates=("i", "f", "g", "o"),
              recorded=("h", "c", "f", "i", "o"), form="full", form_field="peephole_form",
              options=_peephole_options, forget_gate="f", chrono=_LSTM_CHRONO,
-             fast_paths=(fused.PEEPHOLE,), step="peephole"),
+             fast_paths=(fused_native.lstm_family(_PEEPHOLE_FULL_KERNEL, peepholes=True), fused.PEEPHOLE),
+             kernel=_PEEPHOLE_FULL_KERNEL, step="peephole"),
     CellSpec("coupled", "coupled", CoupledLSTMCell, gates=("f", "g", "o"), recorded=("h", "c", "f", "i", "o"),
              forget_gate="f", chrono=(("f", 1),),
              fast_paths=(fused_native.lstm_family(_COUPLED_KERNEL), fused.COUPLED), kernel=_COUPLED_KERNEL,
