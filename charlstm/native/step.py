@@ -182,9 +182,11 @@ class NativeStep:
         h = self.z.view(self.B, self.L, self.Hp)[:, :, :self.H].transpose(0, 1).contiguous()
         return State(h, self.c[:, :, :self.H].contiguous() if self.has_c else None)
 
-    def _call(self, fn, *args) -> None:
+    def _loaded(self) -> None:
         if self.B == 0:
             raise CharlstmError("native step: load_state first")
+
+    def _call(self, fn, *args) -> None:
         self.net.threads = torch.get_num_threads()
         code = fn(ctypes.byref(self.net), *args)
         if code:
@@ -192,8 +194,9 @@ class NativeStep:
 
     def advance(self, x: Tensor) -> Tensor:
         """Feed characters x (B,) and return the logits (B, V) of the next ones."""
+        self._loaded()
         _check(x, "the characters", (self.B,), INTEGERS)
-        if self.B and (int(x.min()) < 0 or int(x.max()) >= self.V):
+        if int(x.min()) < 0 or int(x.max()) >= self.V:
             raise CharlstmError(f"native step: character ids must be in [0, {self.V}) "
                                 f"(got {int(x.min())} .. {int(x.max())})")
         x = x.to(torch.int64).contiguous()
@@ -203,6 +206,7 @@ class NativeStep:
     def generate(self, logits: Tensor, n: int, opts, noise: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """n characters per stream from the pending logits (B, V) and the chunk's noise (n, B, V) (None:
         greedy): ids (n, B) and the logits after them. Temperature and greedy only."""
+        self._loaded()
         if opts.top_k or opts.top_p < 1.0:
             raise UsageError("the native step samples with temperature or greedily; top-k and top-p use the torch step")
         if not isinstance(n, int) or n < 0:
