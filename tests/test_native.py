@@ -608,3 +608,47 @@ def test_the_c_entry_points_check_their_structs_too():
     step.net.precision = 3
     assert LIB.charlstm_step(ctypes.byref(step.net), torch.tensor([0, 1]).data_ptr()) == 1
     assert step_state.h.abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- --backend auto
+
+def test_auto_takes_the_custom_cells_where_they_are_faster():
+    from charlstm.model import describe_backend, resolve_backend
+
+    def auto(variant, hidden=16, device="cpu", **extra):
+        return resolve_backend(ModelConfig(vocab_size=5, variant=variant, hidden=hidden, **extra), device)
+
+    native = LIB is not None
+    for variant, extra in (("lstm", {}), ("rnn", {}), ("gru", {}), ("gru", {"gru_form": "cho"}), ("peephole", {}),
+                           ("peephole", {"peephole_form": "full"}), ("coupled", {})):
+        torch_twin = variant in ("lstm", "rnn") or (variant == "gru" and not extra)
+        assert auto(variant, **extra) == ("custom" if native or not torch_twin else "cudnn"), (variant, extra)
+        assert auto(variant, hidden=12, **extra) == ("cudnn" if torch_twin else "custom")    # no C loops at H = 12
+        assert auto(variant, device="cuda", **extra) == ("cudnn" if torch_twin else "custom")  # cuDNN's kernels win
+    assert resolve_backend(ModelConfig(vocab_size=5, backend="cudnn", hidden=16), "cpu") == "cudnn"   # asked for
+    if native:
+        assert describe_backend(build_model(ModelConfig(vocab_size=5, hidden=16), "cpu")) == "custom (native loops)"
+    assert describe_backend(build_model(ModelConfig(vocab_size=5, hidden=16, backend="cudnn"))) == \
+        "cudnn (torch.nn.LSTM)"
+    odd = describe_backend(build_model(ModelConfig(vocab_size=5, hidden=12, backend="custom")))
+    assert odd.startswith("custom (torch loops; native loop: ") and "multiple of 8 (this is 12)" in odd
+    wide = describe_backend(build_model(ModelConfig(vocab_size=5, hidden=16, backend="custom")).double())
+    assert wide == "custom (torch loops; native loop: the native loops run float32 on the CPU)"
+
+
+def test_without_the_library_auto_keeps_torch_modules(monkeypatch):
+    from charlstm.model import resolve_backend
+
+    monkeypatch.setattr(native_build, "_LIB", {"lib": None, "why": "turned off by CHARLSTM_NO_NATIVE"})
+    assert resolve_backend(ModelConfig(vocab_size=5, hidden=16), "cpu") == "cudnn"
+    assert resolve_backend(ModelConfig(vocab_size=5, variant="coupled", hidden=16), "cpu") == "custom"
+    assert native_build.status().startswith("unavailable (turned off by CHARLSTM_NO_NATIVE)")
+
+
+@needs_native
+def test_building_a_model_compiles_the_library_before_any_timing(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(native_build, "_LIB", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    build_model(ModelConfig(vocab_size=5, hidden=16, backend="custom"), "cpu")
+    assert native_build._LIB.get("lib") is not None and "seconds" in native_build._LIB
+    assert "compiling" in capsys.readouterr().err

@@ -19,8 +19,8 @@ enum { LSTM, PEEPHOLE, COUPLED, GRU, RNN, GRU_CHO, PEEPHOLE_FULL, KIND_COUNT };
 /* weight types of the sampling step (the training loops are float32) */
 enum { F32, F16, I8, PRECISION_COUNT };
 
-/* A weight matrix in panels, (P, K, 8G) in the net's type; int8: s holds a scale per column of
- * each panel, (P, 8G) (the weight is q * s); else s is NULL. */
+/* A weight matrix in panels, (P, K, 8G) in the net's type; int8: the rows of each panel in pairs,
+ * (P, K/2, 8G, 2), and s holds a scale per column, (P, 8G) (the weight is q * s); else s is NULL. */
 typedef struct {
     const void *w;
     const float *s;

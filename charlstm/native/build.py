@@ -192,3 +192,12 @@ def library() -> tuple[Optional[ctypes.CDLL], str]:
         if "lib" not in _LIB:
             _LIB["lib"], _LIB["why"] = _find()
         return _LIB["lib"], _LIB["why"]
+
+
+def status() -> str:
+    """One line on what runs in C here, for `charlstm bench` and `info` (may compile, as library())."""
+    lib, why = library()
+    if lib is None:
+        return f"unavailable ({why}): torch loops and the TorchScript step"
+    return ("C training loops for every custom variant and form (float32 on the CPU, H a multiple of 8); "
+            "C sampling step for every variant (fp32, fp16, int8 weights)" + why.removeprefix("ready"))

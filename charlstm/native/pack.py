@@ -53,6 +53,13 @@ def int8_rounded(w: Tensor, dim: int = -1) -> Tensor:
     return (q.float() * s).to(w.dtype)
 
 
+def paired(panels_: Tensor) -> Tensor:
+    """Panels (P, K, W) of int8 with their rows in pairs, (P, K/2, W, 2): the layout of the int8
+    product (csrc/panels.c), which multiplies two rows of a column by two inputs at once. K is even."""
+    P, K, W = panels_.shape
+    return panels_.reshape(P, K // 2, 2, W).transpose(-1, -2).contiguous()
+
+
 class Packed:
     """Weight matrices (K, G*H) in the step's panels and one type (fp32, fp16 or int8 with a scale per
     column, that is per row of torch's (out, in) matrix), kept alive with their C `Mat`s."""
@@ -68,7 +75,7 @@ class Packed:
         G = w.shape[1] // H
         if self.precision == "int8":
             q, s = int8_rows(w, dim=0)                                  # one scale per column of w
-            data, scale = panel_major(q, H), panels(s, H).reshape(H // 8, 8 * G).contiguous()   # scale (H/8, 8G)
+            data, scale = paired(panel_major(q, H)), panels(s, H).reshape(H // 8, 8 * G).contiguous()   # (H/8, 8G)
         else:
             data = panel_major(w, H).to(torch.float16 if self.precision == "fp16" else torch.float32)
             scale = None
@@ -80,7 +87,7 @@ class Packed:
         K, N = w.shape
         if self.precision == "int8":
             q, s = int8_rows(w, dim=0)
-            data, scale = q.view(K, N // 32, 32).transpose(0, 1).contiguous(), s.reshape(N).contiguous()
+            data, scale = paired(q.view(K, N // 32, 32).transpose(0, 1)), s.reshape(N).contiguous()
         else:
             wt = torch.float16 if self.precision == "fp16" else torch.float32
             data, scale = w.view(K, N // 32, 32).transpose(0, 1).contiguous().to(wt), None
