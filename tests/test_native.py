@@ -595,10 +595,11 @@ def test_the_c_entry_points_check_their_structs_too():
     H, B, T = 8, 2, 1
     gates, hs, cs, tcs = torch.zeros(T, B, 4 * H), torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, H), torch.zeros(T, B, H)
     wf = torch.zeros(H // 8, H, 32)
-    fields = dict(kind=0, T=T, B=B, H=H, threads=1, gates=gates.data_ptr(), wf=wf.data_ptr(), hs=hs.data_ptr(),
+    fields = dict(kind=0, T=T, B=B, H=H, threads=1, units=8, gates=gates.data_ptr(), wf=wf.data_ptr(), hs=hs.data_ptr(),
                   cs=cs.data_ptr(), tcs=tcs.data_ptr())
     assert LIB.charlstm_rnn_forward(ctypes.byref(abi.Seq(**fields))) == 0
     assert LIB.charlstm_rnn_forward(ctypes.byref(abi.Seq(**dict(fields, H=12)))) == 2
+    assert LIB.charlstm_rnn_forward(ctypes.byref(abi.Seq(**dict(fields, units=16)))) == 2         # the rnn's only
     assert LIB.charlstm_rnn_forward(ctypes.byref(abi.Seq(**dict(fields, kind=7)))) == 1
     assert LIB.charlstm_rnn_forward(ctypes.byref(abi.Seq(**dict(fields, cs=None)))) == 3
     assert LIB.charlstm_rnn_backward(ctypes.byref(abi.Seq(**fields))) == 3           # no backward arrays

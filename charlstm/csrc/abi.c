@@ -37,7 +37,7 @@ static const Field NET_FIELDS[] = {
     FIELD(Net, bh), FIELD(Net, b2), FIELD(Net, peep), FIELD(Net, head), FIELD(Net, head_b), FIELD(Net, aux),
     FIELD(Net, z), FIELD(Net, c), FIELD(Net, logits), FIELD(Net, hnew), {NULL, sizeof(Net)}};
 static const Field SEQ_FIELDS[] = {
-    FIELD(Seq, kind), FIELD(Seq, T), FIELD(Seq, B), FIELD(Seq, H), FIELD(Seq, threads), FIELD(Seq, reserved),
+    FIELD(Seq, kind), FIELD(Seq, T), FIELD(Seq, B), FIELD(Seq, H), FIELD(Seq, threads), FIELD(Seq, units),
     FIELD(Seq, gates), FIELD(Seq, wf), FIELD(Seq, wb), FIELD(Seq, bh), FIELD(Seq, peep), FIELD(Seq, hs),
     FIELD(Seq, cs), FIELD(Seq, tcs), FIELD(Seq, dhs), FIELD(Seq, dpre), FIELD(Seq, dph), FIELD(Seq, dh),
     FIELD(Seq, dc), FIELD(Seq, wf2), FIELD(Seq, wb2), FIELD(Seq, rh), FIELD(Seq, drh), FIELD(Seq, pf),

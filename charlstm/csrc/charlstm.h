@@ -53,9 +53,10 @@ typedef struct {
 
 /* One layer's window for the training loops (train_loops.c), every array float32. */
 typedef struct {
-    int32_t kind, T, B, H, threads, reserved;
+    int32_t kind, T, B, H, threads;
+    int32_t units;       /* units per forward panel: 8, or 16 for the rnn (two vectors a pass; H a multiple of 16) */
     float *gates;        /* (T, B, G*H) in: W x_t + b; out: the activated gates, torch's order (rnn: h_t) */
-    const float *wf;     /* (H/8, H, 8G) U^T in panels of 8 units, gates in slot order (cho: U_rz^T) */
+    const float *wf;     /* (H/8, H, 8G) U^T in panels of 8 units, gates in slot order (cho: U_rz^T; rnn: (H/units, H, units)) */
     const float *wb;     /* (ceil(H/32), G*H, 32) U in panels of 32 output units, the last maybe narrower */
     const float *bh;     /* gru: b_hh (3H) or NULL */
     const float *peep;   /* peephole diag: (3, H) p_i, p_f, p_o */

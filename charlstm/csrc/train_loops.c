@@ -61,8 +61,8 @@ static void product(const float *w, int p, int K, int G, const float *x, size_t 
 
 /* ---------------------------------------------------------------- forward */
 
-/* Forward, step t, panel p (8 units) for streams s0 .. s0 + g - 1 (every kind but the cho gru;
- * the full peephole's o waits for o_panel). */
+/* Forward, step t, panel p (8 units) for streams s0 .. s0 + g - 1 (every kind but the rnn and the
+ * cho gru; the full peephole's o waits for o_panel). */
 static void forward_panel(const Seq *q, int t, int p, int s0, int g) {
     const int kind = q->kind, B = q->B, H = q->H, G = charlstm_gates(kind);
     const size_t GH = (size_t)G * H, u = 8 * (size_t)p;
@@ -86,12 +86,6 @@ static void forward_panel(const Seq *q, int t, int p, int s0, int g) {
         const size_t r = (size_t)t * B + s0 + j;
         float *row = q->gates + r * GH + u, *h = q->hs + (r + B) * H + u;
         const __m256 *a = acc[j];
-        if (kind == RNN) {
-            __m256 hn = tanh8(a[0]);
-            ST(row, hn);
-            ST(h, hn);
-            continue;
-        }
         if (kind == GRU) {
             __m256 rr = sigmoid8(a[0]), z = sigmoid8(a[1]), hn = a[2];
             __m256 n = tanh8(_mm256_fmadd_ps(rr, hn, LD(row + 2 * H)));
@@ -150,6 +144,25 @@ static void forward_panel(const Seq *q, int t, int p, int s0, int g) {
     }
 }
 
+/* The rnn at step t, panel p of q->units units (one or two vectors) for streams s0 .. s0 + g - 1:
+ * h_t = tanh(pre + U h_{t-1}). Two vectors a pass let each x broadcast serve two multiply-adds. */
+static void rnn_panel(const Seq *q, int t, int p, int s0, int g) {
+    const int B = q->B, H = q->H, V = q->units / 8;
+    const size_t u = (size_t)q->units * p;
+    __m256 acc[GROUP][4];
+    for (int j = 0; j < g; j++)
+        for (int c = 0; c < V; c++) acc[j][c] = LD(q->gates + ((size_t)t * B + s0 + j) * H + u + 8 * c);
+    charlstm_panel(F32, q->wf, (size_t)p * H * q->units, NULL, H, V, q->hs + ((size_t)t * B + s0) * H, H, acc, g);
+    for (int j = 0; j < g; j++) {
+        const size_t r = (size_t)t * B + s0 + j;
+        for (int c = 0; c < V; c++) {
+            __m256 hn = tanh8(acc[j][c]);
+            ST(q->gates + r * H + u + 8 * c, hn);
+            ST(q->hs + (r + B) * H + u + 8 * c, hn);
+        }
+    }
+}
+
 /* The full peephole's second pass at step t: o from its pre-activation and P_o c_t, then h_t. */
 static void o_panel(const Seq *q, int t, int p, int s0, int g) {
     const int B = q->B, H = q->H;
@@ -204,9 +217,11 @@ static void cho_n_panel(const Seq *q, int t, int p, int s0, int g) {
 }
 
 static void forward(const Seq *q) {
-    const int P8 = q->H / 8, groups = (q->B + GROUP - 1) / GROUP;
+    const int P8 = q->H / 8, PU = q->H / q->units, groups = (q->B + GROUP - 1) / GROUP;
     for (int t = 0; t < q->T; t++) {
-        if (q->kind == GRU_CHO) {
+        if (q->kind == RNN) {
+            FOR_PANELS(U, rnn_panel(q, t, p, s0, g))
+        } else if (q->kind == GRU_CHO) {
             FOR_PANELS(8, cho_rz_panel(q, t, p, s0, g))
             FOR_PANELS(8, cho_n_panel(q, t, p, s0, g))
         } else {
@@ -383,6 +398,7 @@ static void backward_cho(const Seq *q) {
 static int seq_invalid(const Seq *q, int backward) {
     if (!q || q->kind < 0 || q->kind >= KIND_COUNT) return 1;
     if (q->T < 0 || q->B < 1 || q->H < 8 || q->H % 8 || q->threads < 1) return 2;
+    if (q->units != 8 && !(q->units == 16 && q->kind == RNN && q->H % 16 == 0)) return 2;
     const int kind = q->kind, lstms = kind == LSTM || kind == PEEPHOLE || kind == COUPLED || kind == PEEPHOLE_FULL;
     if (!q->gates || !q->hs || (lstms && (!q->cs || !q->tcs)) || (kind == GRU && !q->tcs)) return 3;
     if (kind == PEEPHOLE && !q->peep) return 3;

@@ -60,7 +60,7 @@ class Net(ctypes.Structure):
 class Seq(ctypes.Structure):
     """The C struct `Seq` (csrc/charlstm.h): one layer's window for the training loops."""
 
-    _fields_ = [*((name, ctypes.c_int32) for name in ("kind", "T", "B", "H", "threads", "reserved")),
+    _fields_ = [*((name, ctypes.c_int32) for name in ("kind", "T", "B", "H", "threads", "units")),
                 *((name, ctypes.c_void_p) for name in ("gates", "wf", "wb", "bh", "peep", "hs", "cs", "tcs", "dhs",
                                                         "dpre", "dph", "dh", "dc", "wf2", "wb2", "rh", "drh",
                                                         "pf", "po", "pbf", "pbo"))]

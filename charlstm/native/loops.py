@@ -110,8 +110,11 @@ def recurrent_forward(kernel: Kernel, gates: Tensor, w_hh: Tensor, hs: Tensor, c
     _either(rh, "rh", kind == "gru_cho", (T, B, H))
     u_t = w_hh.detach().t()                                                   # (H, G*H)
     wf2 = pf = po = None
+    units = 16 if kind == "rnn" and H % 16 == 0 else 8      # the rnn: two vectors a pass where it can
     if kind == "gru_cho":            # two products per step: U_rz h, then U_n (r h)
         wf, wf2 = panel_major(u_t[:, :2 * H], H), panel_major(u_t[:, 2 * H:], H)
+    elif units == 16:
+        wf = u_t.reshape(H, H // 16, 16).transpose(0, 1).contiguous()           # (H/16, H, 16)
     else:
         wf = panel_major(u_t, H, kernel.slots)
     if kind == "peephole_full":      # P_if c_{t-1} with the gates, then P_o c_t
@@ -119,7 +122,7 @@ def recurrent_forward(kernel: Kernel, gates: Tensor, w_hh: Tensor, hs: Tensor, c
         pf, po = panel_major(p_t[:, :2 * H], H), panel_major(p_t[:, 2 * H:], H)
     bh = None if b_hh is None else b_hh.detach().contiguous()                 # kept alive through the call
     pp = None if peep is None or kind != "peephole" else peep.detach().contiguous()
-    seq = Seq(kind=kernel.code, T=T, B=B, H=H, threads=torch.get_num_threads(), gates=ptr(gates),
+    seq = Seq(kind=kernel.code, T=T, B=B, H=H, threads=torch.get_num_threads(), units=units, gates=ptr(gates),
               wf=ptr(wf), wf2=ptr(wf2), bh=ptr(bh), peep=ptr(pp), hs=ptr(hs), cs=ptr(cs), tcs=ptr(tcs), rh=ptr(rh),
               pf=ptr(pf), po=ptr(po))
     _run("charlstm_rnn_forward", seq)
@@ -152,7 +155,7 @@ def recurrent_backward(kernel: Kernel, gates: Tensor, w_hh: Tensor, hs: Tensor, 
         p = peep.detach()
         pbf, pbo = backward_panels(p[:2 * H]), backward_panels(p[2 * H:])
     pp = None if peep is None or kind != "peephole" else peep.detach().contiguous()
-    seq = Seq(kind=kernel.code, T=T, B=B, H=H, threads=torch.get_num_threads(), gates=ptr(gates),
+    seq = Seq(kind=kernel.code, T=T, B=B, H=H, threads=torch.get_num_threads(), units=8, gates=ptr(gates),
               wb=ptr(wb), wb2=ptr(wb2), peep=ptr(pp), hs=ptr(hs), cs=ptr(cs), tcs=ptr(tcs), dhs=ptr(dhs),
               dpre=ptr(dpre), dph=ptr(dph), dh=ptr(dh), dc=ptr(dc), drh=ptr(drh), pbf=ptr(pbf), pbo=ptr(pbo))
     _run("charlstm_rnn_backward", seq)
