@@ -33,7 +33,7 @@ static void product(const Net *n, const Mat *m, int p, int K, int G, const float
 }
 
 /* Layer 0's input part (a row of the table per character) or a layer's bias: the start of acc. */
-static void start(const Net *n, const float *table, const float *const *b, int G, int k, int p, int s0, int g,
+INLINE void start(const Net *n, const float *table, const float *const *b, int G, int k, int p, int s0, int g,
                   const int64_t *x, __m256 (*acc)[4]) {
     const int W = 8 * G, P = n->H / 8;
     for (int j = 0; j < g; j++) {
@@ -43,8 +43,8 @@ static void start(const Net *n, const float *table, const float *const *b, int G
 }
 
 /* h (and c) of one stream's 8 units from the gates' pre-activations a (and, gru, rec: U h + b_hh). */
-static void update(const Net *n, int k, int s, size_t u, const __m256 *a, const __m256 *rec) {
-    const int kind = n->kind, H = n->H, B = n->B;
+INLINE void update(const Net *n, int kind, int k, int s, size_t u, const __m256 *a, const __m256 *rec) {
+    const int H = n->H, B = n->B;
     const size_t BH = (size_t)B * H;
     float *h = n->hnew + (size_t)s * H + u;
     float *c = n->c + ((size_t)k * B + s) * H + u;
@@ -83,8 +83,9 @@ static void update(const Net *n, int k, int s, size_t u, const __m256 *a, const 
 
 /* One panel p (8 units) of layer k for streams s0 .. s0 + g - 1 (g <= GROUP): the gates'
  * pre-activations, then each stream's update (every kind but the cho gru). */
-static void panel_streams(const Net *n, int k, int p, int s0, int g, const int64_t *x) {
-    const int kind = n->kind, H = n->H, LH = n->L * H, G = charlstm_gates(kind);
+INLINE void kind_panel(const Net *n, int kind, int k, int p, int s0, int g, const int64_t *x) {
+    const int H = n->H, LH = n->L * H, G = kind == LSTM || kind == PEEPHOLE || kind == PEEPHOLE_FULL ? 4
+                                            : kind == RNN ? 1 : 3;
     const float *zs = n->z + (size_t)s0 * LH;                    /* stream s0's hidden states, all layers */
     __m256 acc[GROUP][4], rec[GROUP][4];
     start(n, n->table, n->b, G, k, p, s0, g, x, acc);
@@ -100,7 +101,19 @@ static void panel_streams(const Net *n, int k, int p, int s0, int g, const int64
         if (kind == PEEPHOLE_FULL)           /* i and f see c_{t-1} through P_if */
             product(n, &n->pif[k], p, H, 2, n->c + ((size_t)k * n->B + s0) * H, H, acc, g);
     }
-    for (int j = 0; j < g; j++) update(n, k, s0 + j, 8 * (size_t)p, acc[j], rec[j]);
+    for (int j = 0; j < g; j++) update(n, kind, k, s0 + j, 8 * (size_t)p, acc[j], rec[j]);
+}
+
+/* kind_panel with the kind a constant: its update's branches go, and its loops over the gates unroll. */
+static void panel_streams(const Net *n, int k, int p, int s0, int g, const int64_t *x) {
+    switch (n->kind) {
+    case LSTM: kind_panel(n, LSTM, k, p, s0, g, x); break;
+    case PEEPHOLE: kind_panel(n, PEEPHOLE, k, p, s0, g, x); break;
+    case PEEPHOLE_FULL: kind_panel(n, PEEPHOLE_FULL, k, p, s0, g, x); break;
+    case COUPLED: kind_panel(n, COUPLED, k, p, s0, g, x); break;
+    case GRU: kind_panel(n, GRU, k, p, s0, g, x); break;
+    default: kind_panel(n, RNN, k, p, s0, g, x); break;
+    }
 }
 
 /* The full peephole's second pass: o from its pre-activation and P_o c', then h'. */

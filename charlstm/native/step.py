@@ -68,7 +68,6 @@ class _Packed:
         H, L, lay = sw.H, sw.L, sw.layers
         pk = Packed(precision)
         self.pk = pk
-        zeros = torch.zeros(H, H)
         self.table, self.table2 = panels(sw.table, H).contiguous(), None                 # (V, H/8, 8G)
         self.f: dict = dict(w=None, wh=None, w2=None, wh2=None, pif=None, po=None, bh=None, b2=None, peep=None)
         keep = []
@@ -97,7 +96,7 @@ class _Packed:
                          for k in range(L)])
             self.f["peep"] = pointers(keep[-1])
         if kind == "peephole_full":  # P_if^T (H, 2H) and P_o^T (H, H), zeros for a gate without one
-            full = [[t if t.numel() else zeros for t in lay[k][4:7]] for k in range(L)]
+            full = [[t if t.numel() else torch.zeros(H, H) for t in lay[k][4:7]] for k in range(L)]
             self.f["pif"] = pk.mats([torch.cat(p[:2], 1) for p in full], H)
             self.f["po"] = pk.mats([p[2] for p in full], H)
         V = sw.head_w.shape[1]
