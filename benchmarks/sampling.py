@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/sampling.py                 # 2 x 384 and 2 x 256, 1 and 32 streams
     .venv/bin/python benchmarks/sampling.py --hidden 384 --json
-    .venv/bin/python benchmarks/sampling.py --precision-error RUN   # fp16 against fp32 weights on RUN's val split
+    .venv/bin/python benchmarks/sampling.py --precision-error RUN   # fp16, int8 against fp32 weights on RUN's val split
+    .venv/bin/python benchmarks/sampling.py --hidden 384 --streams 1 --only native   # the native steps alone
 
 Every stepper generates from the same randomly initialised 2-layer LSTM
 (vocabulary 65, embedding 64: tinyshakespeare's sizes) in the same process,
@@ -21,6 +22,7 @@ Steppers:
   native fp32                 charlstm.native.step.NativeStep: the C step (what `charlstm sample` uses
                               for an LSTM where it can be compiled)
   native fp16                 the same with float16 weights (`charlstm sample --precision fp16`)
+  native int8                 the same with int8 weights, a scale per row (`charlstm sample --precision int8`)
 
 The ratio "best/stepped" divides charlstm sample's own step (native fp32 where
 available, else fast (TorchScript)) by the faster of the two nn.LSTM baselines.
@@ -60,7 +62,9 @@ TARGETS = {  # (hidden, streams): chars/s, and the ratio to stepped nn.LSTM, for
 
 def make_model(hidden: int, layers: int, vocab: int, embed: int, variant: str = "lstm"):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=vocab, variant=variant, hidden=hidden, layers=layers, embed=embed))
+    backend = "cudnn" if variant in ("lstm", "rnn", "gru") else "custom"      # the baselines are torch.nn's
+    model = build_model(ModelConfig(vocab_size=vocab, variant=variant, hidden=hidden, layers=layers, embed=embed,
+                                    backend=backend))
     return model.eval()
 
 
@@ -77,7 +81,9 @@ def steppers(model):
     if library()[0] is not None and unsupported(model) is None:
         out["native fp32"] = lambda: NativeStep(model, "fp32")
         out["native fp16"] = lambda: NativeStep(model, "fp16")
-    return out
+        out["native int8"] = lambda: NativeStep(model, "int8")
+    only = ONLY["names"]
+    return {n: f for n, f in out.items() if not only or any(n.startswith(o) for o in only) or n in BASELINES}
 
 
 def own_step(names) -> str:
@@ -86,6 +92,7 @@ def own_step(names) -> str:
 
 
 THREADS: dict = {"all": None}      # set by main: torch threads of every stepper, or None (charlstm sample's)
+ONLY: dict = {"names": []}          # set by main: the steppers measured beside the baselines (prefixes; [] all)
 
 
 def threads_for(name: str) -> int | None:
@@ -118,8 +125,8 @@ def check_agreement(model) -> None:
     """The float32 steppers must produce the same greedy text (they compute model.forward's logits)."""
     ref = None
     for name, make in steppers(model).items():
-        if name == "native fp16":
-            continue                    # its logits differ by fp16 rounding: see --precision-error
+        if name in ("native fp16", "native int8"):
+            continue                    # their logits differ by the weights' rounding: see --precision-error
         _, out = run(model, make, 2, 64, greedy=True, onednn="no oneDNN" not in name, threads=threads_for(name))
         if ref is None:
             ref = out
@@ -168,8 +175,8 @@ def _cpu_time(fn, n: int) -> float:
 
 def precision_error(run: str, as_json: bool, streams: int = 16, chars: int = 2000) -> int:
     """Feed `streams` stretches of `chars` characters of RUN's validation split through the native step
-    with fp32 and with fp16 weights (the same inputs: the text, not what each would sample) and print
-    what rounding the weights to fp16 changes: the logits, the loss, the most likely next character."""
+    with fp32, fp16 and int8 weights (the same inputs: the text, not what each would sample) and print
+    what rounding the weights changes: the logits, the loss, the most likely next character."""
     from pathlib import Path
 
     from charlstm.checkpoint import load_checkpoint, resolve_checkpoint
@@ -184,23 +191,27 @@ def precision_error(run: str, as_json: bool, streams: int = 16, chars: int = 200
     span = tokens.numel() // streams
     chars = min(chars, span - 1)
     idx = torch.stack([tokens[s * span:s * span + chars + 1] for s in range(streams)], 1).long()   # (T + 1, B)
-    out = {}
+    out = {"chars": chars * streams}
     with torch.inference_mode():
         ref, _ = model(idx[:-1])                                                        # (T, B, V)
         logits = {}
-        for precision in ("fp32", "fp16"):
+        for precision in ("fp32", "fp16", "int8"):
             step = NativeStep(model, precision)
             step.load_state(model.init_state(streams))
             logits[precision] = torch.stack([step.advance(x) for x in idx[:-1]])
         for name, lg in (("model.forward", ref), *logits.items()):
             out[f"loss_nats_{name}"] = torch.nn.functional.cross_entropy(lg.flatten(0, 1), idx[1:].flatten()).item()
-        d = (logits["fp16"] - logits["fp32"]).abs()
-        p32, p16 = logits["fp32"].log_softmax(-1), logits["fp16"].log_softmax(-1)
-        out.update(chars=chars * streams, max_abs_logit_diff_fp16_fp32=d.max().item(),
-                   mean_abs_logit_diff_fp16_fp32=d.mean().item(),
-                   max_abs_logit_diff_fp32_forward=(logits["fp32"] - ref).abs().max().item(),
-                   kl_fp32_to_fp16_nats=(p32.exp() * (p32 - p16)).sum(-1).mean().item(),
-                   same_argmax_fraction=(logits["fp16"].argmax(-1) == logits["fp32"].argmax(-1)).float().mean().item())
+        out["max_abs_logit_diff_fp32_forward"] = (logits["fp32"] - ref).abs().max().item()
+        p32 = logits["fp32"].log_softmax(-1)
+        for low in ("fp16", "int8"):
+            d = (logits[low] - logits["fp32"]).abs()
+            p = logits[low].log_softmax(-1)
+            out.update({f"loss_change_{low}_nats": out[f"loss_nats_{low}"] - out["loss_nats_fp32"],
+                        f"max_abs_logit_diff_{low}_fp32": d.max().item(),
+                        f"mean_abs_logit_diff_{low}_fp32": d.mean().item(),
+                        f"kl_fp32_to_{low}_nats": (p32.exp() * (p32 - p)).sum(-1).mean().item(),
+                        f"same_argmax_fraction_{low}": (logits[low].argmax(-1) == logits["fp32"].argmax(-1))
+                        .float().mean().item()})
     if as_json:
         print(json.dumps(out))
     else:
@@ -219,13 +230,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of every stepper (default: charlstm sample's, 1 for torch steps, all for native)")
     ap.add_argument("--precision-error", metavar="RUN", default=None,
-                    help="instead: fp16 against fp32 weights of the native step on RUN's validation split")
+                    help="instead: fp16 and int8 against fp32 weights of the native step on RUN's validation split")
+    ap.add_argument("--only", default="", help="comma-separated stepper name prefixes to measure beside the "
+                                               "nn.LSTM baselines (e.g. native)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--limits", action="store_true", help="also measure what bounds one stream: weight reads alone, "
                                                           "per-operation overhead alone")
     args = ap.parse_args()
     THREADS["all"] = args.threads
+    ONLY["names"] = [n.strip() for n in args.only.split(",") if n.strip()]
     warnings.simplefilter("ignore", UserWarning)   # torch's notes about NumPy and oneDNN's TF32 are not ours
     if args.precision_error:
         return precision_error(args.precision_error, args.json)
@@ -257,6 +271,10 @@ def main() -> int:
             best = row["chars_per_sec"][row["own_step"]]
             base = max(row["chars_per_sec"][n] for n in BASELINES)
             row["speedup_vs_stepped"] = best / base
+            for low in ("native fp16", "native int8"):           # median of per-round ratios (rounds interleave)
+                if low in wall and "native fp32" in wall:
+                    row[f"{low.split()[1]}_over_fp32"] = statistics.median(a / b for a, b in zip(wall[low],
+                                                                                              wall["native fp32"]))
             target = TARGETS.get((H, B)) if args.layers == 2 else None
             if target:
                 rate, ratio = target
@@ -278,6 +296,10 @@ def main() -> int:
                 print(f"{args.layers} x {H}, {B} stream(s)"
                       + ("" if "target" not in row else "  target " + ("met" if row["target"]["met"] else "MISSED"))
                       + f"; {row['own_step']}/stepped {row['speedup_vs_stepped']:.1f}x", flush=True)
+                for low in ("fp16", "int8"):
+                    if f"{low}_over_fp32" in row:
+                        print(f"    native {low} / native fp32: {row[f'{low}_over_fp32']:.2f}x "
+                              "(median of per-round ratios)", flush=True)
                 for n in wall:
                     print(f"    {n:<28} {row['threads'][n]} thr {row['chars_per_sec'][n]:>9,.0f} chars/s best "
                           f"(median {row['median_chars_per_sec'][n]:>9,.0f})   "

@@ -28,10 +28,10 @@ def _native_window(x: Tensor, w_ih: Tensor, b: Tensor | None, h0: Tensor) -> tup
 
 
 class _NativeLSTMFamily(torch.autograd.Function):
-    """lstm, peephole (diag form) or coupled over a window with both time loops in C
+    """lstm, peephole (both forms) or coupled over a window with both time loops in C
     (csrc/train_loops.c through native/loops.py): the inputs, outputs and equations of
-    `_LSTM`, `_PeepholeLSTM` (p (3, H)) and `_CoupledLSTM`; the products over the whole
-    window stay here."""
+    `_LSTM`, `_PeepholeLSTM` (p (3, H) diag or (3H, H) full) and `_CoupledLSTM`; the products
+    over the whole window stay here."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b, p, kernel):
@@ -62,6 +62,10 @@ class _NativeLSTMFamily(torch.autograd.Function):
             d4 = dpre.view(T, B, 4, H)
             dp = torch.stack([(d4[:, :, 0] * _prev(cs)).sum((0, 1)), (d4[:, :, 1] * _prev(cs)).sum((0, 1)),
                               (d4[:, :, 3] * cs[1:]).sum((0, 1))])
+        elif ctx.kernel.kind == "peephole_full":                   # the same as products: (3H, H)
+            flat = dpre.view(T * B, GH)
+            dp = torch.cat([flat[:, :2 * H].t().mm(_prev(cs).reshape(T * B, H)),
+                            flat[:, 3 * H:].t().mm(cs[1:].reshape(T * B, H))])
         return dx, dh, dc, dw_ih, dw_hh, db, dp, None
 
 
@@ -166,7 +170,7 @@ def _path(run) -> FastPath:
 
 
 def lstm_family(kernel: Kernel, *, peepholes: bool = False) -> FastPath:
-    """The C loops of the lstm, coupled or (diag) peephole kernel."""
+    """The C loops of the lstm, coupled or peephole kernel (either form)."""
     def run(cell, x, state):
         p = peephole_weights(cell) if peepholes else None
         hs, c = _NativeLSTMFamily.apply(x, state[0], state[1], cell.weight_ih, cell.weight_hh, cell.input_bias(),

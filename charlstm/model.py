@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .config import ModelConfig, TrainConfig
 from .errors import UsageError
 from .layers import RecurrentStack
+from .native import loops as native_loops
 from .registry import CellSpec, spec_for
 
 
@@ -45,10 +46,26 @@ def has_cudnn(cfg: ModelConfig) -> bool:
     return spec_for(cfg).cudnn is not None
 
 
-def resolve_backend(cfg: ModelConfig) -> str:
-    """'cudnn' or 'custom' for this config; UsageError for an impossible pair."""
+def _device(device) -> torch.device:
+    """The device asked for; None is the default one, cuda where present (as --device auto)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def custom_is_faster(cfg: ModelConfig, device=None) -> bool:
+    """Whether the custom cells train faster than torch.nn's module on this device: on a CPU where the
+    native loops run this config (the library built, H a multiple of 8), not on a GPU, where cuDNN's
+    fused kernels win (docs/performance.md). On a CPU the first call may compile the library."""
+    return _device(device).type == "cpu" and native_loops.unavailable_for(cfg.hidden) is None
+
+
+def resolve_backend(cfg: ModelConfig, device=None) -> str:
+    """'cudnn' or 'custom' for this config on this device (None: the default device, cuda where
+    present); UsageError for an impossible pair. 'auto' takes the custom cells where the variant has
+    no torch.nn module or where they are faster (custom_is_faster), else the torch.nn module."""
     if cfg.backend == "auto":
-        return "cudnn" if has_cudnn(cfg) else "custom"
+        return "custom" if not has_cudnn(cfg) or custom_is_faster(cfg, device) else "cudnn"
     if cfg.backend == "cudnn" and not has_cudnn(cfg):
         what = "gru --gru-form cho" if cfg.variant == "gru" else cfg.variant
         raise UsageError(
@@ -58,14 +75,33 @@ def resolve_backend(cfg: ModelConfig) -> str:
     return cfg.backend
 
 
+def describe_backend(model) -> str:
+    """What runs a model's recurrent layers, in words, for summaries and `info`: 'cudnn (torch.nn.LSTM)',
+    'custom (native loops)', or e.g. 'custom (torch loops; native loop: <why it cannot run>)'. The
+    custom layers are asked which fast path would run an input of the model's type and device."""
+    if model.cfg.backend == "cudnn":
+        return f"cudnn (torch.nn.{type(model.rnn).__name__})"
+    w = model.head.weight
+    runs, reasons = [], []
+    for layer in model.rnn.layers:
+        path, why = layer.fast_path(w.new_zeros(1, 1, layer.cell.input_size))
+        runs.append(path.name + "s" if path is not None and layer.use_fused else "step by step")
+        reasons += [r for r in why if "=1 turns them on" not in r]   # opt-in GPU paths that are off: not news
+    runs, reasons = list(dict.fromkeys(runs)), list(dict.fromkeys(reasons))
+    shown = ", ".join(runs) + ("" if runs == ["native loops"] or not reasons else "; " + "; ".join(reasons))
+    return f"custom ({shown})"
+
+
 class CharModel(nn.Module):
     """Embedding -> recurrent stack (layer dropout between layers and before the head) -> logits."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise UsageError("the model needs a vocabulary size (ModelConfig.vocab_size > 0)")
-        cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg))
+        cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg, device))
+        if cfg.backend == "custom" and _device(device).type == "cpu":
+            native_loops.unavailable_for(cfg.hidden)     # compiles the C loops now, before any timing
         if cfg.init == "chrono":
             if cfg.chrono_tmax == 0:
                 cfg.chrono_tmax = TrainConfig.seq_len     # nobody set it: the default training window
@@ -220,10 +256,11 @@ class CharModel(nn.Module):
         return super().load_state_dict(sd, strict=strict, assign=assign)
 
 
-def build_model(cfg: ModelConfig) -> CharModel:
-    """The model of a config; its ``cfg`` has the backend resolved ('cudnn' or 'custom').
-    UsageError for an impossible variant/backend pair."""
-    return CharModel(cfg)
+def build_model(cfg: ModelConfig, device=None) -> CharModel:
+    """The model of a config for a device (None: the default one, cuda where present); its ``cfg``
+    has the backend resolved ('cudnn' or 'custom', see resolve_backend). The model is built on the
+    CPU; move it with ``.to(device)``. UsageError for an impossible variant/backend pair."""
+    return CharModel(cfg, device)
 
 
 def detach_state(state: State) -> State:

@@ -94,12 +94,13 @@ def fast_paths(torch_loop: FastPath, *, native: Optional[FastPath] = None,
     return (*paths, graphs.graphed(torch_loop), torch_loop)
 
 
-_LSTM_KERNEL = Kernel("lstm", (0, 1, 3, 2))          # i, f, o | g
-_PEEPHOLE_KERNEL = Kernel("peephole", (0, 1, 3, 2))
-_COUPLED_KERNEL = Kernel("coupled", (0, 2, 1))       # f, o | g
-_GRU_KERNEL = Kernel("gru", (0, 1, 2))
-_CHO_KERNEL = Kernel("gru_cho", (0, 1, 2))
-_RNN_KERNEL = Kernel("rnn", (0,))
+_LSTM_KERNEL = Kernel.of("lstm")                 # slots i, f, o | g (native/abi.py, checked against the C side)
+_PEEPHOLE_KERNEL = Kernel.of("peephole")
+_PEEPHOLE_FULL_KERNEL = Kernel.of("peephole_full")
+_COUPLED_KERNEL = Kernel.of("coupled")           # f, o | g
+_GRU_KERNEL = Kernel.of("gru")
+_CHO_KERNEL = Kernel.of("gru_cho")
+_RNN_KERNEL = Kernel.of("rnn")
 _LSTM_CHRONO = (("f", 1), ("i", -1))
 
 CELLS: tuple[CellSpec, ...] = (
@@ -119,7 +120,9 @@ CELLS: tuple[CellSpec, ...] = (
     CellSpec("peephole:full", "peephole", PeepholeLSTMCell, gates=("i", "f", "g", "o"),
              recorded=("h", "c", "f", "i", "o"), form="full", form_field="peephole_form",
              options=_peephole_options, forget_gate="f", chrono=_LSTM_CHRONO,
-             fast_paths=fast_paths(fused.PEEPHOLE, triton="peephole_full"), step="peephole"),
+             fast_paths=fast_paths(fused.PEEPHOLE, native=fused_native.lstm_family(_PEEPHOLE_FULL_KERNEL, peepholes=True),
+                                   triton="peephole_full"),
+             kernel=_PEEPHOLE_FULL_KERNEL, step="peephole"),
     CellSpec("coupled", "coupled", CoupledLSTMCell, gates=("f", "g", "o"), recorded=("h", "c", "f", "i", "o"),
              forget_gate="f", chrono=(("f", 1),),
              fast_paths=fast_paths(fused.COUPLED, native=fused_native.lstm_family(_COUPLED_KERNEL), triton="coupled"),

@@ -1,7 +1,7 @@
 """The steppers that generate text one character at a time, the state carried.
 
 - :class:`~charlstm.native.step.NativeStep` (the default where it runs): the step in C, a chunk
-  of characters per call, for float32 CPU models (docs/sampling.md);
+  of characters per call, for float32 CPU models of every variant (docs/sampling.md);
 - :class:`FastStep` (the default otherwise): the equations straight from the weights, for every
   variant and backend, in TorchScript where torch can script it;
 - :class:`ModelStep`: ``model.forward`` with T = 1, the reference.
@@ -228,9 +228,10 @@ class FastStep:
 def make_stepper(model, *, fast: bool = True, script: bool = True, native: bool = True,
                  precision: str = "fp32", options: SamplingOptions | None = None):
     """The stepper for a CharModel: the native step where it can run this model and these options
-    (see charlstm/native.py), else the fast torch step (``fast=False``, another kind of module, or a
-    cell without a step kind in the registry: ModelStep). ``precision='fp16'`` asks for the native
-    step's float16 weights, and is an error where that step cannot run."""
+    (charlstm/native/step.py), else the fast torch step (``fast=False``, another kind of module, or a
+    cell without a step kind in the registry: ModelStep). ``precision`` 'fp16' or 'int8' asks for the
+    native step's float16 or int8 weights (native.abi.PRECISIONS), and is an error where that step
+    cannot run."""
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     why = native_unavailable(model, options) if native and fast else "the native step was not asked for"

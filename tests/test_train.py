@@ -19,7 +19,7 @@ from charlstm.batches import StreamBatcher
 from charlstm.cli import app
 from charlstm.config import ModelConfig, TrainConfig
 from charlstm.corpus import Vocab
-from charlstm.model import build_model
+from charlstm.model import build_model, custom_is_faster
 
 from conftest import tiny_text
 
@@ -66,7 +66,8 @@ def test_train_writes_a_run_and_the_loss_falls(work):
     config = json.loads((run / "ckpt-000060" / "config.json").read_text())
     assert config["format"] == "charlstm-checkpoint" and config["step"] == 60
     assert config["train"]["max_steps"] == 60 and config["train"]["lr"] == 1e-2 and config["model"]["hidden"] == 24
-    assert config["model"]["backend"] == "cudnn"                       # auto resolved
+    # auto resolved: the custom cells where the native loops run H = 24 on this CPU, else nn.LSTM
+    assert config["model"]["backend"] == ("custom" if custom_is_faster(ModelConfig(hidden=24), "cpu") else "cudnn")
     assert "".join(config["vocab"]) == "".join(sorted(set(tiny_text())))
     assert config["corpus"]["sha256"] and config["corpus"]["n_chars"] == len(tiny_text())
     assert config["versions"]["torch"] == torch.__version__ and config["versions"]["charlstm"]
@@ -262,7 +263,7 @@ def test_schedules():
 
 
 def test_weight_decay_skips_biases_and_embeddings():
-    model = build_model(ModelConfig(vocab_size=7, hidden=8, embed=4))
+    model = build_model(ModelConfig(vocab_size=7, hidden=8, embed=4, backend="cudnn"))
     opt = train_mod.make_optimizer(model, TrainConfig(weight_decay=0.1))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}

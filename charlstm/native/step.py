@@ -1,86 +1,133 @@
 """The sampling step in C (csrc/sample_step.c): a chunk of characters per call, every layer, the
-head and the Gumbel-max choice, with float32 or float16 weights (docs/sampling.md)."""
+head and the Gumbel-max choice, with float32, float16 or int8 weights (docs/sampling.md). Every
+tensor and id is checked here before it reaches C (CharlstmError otherwise)."""
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..errors import UsageError
+from ..errors import CharlstmError, UsageError
 from ..model import State
 from ..stepweights import StepWeights, step_weights
-from .abi import KINDS, Net
+from .abi import ERRORS, KINDS, PRECISIONS, Net
 from .build import library
-from .pack import panel_major, panels, pointers
+from .pack import Packed, panels, pointers
 
-PRECISIONS = ("fp32", "fp16")
-WIDTH = 8      # the step takes H in multiples of this
+WIDTH = 8      # the step takes H in multiples of this; other sizes are padded with units that stay zero
 
 
 def unsupported(model) -> Optional[str]:
     """Why the native step cannot run this model (None: it can)."""
     w = model.head.weight
-    if model.spec.step not in KINDS or (model.cfg.variant == "peephole" and model.cfg.peephole_form == "full"):
+    if model.spec.step not in KINDS:
         return f"the native step has no {model.spec.name} cell"
     if w.device.type != "cpu" or w.dtype != torch.float32:
         return "the native step runs float32 models on the CPU"
-    if model.cfg.hidden % WIDTH:
-        return f"the native step needs a hidden size that is a multiple of {WIDTH} (this is {model.cfg.hidden})"
     return None
 
 
+def _pad(t: Tensor, H: int, Hp: int, dims: tuple[int, ...]) -> Tensor:
+    """t with every block of H along each of ``dims`` widened to Hp by zeros."""
+    if t.numel() == 0 or H == Hp:
+        return t
+    for d in dims:
+        d = d % t.dim()
+        blocks = t.unflatten(d, (t.shape[d] // H, H))
+        out = blocks.new_zeros(*blocks.shape[:d + 1], Hp, *blocks.shape[d + 2:])
+        out.narrow(d + 1, 0, H).copy_(blocks)
+        t = out.flatten(d, d + 1)
+    return t
+
+
+def padded(sw: StepWeights, Hp: int) -> StepWeights:
+    """The step weights of the same model with Hp >= H units a layer: the added units have zero weights
+    and biases everywhere, so their h and c stay zero and the logits are unchanged."""
+    H = sw.H
+    layers = [[_pad(t, H, Hp, tuple(range(t.dim()))) for t in layer] for layer in sw.layers]
+    return dataclasses.replace(sw, H=Hp, table=_pad(sw.table, H, Hp, (1,)), layers=layers,
+                               head_w=_pad(sw.head_w, H, Hp, (0,)))
+
+
+def _kind(sw: StepWeights) -> str:
+    """The C kind: the step's, with the peephole's full form (matrices) told apart."""
+    if sw.kind == "peephole" and any(t.dim() == 2 for layer in sw.layers for t in layer[4:7]):
+        return "peephole_full"
+    return sw.kind
+
+
 class _Packed:
-    """A model's step weights in the C step's panels: fp32, or fp16 weight matrices."""
+    """A model's step weights in the C step's panels and the chosen type, and the Net fields that
+    point at them (kept alive here)."""
 
-    def __init__(self, sw: StepWeights, precision: str):
-        H, L, layers = sw.H, sw.L, sw.layers
-        wt = torch.float16 if precision == "fp16" else torch.float32
-
-        def major(w: Tensor) -> Tensor:                      # (K, G*H) -> (H/8, K, 8G), in the weights' type
-            return panel_major(w, H).to(wt)
-
-        self.table, self.table2 = panels(sw.table, H).contiguous(), None                # (V, H/8, 8G)
-        self.weights2, self.recurrent2, self.biases2, self.recurrent_biases = [], [], [], []
-        if sw.kind == "gru_cho":   # r, z apart from n (U_n multiplies r * h): two products a layer
+    def __init__(self, sw: StepWeights, kind: str, precision: str):
+        H, L, lay = sw.H, sw.L, sw.layers
+        pk = Packed(precision)
+        self.pk = pk
+        self.table, self.table2 = panels(sw.table, H).contiguous(), None                 # (V, H/8, 8G)
+        self.f: dict = dict(w=None, wh=None, w2=None, wh2=None, pif=None, po=None, bh=None, b2=None, peep=None)
+        keep = []
+        if kind == "gru_cho":      # r, z apart from n (U_n multiplies r * h): two products a layer
             rz, nb = slice(0, 2 * H), slice(2 * H, 3 * H)
             self.table, self.table2 = (panels(sw.table[:, c], H).contiguous() for c in (rz, nb))
-            self.weights = [None] + [major(layers[k][0][:, rz]) for k in range(1, L)]
-            self.weights2 = [None] + [major(layers[k][0][:, nb]) for k in range(1, L)]
-            self.recurrent = [major(layers[k][2]) for k in range(L)]                 # U_rz^T (H, 2H)
-            self.recurrent2 = [major(layers[k][4]) for k in range(L)]                # U_n^T (H, H)
-            self.biases2 = [None] + [panels(layers[k][1][nb], H).contiguous() for k in range(1, L)]
-        elif sw.kind == "gru":     # input and recurrent weights apart; layer 0's input part is the table
-            self.weights = [None] + [major(layers[k][0]) for k in range(1, L)]
-            self.recurrent = [major(layers[k][2]) for k in range(L)]
-            self.recurrent_biases = [panels(layers[k][3], H).contiguous() for k in range(L)]
+            self.f["w"] = pk.mats([None] + [lay[k][0][:, rz] for k in range(1, L)], H)
+            self.f["w2"] = pk.mats([None] + [lay[k][0][:, nb] for k in range(1, L)], H)
+            self.f["wh"] = pk.mats([lay[k][2] for k in range(L)], H)                  # U_rz^T (H, 2H)
+            self.f["wh2"] = pk.mats([lay[k][4] for k in range(L)], H)                 # U_n^T (H, H)
+            keep.append([None] + [panels(lay[k][1][nb], H).contiguous() for k in range(1, L)])
+            self.f["b2"] = pointers(keep[-1])
+        elif kind == "gru":        # input and recurrent weights apart; layer 0's input part is the table
+            self.f["w"] = pk.mats([None] + [lay[k][0] for k in range(1, L)], H)
+            self.f["wh"] = pk.mats([lay[k][2] for k in range(L)], H)
+            if lay[0][3].numel():
+                keep.append([panels(lay[k][3], H).contiguous() for k in range(L)])
+                self.f["bh"] = pointers(keep[-1])
         else:                      # layer 0: U; above: the stacked [W; U]
-            self.weights = [major(layers[0][2])] + [major(layers[k][0]) for k in range(1, L)]
-            self.recurrent = []
-        cut = slice(0, 2 * H) if sw.kind == "gru_cho" else slice(None)
-        self.biases = [None] + [panels(layers[k][1][cut], H).contiguous() for k in range(1, L)]
-        self.peepholes = []
-        if sw.kind == "peephole":  # (3, H) p_i, p_f, p_o per layer, zeros for a gate without one
-            self.peepholes = [torch.stack([t if t.numel() else torch.zeros(H) for t in layers[k][4:7]]).contiguous()
-                              for k in range(L)]
+            self.f["w"] = pk.mats([lay[0][2]] + [lay[k][0] for k in range(1, L)], H)
+        cut = slice(0, 2 * H) if kind == "gru_cho" else slice(None)
+        keep.append([None] + [panels(lay[k][1][cut], H).contiguous() for k in range(1, L)])
+        self.b = pointers(keep[-1])
+        if kind == "peephole":     # (3, H) p_i, p_f, p_o per layer, zeros for a gate without one
+            keep.append([torch.stack([t if t.numel() else torch.zeros(H) for t in lay[k][4:7]]).contiguous()
+                         for k in range(L)])
+            self.f["peep"] = pointers(keep[-1])
+        if kind == "peephole_full":  # P_if^T (H, 2H) and P_o^T (H, H), zeros for a gate without one
+            full = [[t if t.numel() else torch.zeros(H, H) for t in lay[k][4:7]] for k in range(L)]
+            self.f["pif"] = pk.mats([torch.cat(p[:2], 1) for p in full], H)
+            self.f["po"] = pk.mats([p[2] for p in full], H)
         V = sw.head_w.shape[1]
         Vp = -(-V // 32) * 32
         head_w = torch.zeros(H, Vp)
         head_w[:, :V] = sw.head_w
-        self.head_w = head_w.view(H, Vp // 32, 32).transpose(0, 1).contiguous().to(wt)   # (Vp/32, H, 32)
+        self.head = pk.columns(head_w)                                                   # (Vp/32, H, 32)
         self.head_b = torch.zeros(Vp)
         self.head_b[:V] = sw.head_b
-        self.arrays = {name: pointers(getattr(self, name)) if getattr(self, name) else None
-                       for name in ("weights", "recurrent", "biases", "recurrent_biases", "peepholes",
-                                    "weights2", "recurrent2", "biases2")}
+        self.keep = keep
+
+
+def _check(t: Tensor, name: str, shape: tuple, dtypes: tuple) -> None:
+    """CharlstmError unless t is a CPU tensor of this shape and one of these types."""
+    if not isinstance(t, Tensor):
+        raise CharlstmError(f"native step: {name} must be a tensor (got {type(t).__name__})")
+    if t.device.type != "cpu" or t.dtype not in dtypes or tuple(t.shape) != shape:
+        raise CharlstmError(f"native step: {name} must be a CPU tensor of shape {shape} and type "
+                            f"{' or '.join(str(d).replace('torch.', '') for d in dtypes)} "
+                            f"(got {tuple(t.shape)}, {str(t.dtype).replace('torch.', '')} on {t.device})")
+
+
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class NativeStep:
     """The C sampling step, with the torch steppers' interface (``load_state``, ``get_state``,
-    ``advance``, ``generate``). With ``precision='fp16'`` the weight matrices are rounded to
-    float16 (the table of layer 0, the biases and the peepholes stay float32)."""
+    ``advance``, ``generate``). ``precision='fp16'`` rounds the weight matrices to float16,
+    ``'int8'`` to int8 with a scale per row (the table of layer 0, the biases and the diagonal
+    peepholes stay float32; all arithmetic is float32)."""
 
     native = True
 
@@ -96,52 +143,81 @@ class NativeStep:
         self.lib, self.precision = lib, precision
         self.name = f"native step ({precision})"
         sw = step_weights(model)
-        self.kind, self.H, self.L, self.V, self.has_c = sw.kind, sw.H, sw.L, sw.head_w.shape[1], sw.has_c
-        self.packed = _Packed(sw, precision)
-        self.z = torch.empty(0)
+        self.kind, self.H, self.L, self.V, self.has_c = _kind(sw), sw.H, sw.L, sw.head_w.shape[1], sw.has_c
+        self.Hp = -(-sw.H // WIDTH) * WIDTH                       # the units the kernels run
+        self.packed = _Packed(padded(sw, self.Hp), self.kind, precision)
+        self.B = 0
 
     def load_state(self, state: State) -> None:
         """Continue from a model State (h (L, B, H), c (L, B, H) or None)."""
-        L, B, H = state.h.shape
+        h = state.h
+        if not isinstance(h, Tensor) or h.dim() != 3 or h.shape[0] != self.L or h.shape[2] != self.H or h.shape[1] < 1:
+            raise CharlstmError(f"native step: the state's h must be ({self.L}, B, {self.H}) with B >= 1 "
+                                f"(got {tuple(getattr(h, 'shape', ()))})")
+        L, B, H, Hp = self.L, h.shape[1], self.H, self.Hp
+        _check(h, "the state's h", (L, B, H), FLOATS)
+        if self.has_c:
+            _check(state.c, "the state's c", (L, B, H), FLOATS)
         self.B = B
-        self.z = state.h.float().permute(1, 0, 2).reshape(B, L * H).contiguous()   # (B, L*H)
-        self.c = (state.c.float().contiguous().clone() if self.has_c                # (L, B, H)
-                  else torch.zeros(L, B, H))
+        z = torch.zeros(B, L, Hp)
+        z[:, :, :H] = h.permute(1, 0, 2)
+        self.z = z.view(B, L * Hp)                                                        # (B, L*Hp)
+        self.c = torch.zeros(L, B, Hp)                                                    # (L, B, Hp)
+        if self.has_c:
+            self.c[:, :, :H] = state.c
         self.logits = torch.zeros(B, self.V)
-        self.hnew = torch.empty(B, H)
-        self.aux = torch.empty(2, B, H)                                            # the cho gru's scratch
+        self.hnew = torch.empty(B, Hp)
+        self.aux = torch.empty(2, B, Hp)
         p = self.packed
-        ptr = {name: (ctypes.addressof(a) if a is not None else None) for name, a in p.arrays.items()}
-        self.net = Net(kind=KINDS[self.kind], L=self.L, H=self.H, V=self.V, B=B,
-                       half=int(self.precision == "fp16"), table=p.table.data_ptr(), w=ptr["weights"],
-                       wh=ptr["recurrent"], b=ptr["biases"], bh=ptr["recurrent_biases"], peep=ptr["peepholes"],
-                       table2=None if p.table2 is None else p.table2.data_ptr(), w2=ptr["weights2"],
-                       wh2=ptr["recurrent2"], b2=ptr["biases2"], aux=self.aux.data_ptr(),
-                       head_w=p.head_w.data_ptr(), head_b=p.head_b.data_ptr(), z=self.z.data_ptr(),
-                       c=self.c.data_ptr(), logits=self.logits.data_ptr(), hnew=self.hnew.data_ptr())
+        f = {k: None if v is None else ctypes.addressof(v) for k, v in p.f.items()}
+        self.net = Net(kind=KINDS[self.kind], L=L, H=Hp, V=self.V, B=B, precision=PRECISIONS[self.precision],
+                       threads=1, table=p.table.data_ptr(), table2=None if p.table2 is None else p.table2.data_ptr(),
+                       b=ctypes.addressof(p.b), head=p.head, head_b=p.head_b.data_ptr(), aux=self.aux.data_ptr(),
+                       z=self.z.data_ptr(), c=self.c.data_ptr(), logits=self.logits.data_ptr(),
+                       hnew=self.hnew.data_ptr(), **f)
 
     def get_state(self) -> State:
         """The current state as a model State."""
-        B = self.z.shape[0]
-        h = self.z.view(B, self.L, self.H).transpose(0, 1).contiguous()
-        return State(h, self.c.clone() if self.has_c else None)
+        h = self.z.view(self.B, self.L, self.Hp)[:, :, :self.H].transpose(0, 1).contiguous()
+        return State(h, self.c[:, :, :self.H].contiguous() if self.has_c else None)
+
+    def _loaded(self) -> None:
+        if self.B == 0:
+            raise CharlstmError("native step: load_state first")
+
+    def _call(self, fn, *args) -> None:
+        self.net.threads = torch.get_num_threads()
+        code = fn(ctypes.byref(self.net), *args)
+        if code:
+            raise CharlstmError(f"native step: the C step refused its arguments ({ERRORS.get(code, code)})")
 
     def advance(self, x: Tensor) -> Tensor:
         """Feed characters x (B,) and return the logits (B, V) of the next ones."""
+        self._loaded()
+        _check(x, "the characters", (self.B,), INTEGERS)
+        if int(x.min()) < 0 or int(x.max()) >= self.V:
+            raise CharlstmError(f"native step: character ids must be in [0, {self.V}) "
+                                f"(got {int(x.min())} .. {int(x.max())})")
         x = x.to(torch.int64).contiguous()
-        self.net.threads = torch.get_num_threads()
-        self.lib.charlstm_step(ctypes.byref(self.net), x.data_ptr())
+        self._call(self.lib.charlstm_step, x.data_ptr())
         return self.logits.clone()
 
     def generate(self, logits: Tensor, n: int, opts, noise: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """n characters per stream from the pending logits (B, V) and the chunk's noise (n, B, V) (None:
         greedy): ids (n, B) and the logits after them. Temperature and greedy only."""
+        self._loaded()
         if opts.top_k or opts.top_p < 1.0:
             raise UsageError("the native step samples with temperature or greedily; top-k and top-p use the torch step")
+        if not isinstance(n, int) or n < 0:
+            raise CharlstmError(f"native step: n must be an integer >= 0 (got {n!r})")
+        if not opts.greedy and not opts.temperature > 0:
+            raise CharlstmError(f"native step: the temperature must be > 0 (got {opts.temperature})")
+        _check(logits, "the logits", (self.B, self.V), FLOATS)
+        if noise is not None:
+            _check(noise, "the noise", (n, self.B, self.V), FLOATS)
+            noise = noise.float().contiguous()
         self.logits.copy_(logits)
         ids = torch.empty(n, self.B, dtype=torch.int64)
-        noise = None if noise is None else noise.float().contiguous()
-        self.net.threads = torch.get_num_threads()
-        self.lib.charlstm_generate(ctypes.byref(self.net), n, None if noise is None else noise.data_ptr(),
-                                   1.0 / opts.temperature, ids.data_ptr())
+        inv_t = 1.0 if opts.greedy else 1.0 / opts.temperature
+        self._call(self.lib.charlstm_generate, n, None if noise is None else noise.data_ptr(), inv_t, ids.data_ptr())
         return ids, self.logits.clone()
