@@ -362,6 +362,8 @@ def train(
 def sample(
     run: Path | None = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run under checkpoints/)."),
     prime: str = opt("", "--prime", help="Text to condition on; the output begins with it.", show="''"),
+    prime_file: Path | None = opt(None, "--prime-file", help="Read the prime from this UTF-8 file, exactly (a final "
+                                  "newline included); instead of --prime, not with it."),
     length: int = opt(500, "--length", help="Characters to generate after the prime."),
     temperature: float = opt(1.0, "--temperature", help="Softmax temperature (> 0)."),
     top_k: int | None = opt(None, "--top-k", help="Sample only from the K most likely characters.", show="off"),
