@@ -95,3 +95,10 @@ def test_no_doc_links_or_points_outside_the_repository():
             if "://" not in target:
                 assert (p.parent / target).resolve().is_relative_to(ROOT), (p.name, target)
                 assert (p.parent / target).exists(), f"{p.relative_to(ROOT)} links to a missing {target}"
+
+
+def test_the_readme_first_screen_installs_demos_and_trains_on_your_own_text():
+    first = "\n".join((ROOT / "README.md").read_text(encoding="utf-8").splitlines()[:25])
+    for command in ("make demo", "pip install .", "charlstm train --data my_text.txt", "charlstm sample"):
+        assert command in first, f"the README's first screen lacks {command!r}"
+    assert first.index("make demo") < first.index("pip install .") < first.index("charlstm train --data")
