@@ -29,7 +29,7 @@ else:  # pragma: no cover
 
 TINY = ["--data", "tiny.txt", "--hidden", "16", "--embed", "8", "--layers", "1", "--batch-size", "4",
         "--seq-len", "16", "--threads", "1", "--sample-chars", "0", "--max-steps", "6", "--eval-every", "3",
-        "--checkpoint-every", "3", "--lr", "0.01", "--warmup", "2", "--seed", "7"]
+        "--checkpoint-every", "3", "--lr", "0.01", "--warmup", "2", "--seed", "7", "--device", "cpu"]
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
     for backend in ("cudnn", "custom"):
         invoke("train", "--data", work / "tiny.txt", "--backend", backend, "--hidden", "16", "--embed", "8",
                "--batch-size", "5", "--seq-len", "16", "--max-steps", "4", "--eval-every", "4",
-               "--sample-chars", "0", "--threads", "1", "--no-progress", "--out", work / backend)
+               "--sample-chars", "0", "--threads", "1", "--device", "cpu", "--no-progress", "--out", work / backend)
         out[backend] = work / backend
     return out
 
