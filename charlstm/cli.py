@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from . import __version__, bench_report
+from . import __version__, bench_report, configfile
 from . import bench as bench_mod
 from . import compare as compare_mod
 from . import evaluate as eval_mod
@@ -308,6 +308,21 @@ def _print_table(table) -> None:
 
 # --------------------------------------------------------------------------- train
 
+CONFIG_HELP = "Settings from a TOML file ({sections}; keys as --print-config writes them); options given here override it."
+PRINT_CONFIG_HELP = "Print the effective settings as TOML on stdout (what --config reads) and exit."
+
+
+def _train_configs(options: dict, preset: str | None, resume: Path | None, init_from: Path | None):
+    """(ModelConfig, TrainConfig) that `charlstm train` would run with these options."""
+    if resume is not None:
+        if preset is not None or init_from is not None:
+            raise UsageError("--resume continues a run with its own settings: no --preset or --init-from with it")
+        return train_mod.resume_configs(resume, options)
+    if init_from is not None:
+        return train_mod._init_from_configs(init_from, options, preset)
+    return train_mod.build_configs(options, preset)
+
+
 TRAIN_OPTIONS = [*field_options(ModelConfig, panel="Model"), *field_options(TrainConfig, panel="Training")]
 
 
@@ -320,11 +335,23 @@ def train(
     init_from: Path | None = opt(None, "--init-from", help="Start from another run's weights with a fresh optimizer."),
     overwrite: bool = opt(False, "--overwrite", help="Replace the run already in --out/--name (only charlstm's own files are removed)."),
     no_progress: bool = opt(False, "--no-progress", help="No progress bar (evaluations, samples and the summary are still printed)."),
+    config: Path | None = opt(None, "--config", help=CONFIG_HELP.format(sections="[model] and [train]")
+                              + " The file may name a preset (preset = \"demo\"); its own values override it."),
+    print_config: bool = opt(False, "--print-config", help=PRINT_CONFIG_HELP),
     **options,
 ) -> None:
     """Train a model; writes a run directory with checkpoints and metrics.jsonl."""
-    result = train_mod.run_from_cli(given(TRAIN_OPTIONS, options), preset=preset, resume=resume,
-                                    init_from=init_from, overwrite=overwrite, progress=not no_progress)
+    options = given(TRAIN_OPTIONS, options)
+    if config is not None:
+        file_preset, file_options = configfile.read_train_config(config)
+        options = {**file_options, **options}                  # the command line over the file
+        if preset is None and resume is None:                   # a resumed run keeps its own settings
+            preset = file_preset
+    if print_config:
+        sys.stdout.write(configfile.train_toml(*_train_configs(options, preset, resume, init_from), preset))
+        return
+    result = train_mod.run_from_cli(options, preset=preset, resume=resume, init_from=init_from,
+                                    overwrite=overwrite, progress=not no_progress)
     if result is not None and result.interrupted:
         raise typer.Exit(result.exit_code)
 
@@ -335,6 +362,8 @@ def train(
 def sample(
     run: Path | None = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run under checkpoints/)."),
     prime: str = opt("", "--prime", help="Text to condition on; the output begins with it.", show="''"),
+    prime_file: Path | None = opt(None, "--prime-file", help="Read the prime from this UTF-8 file, exactly (a final "
+                                  "newline included); instead of --prime, not with it."),
     length: int = opt(500, "--length", help="Characters to generate after the prime."),
     temperature: float = opt(1.0, "--temperature", help="Softmax temperature (> 0)."),
     top_k: int | None = opt(None, "--top-k", help="Sample only from the K most likely characters.", show="off"),
@@ -422,13 +451,22 @@ def compare_variants(
     no_plot: bool = opt(False, "--no-plot", help="Write the data files but no figures."),
     no_progress: bool = opt(False, "--no-progress", help="No progress bars or per-run messages on stderr."),
     json_out: bool = opt(False, "--json", help="Print one JSON object on stdout (the table is not printed)."),
+    config: Path | None = opt(None, "--config", help=CONFIG_HELP.format(sections="the comparison's settings, "
+                                                                         "then [model] and [train]")),
+    print_config: bool = opt(False, "--print-config", help=PRINT_CONFIG_HELP),
     **options,
 ) -> None:
     """Train several cell variants under one budget and compare them.
 
     Rerunning the same command reads finished runs back instead of training them again.
     """
-    settings = compare_mod.settings_from_options(given(COMPARE_OPTIONS, options))
+    options = given(COMPARE_OPTIONS, options)
+    if config is not None:
+        options = {**configfile.read_compare_config(config), **options}   # the command line over the file
+    settings = compare_mod.settings_from_options(options)
+    if print_config:
+        sys.stdout.write(configfile.compare_toml(settings))
+        return
     summary = compare_mod.run_comparison(settings, progress=not no_progress, plot=not no_plot)
     if json_out:
         sys.stdout.write(json.dumps(summary) + "\n")

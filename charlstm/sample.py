@@ -52,14 +52,15 @@ def generate(model, vocab, *, prime: str = "", length: int = 500, num_samples: i
              options: SamplingOptions | None = None, seed: int | None = None, unknown: str = "error",
              on_text: Callable[[list[str]], None] | None = None, fast: bool = True, script: bool = True,
              native: bool = True, precision: str = "fp32", threads: int | None = None,
-             chunk: int = CHUNK) -> Generation:
+             chunk: int = CHUNK, prime_name: str = "--prime") -> Generation:
     """Generate ``num_samples`` texts of ``length`` characters after ``prime``, as one batch.
 
     The prime is read once; then one step per character carries the state
     forward under ``torch.inference_mode()``. ``on_text`` receives the new text
     of every sample as it is produced (a list with one string per sample; the
     prime comes first). Characters of the prime outside the vocabulary raise
-    CharlstmError naming them, or are left out with ``unknown='skip'``.
+    CharlstmError naming them (and ``prime_name``, where the prime came from), or are left out with
+    ``unknown='skip'``.
     The stepper is ``make_stepper``'s choice (``native``, ``precision``);
     ``threads`` torch threads generate (None: `stepping_threads`' default).
     """
@@ -70,7 +71,7 @@ def generate(model, vocab, *, prime: str = "", length: int = 500, num_samples: i
         raise UsageError(f"--num-samples must be >= 1 (got {num_samples})")
     if unknown not in ("error", "skip"):
         raise UsageError(f"--unknown must be error or skip (got {unknown!r})")
-    ids = encode_text(prime, vocab, unknown, hint="remove them from --prime or pass --unknown skip")
+    ids = encode_text(prime, vocab, unknown, hint=f"remove them from {prime_name} or pass --unknown skip")
     skipped = vocab.unknown(prime) if ids.numel() < len(prime) else []
     if seed is None:
         seed = secrets.randbits(63)
@@ -156,22 +157,46 @@ class _Stream:
         self.out.flush()
 
 
+def read_prime_file(path: Path) -> str:
+    """The text of ``--prime-file``, exactly as the UTF-8 file holds it (a final newline included);
+    CharlstmError, one line, for a missing, unreadable, undecodable or non-regular file."""
+    path = Path(path)
+    if not path.exists():
+        raise CharlstmError(f"--prime-file {path} does not exist")
+    if not path.is_file():                  # a directory, a FIFO or a device: nothing to read once
+        raise CharlstmError(f"--prime-file {path} is not a regular file; give a UTF-8 text file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CharlstmError(f"cannot read --prime-file {path}: {e.strerror or e}") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CharlstmError(f"--prime-file {path} is not UTF-8 text: undecodable byte at offset {e.start}") from None
+
+
 def run_from_cli(*, run: Path | None, prime: str, length: int, temperature: float, top_k: int | None,
                  top_p: float | None, greedy: bool, seed: int | None, num_samples: int, output: Path | None,
                  no_stream: bool, unknown: str, device: str, threads: int | None = None, precision: str = "fp32",
-                 checkpoints: Path = Path("checkpoints")) -> Generation:
+                 prime_file: Path | None = None, checkpoints: Path = Path("checkpoints")) -> Generation:
     """`charlstm sample`: load the checkpoint RUN names and print (or write) what it generates.
 
     ``threads`` torch threads while generating (None: all cores for the native
-    step, one for the torch steps; see `stepping_threads` and docs/sampling.md)."""
+    step, one for the torch steps; see `stepping_threads` and docs/sampling.md).
+    ``prime_file``: the prime read from this UTF-8 file instead of ``prime`` (not both)."""
     check_threads(threads)                  # before the checkpoint is loaded
-    return _sample_command(run=run, prime=prime, length=length, temperature=temperature, top_k=top_k,
+    prime_name = "--prime"
+    if prime_file is not None:
+        if prime:
+            raise UsageError("give the prime with --prime TEXT or --prime-file FILE, not both")
+        prime, prime_name = read_prime_file(prime_file), f"--prime-file {prime_file}"
+    return _sample_command(run=run, prime=prime, prime_name=prime_name, length=length, temperature=temperature, top_k=top_k,
                            top_p=top_p, greedy=greedy, seed=seed, num_samples=num_samples, output=output,
                            no_stream=no_stream, unknown=unknown, device=device, threads=threads,
                            precision=precision, checkpoints=checkpoints)
 
 
-def _sample_command(*, run, prime, length, temperature, top_k, top_p, greedy, seed, num_samples, output,
+def _sample_command(*, run, prime, prime_name, length, temperature, top_k, top_p, greedy, seed, num_samples, output,
                     no_stream, unknown, device, threads, precision, checkpoints) -> Generation | None:
     options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
     if length < 0:
@@ -190,7 +215,8 @@ def _sample_command(*, run, prime, length, temperature, top_k, top_p, greedy, se
     stream = _Stream(num_samples) if output is None and not no_stream else None
     try:
         gen = generate(ckpt.model, ckpt.vocab, prime=prime, length=length, num_samples=num_samples, options=options,
-                       seed=seed, unknown=unknown, on_text=stream, precision=precision, threads=threads)
+                       seed=seed, unknown=unknown, on_text=stream, precision=precision, threads=threads,
+                       prime_name=prime_name)
         if output is not None:
             try:
                 write_text_atomic(Path(output), format_samples(gen.texts))

@@ -215,3 +215,43 @@ def test_version_and_completion():
     assert result.stdout == f"charlstm {charlstm.__version__} (torch {torch.__version__})\n"
     help_text = invoke("--help", env={"COLUMNS": "200"}).stdout
     assert "--install-completion" in help_text and "--show-completion" in help_text
+
+
+# --------------------------------------------------------------------------- --device, the same everywhere
+
+DEVICE_COMMANDS = {
+    "train": ["--data", "tiny.txt", "--max-steps", "1"],
+    "compare-variants": ["--data", "tiny.txt", "--max-steps", "1"],
+    "bench": ["--repeats", "1"],
+    "sample": ["run", "--length", "5"],
+    "eval": ["run"],
+    "visualize": ["run", "--text", "abc"],
+}
+
+
+@pytest.mark.parametrize("device", ["mps", "gpu", "cuda:0"])
+@pytest.mark.parametrize("command", list(DEVICE_COMMANDS))
+def test_an_unknown_device_is_one_line_and_exit_2_in_every_command(tmp_path, monkeypatch, command, device):
+    """runtime.resolve_device is every command's check: one line, the choices, exit 2 (no traceback)."""
+    from conftest import save_run, tiny_text
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
+    save_run(tmp_path / "run")
+    result = invoke(command, *DEVICE_COMMANDS[command], "--device", device)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: --device must be one of auto, cpu, cuda (got '{device}')\n"
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("command", list(DEVICE_COMMANDS))
+def test_cuda_without_a_cuda_device_is_one_line_and_exit_2_in_every_command(tmp_path, monkeypatch, command):
+    from conftest import save_run, tiny_text
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
+    save_run(tmp_path / "run")
+    result = invoke(command, *DEVICE_COMMANDS[command], "--device", "cuda")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: --device cuda: no CUDA device") and result.stderr.count("\n") == 1

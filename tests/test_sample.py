@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,41 @@ def test_sample_command_errors_are_one_clear_line(tmp_path, args, code, message)
     r = invoke(tmp_path / "run", *args)
     assert r.exit_code == code, r.output
     assert message in r.stderr and "Traceback" not in r.output
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_prime_file_gives_the_text_of_the_same_prime(tmp_path):
+    save_run(tmp_path / "run")
+    prime = "Café 日本\nx, 1\n"                                      # exactly, the final newline included
+    (tmp_path / "prime.txt").write_bytes(prime.encode("utf-8"))
+    r = invoke(tmp_path / "run", "--prime-file", tmp_path / "prime.txt", "--length", "30", "--seed", "3")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith(prime)
+    assert r.stdout == invoke(tmp_path / "run", "--prime", prime, "--length", "30", "--seed", "3").stdout
+    (tmp_path / "empty.txt").write_bytes(b"")                           # an empty file: no prime
+    r = invoke(tmp_path / "run", "--prime-file", tmp_path / "empty.txt", "--length", "30", "--seed", "3")
+    assert r.exit_code == 0 and r.stdout == invoke(tmp_path / "run", "--length", "30", "--seed", "3").stdout
+
+
+@pytest.mark.parametrize("make, args, code, message", [
+    (lambda d: None, [], 1, "--prime-file {d}/p.txt does not exist"),
+    (lambda d: (d / "p.txt").mkdir(), [], 1, "--prime-file {d}/p.txt is not a regular file"),
+    (lambda d: os.mkfifo(d / "p.txt"), [], 1, "--prime-file {d}/p.txt is not a regular file"),
+    (lambda d: (d / "p.txt").write_bytes(b"ab\xffc"), [], 1,
+     "--prime-file {d}/p.txt is not UTF-8 text: undecodable byte at offset 2"),
+    (lambda d: (d / "p.txt").write_text("a", encoding="utf-8"), ["--prime", "b"], 2,
+     "give the prime with --prime TEXT or --prime-file FILE, not both"),
+    (lambda d: (d / "p.txt").write_text("Ω", encoding="utf-8"), [], 1,
+     "'Ω' (U+03A9); remove them from --prime-file {d}/p.txt or pass --unknown skip"),
+])
+def test_prime_file_errors_are_one_clear_line(tmp_path, make, args, code, message):
+    if "mkfifo" in make.__code__.co_names and not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    save_run(tmp_path / "run")
+    make(tmp_path)
+    r = invoke(tmp_path / "run", "--prime-file", tmp_path / "p.txt", *args, "--length", "5")
+    assert r.exit_code == code, r.output
+    assert message.format(d=tmp_path) in r.stderr and "Traceback" not in r.output
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
 
 

@@ -32,6 +32,7 @@ from ..corpus import Vocab, load_corpus
 from ..errors import CharlstmError
 from ..longgap import LongGapTask, train_long_gap
 from ..model import resolve_backend
+from ..runtime import resolve_device
 from .report import LN2, corpus_summary, long_gap_summary, write_corpus_files, write_long_gap_files
 from .settings import match_parameters, reference_parameters, threads_per_job
 
@@ -40,6 +41,7 @@ RESULT_FILE = "result.json"
 
 def run_comparison(settings: CompareConfig, *, progress: bool = True, plot: bool = True) -> dict:
     """Train (or read back) every run of the comparison; write the files and return the summary."""
+    resolve_device(settings.train.device)       # a device that is not there: one line before any run starts
     if settings.task == "long-gap":
         return compare_long_gap(settings, progress=progress, plot=plot)
     return compare_corpus(settings, progress=progress, plot=plot)
