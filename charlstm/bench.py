@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .config import GRU_FORMS, PEEPHOLE_FORMS, VARIANTS, ModelConfig
 from .errors import CharlstmError, UsageError
+from .optim import optimisation_step
 
 BACKENDS = ("cudnn", "custom", "basic")   # basic: the custom cells through the plain unbind loop
 MEASURES = ("train", "sample", "sample-batch")
@@ -197,22 +197,24 @@ def _sync(device: torch.device) -> None:
 
 def train_job(model, cfg: ModelConfig, sizes: Sizes, device: torch.device, seed: int,
               clock: Callable[[], float] = time.perf_counter) -> Callable[[], float]:
-    """A closure timing one training step (forward, cross-entropy, backward, AdamW) in seconds."""
+    """A closure timing one training step in seconds: :func:`charlstm.optim.optimisation_step`, the
+    trainer's step (forward, cross-entropy, backward, AdamW), on random tokens.
+
+    Unlike the trainer's it does not clip and does not check for NaN (which
+    reads the loss back every step): the figure is the step's own work, as the
+    reference ``nn.LSTM`` loop and the earlier figures of docs/performance.md
+    measured it; no carried state, every step starts from zeros.
+    """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, cfg.vocab_size, (sizes.seq_len, sizes.batch_size), generator=gen).to(device)  # (T, B)
     y = torch.randint(0, cfg.vocab_size, (sizes.seq_len, sizes.batch_size), generator=gen).to(device)  # (T, B)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    V = cfg.vocab_size
 
     def job() -> float:
         model.train()
         _sync(device)
         t0 = clock()
-        opt.zero_grad(set_to_none=True)
-        logits, _ = model(x)                                   # (T, B, V)
-        loss = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
-        loss.backward()
-        opt.step()
+        optimisation_step(model, opt, x, y)
         _sync(device)
         return clock() - t0
 
