@@ -1,20 +1,6 @@
-"""Training on several processes and machines: torch.distributed under torchrun.
-
-``torchrun`` starts one process per device and tells each who it is through
-environment variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT). :func:`setup` reads them, joins the process group
-(nccl on CUDA, gloo on CPU) and picks the process's device; without them it
-returns the single-process context and nothing changes.
-
-The B streams of the global batch are split across the W processes: process
-r takes the contiguous streams ``stream_range(B, ctx)`` = r·B/W .. (r+1)·B/W
-of the one global layout, so that the global batch is B whatever W is. Each
-process takes the mean loss over its own T·B/W targets and
-DistributedDataParallel averages the gradients over the W processes: that is
-the mean over all T·B targets, the single-process gradient. Checkpoints hold
-the global batcher position and the full (L, B, H) carried state, gathered
-from every process, so a run resumes in any number of processes that divides
-B. See docs/distributed.md.
+"""Training on several processes and machines under torchrun: the process group, each process's
+share of the B streams, and the collectives the Trainer uses (gather of the carried state, the
+global mean loss, one decision to stop). See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -30,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import CharlstmError, UsageError
 from .runtime import resolve_device
@@ -328,9 +315,7 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -
     """
     if not ctx.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
