@@ -162,22 +162,10 @@ def evaluate_recall(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int 
     return correct / y.numel(), loss_sum / y.numel()
 
 
-def train_long_gap(
-    task: LongGapTask,
-    model_cfg: ModelConfig,
-    *,
-    seed: int = 1,
-    max_steps: int | None = 1000,
-    max_time: float | None = None,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    clip: float = 1.0,
-    eval_size: int = 1000,
-    eval_every: int = 100,
-    device: str = "cpu",
-    progress: bool = False,
-    desc: str | None = None,
-) -> tuple[LongGapResult, torch.nn.Module]:
+def train_long_gap(task: LongGapTask, model_cfg: ModelConfig, *, seed: int = 1, max_steps: int | None = 1000,
+                   max_time: float | None = None, batch_size: int = 32, lr: float = 3e-3, clip: float = 1.0,
+                   eval_size: int = 1000, eval_every: int = 100, device: str = "cpu", progress: bool = False,
+                   desc: str | None = None) -> tuple[LongGapResult, torch.nn.Module]:
     """Train a fresh model on the task under a step and/or time budget; return its result and the model.
 
     Each step is :func:`charlstm.optim.optimisation_step`, the trainer's, with
@@ -199,11 +187,8 @@ def train_long_gap(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     gen = task.train_generator(seed)
     x_eval, y_eval = task.eval_set(seed, eval_size)
-    bar = None
-    if progress:
-        bar = tqdm(total=max_steps, desc=desc or f"{model_cfg.variant} gap {task.gap}", unit="step", leave=False,
-                   file=sys.stderr, dynamic_ncols=True)
-
+    bar = tqdm(total=max_steps, desc=desc or f"{model_cfg.variant} gap {task.gap}", unit="step", leave=False,
+               file=sys.stderr, dynamic_ncols=True) if progress else None
     curve: list[dict] = []
     step = 0
     start = time.perf_counter()
@@ -224,16 +209,9 @@ def train_long_gap(
     if bar is not None:
         bar.close()
     final = curve[-1]
-    return LongGapResult(
-        accuracy=final["accuracy"],
-        best_accuracy=max(c["accuracy"] for c in curve),
-        final_loss=final["loss"],
-        steps=step,
-        wall_time=train_time,
-        params=model.num_parameters(),
-        chance=task.chance,
-        curve=curve,
-    ), model
+    return LongGapResult(accuracy=final["accuracy"], best_accuracy=max(c["accuracy"] for c in curve),
+                         final_loss=final["loss"], steps=step, wall_time=train_time, params=model.num_parameters(),
+                         chance=task.chance, curve=curve), model
 
 
 def _curve_point(model, x_eval: torch.Tensor, y_eval: torch.Tensor, step: int, start: float) -> dict:

@@ -378,11 +378,12 @@ class Trainer:
 
     # ------------------------------------------------------------ step, evaluate, save, run
 
-    def step(self, progress: float) -> float:
-        """One optimisation step on the next window at budget fraction ``progress``; returns its loss
-        (the mean over all processes' targets). optim.Diverged for a NaN or infinite loss or gradient."""
+    def step(self, used: float | None = None) -> float:
+        """One optimisation step on the next window, the learning rate at budget fraction ``used``
+        (default :meth:`budget_used`); returns its loss (the mean over all processes' targets).
+        optim.Diverged for a NaN or infinite loss or gradient norm."""
         t0 = self.clock()
-        lr = learning_rate(self.train_cfg, self.steps_done, progress)
+        lr = learning_rate(self.train_cfg, self.steps_done, self.budget_used() if used is None else used)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         x, y, starts_epoch = self.batcher.next_batch()
@@ -471,12 +472,12 @@ class Trainer:
         while True:
             # Under torchrun every process takes the same decision: the slowest clock, any signal.
             stop_requested, self.train_time = dist_mod.agree(self.ctx, stop=stop.requested, elapsed=self.train_time)
-            progress = self.budget_used()
-            if progress >= 1.0:
+            used = self.budget_used()
+            if used >= 1.0:
                 return which_budget(cfg, self.steps_done, self.epochs_done, self.train_time)
             if stop_requested:
                 return "interrupted"
-            self.step(progress)
+            self.step(used)
             is_best = False
             if self.has_val and self.steps_done % cfg.eval_every == 0:
                 is_best = self.evaluate().improved
