@@ -6,6 +6,7 @@ global mean loss, one decision to stop). See docs/distributed.md.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import ctypes
 import datetime
@@ -174,6 +175,19 @@ def stream_range(batch_size: int, ctx: DistContext) -> range:
     return range(ctx.rank * share, (ctx.rank + 1) * share)
 
 
+# The Work of the last collectives, so that the gloo worker thread that ran one is never the one
+# that frees its tensors: that needs the GIL, and a process whose interpreter is exiting at that
+# moment aborts ("terminate called without an active exception"; gloo's threads outlive
+# destroy_process_group). Freed here, they are freed by the main thread.
+_RECENT_WORK: collections.deque = collections.deque(maxlen=16)
+
+
+def _wait(work) -> None:
+    """Wait for an asynchronous collective and keep its Work for a while (see _RECENT_WORK)."""
+    work.wait()
+    _RECENT_WORK.append(work)
+
+
 def _comm_device(ctx: DistContext) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if ctx.backend == "nccl" else torch.device("cpu")
 
@@ -187,7 +201,7 @@ def gather_streams(t: torch.Tensor, ctx: DistContext, dim: int = 1) -> torch.Ten
         return t
     local = t.detach().contiguous().to(_comm_device(ctx))
     parts = [torch.empty_like(local) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, local)
+    _wait(dist.all_gather(parts, local, async_op=True))
     return torch.cat(parts, dim=dim).to(t.device)
 
 
@@ -204,7 +218,7 @@ def mean(value: torch.Tensor, ctx: DistContext) -> float:
     if not ctx.enabled:
         return float(value.item())
     v = value.detach().reshape(1).to(_comm_device(ctx), torch.float64)
-    dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    _wait(dist.all_reduce(v, op=dist.ReduceOp.SUM, async_op=True))
     return float(v) / ctx.world_size
 
 
@@ -217,7 +231,7 @@ def agree(ctx: DistContext, *, stop: bool, elapsed: float) -> tuple[bool, float]
     if not ctx.enabled:
         return stop, elapsed
     v = torch.tensor([1.0 if stop else 0.0, elapsed], dtype=torch.float64, device=_comm_device(ctx))
-    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    _wait(dist.all_reduce(v, op=dist.ReduceOp.MAX, async_op=True))
     return bool(v[0] > 0), float(v[1])
 
 
@@ -284,12 +298,12 @@ def gather_objects(obj, ctx: DistContext) -> list:
     data = _encode(obj).to(device)
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
-    dist.all_gather(sizes, size)
+    _wait(dist.all_gather(sizes, size, async_op=True))
     longest = int(max(int(s.item()) for s in sizes))
     padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     padded[: data.numel()] = data
     parts = [torch.zeros_like(padded) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, padded)
+    _wait(dist.all_gather(parts, padded, async_op=True))
     return [_decode(p[: int(s.item())]) for p, s in zip(parts, sizes)]
 
 
@@ -300,10 +314,10 @@ def broadcast_object(obj, ctx: DistContext, src: int = 0):
     device = _wire_device(ctx)
     data = _encode(obj).to(device) if ctx.rank == src else None
     size = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64, device=device)
-    dist.broadcast(size, src=src)
+    _wait(dist.broadcast(size, src=src, async_op=True))
     if data is None:
         data = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
-    dist.broadcast(data, src=src)
+    _wait(dist.broadcast(data, src=src, async_op=True))
     return _decode(data)
 
 
