@@ -29,14 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import BenchConfig, ModelConfig
 from .errors import UsageError
 from .layers import Recurrent
-from .model import build_model, has_cudnn
+from .model import build_model, describe_backend, has_cudnn
 from .native.build import library
+from .optim import optimisation_step
 from .registry import CELLS, spec_for
 from .runtime import resolve_device
 from .sampling import SamplingOptions, gumbel_noise
@@ -96,22 +96,24 @@ def _sync(device: torch.device) -> None:
 
 def train_job(model, cfg: ModelConfig, sizes: Sizes, device: torch.device, seed: int,
               clock: Callable[[], float] = time.perf_counter) -> Callable[[], float]:
-    """A closure timing one training step (forward, cross-entropy, backward, AdamW) in seconds."""
+    """A closure timing one training step in seconds: :func:`charlstm.optim.optimisation_step`, the
+    trainer's step (forward, cross-entropy, backward, AdamW), on random tokens.
+
+    Unlike the trainer's it does not clip and does not check for NaN (which
+    reads the loss back every step): the figure is the step's own work, as the
+    reference ``nn.LSTM`` loop and the earlier figures of docs/performance.md
+    measured it; no carried state, every step starts from zeros.
+    """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, cfg.vocab_size, (sizes.seq_len, sizes.batch_size), generator=gen).to(device)  # (T, B)
     y = torch.randint(0, cfg.vocab_size, (sizes.seq_len, sizes.batch_size), generator=gen).to(device)  # (T, B)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    V = cfg.vocab_size
 
     def job() -> float:
         model.train()
         _sync(device)
         t0 = clock()
-        opt.zero_grad(set_to_none=True)
-        logits, _ = model(x)                                   # (T, B, V)
-        loss = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
-        loss.backward()
-        opt.step()
+        optimisation_step(model, opt, x, y)
         _sync(device)
         return clock() - t0
 
@@ -293,12 +295,17 @@ def _model_jobs(s: BenchConfig, all_sizes: list[Sizes], device: torch.device, cl
                     skipped.append(note)
                 continue
             torch.manual_seed(s.seed)
-            model = build_model(cfg).to(device)
+            model = build_model(cfg, device).to(device)
             if backend in ("custom", "basic"):
                 use_fused_path(model, backend == "custom")
+            runs = describe_backend(model)
+            if backend == "custom" and device.type == "cpu" and runs != "custom (native loops)":
+                why = f"{label(variant, cfg)} (custom, H={sizes.hidden}) runs on {runs.removeprefix('custom (')[:-1]}"
+                if why not in skipped:
+                    skipped.append(why)
             row = {"variant": label(variant, cfg), "backend": backend, "baseline": baseline,
                    **dataclasses.asdict(sizes), "embed": s.embed, "vocab": s.vocab,
-                   "weights": weight_count(cfg), "model": model}
+                   "weights": weight_count(cfg), "runs": runs, "model": model}
             rows.append(row)
             _row_jobs(row, model, cfg, sizes, s, device, clock, jobs, steppers)
     return rows, jobs, steppers, skipped
@@ -412,10 +419,13 @@ def _per_flop_ratios(results: list[dict]) -> None:
 
 
 def native_status() -> str:
-    """Whether the custom layers' time loops and the LSTM sampling step run in C here (charlstm/native/)."""
+    """What runs in C here (charlstm/native/): the cells whose registry entries name a kernel."""
     lib, why = library()
     if lib is None:
         return f"unavailable ({why}): torch loops and the TorchScript step"
-    return ("C loops for custom lstm, peephole (diag), coupled, gru (both forms) and rnn with H a multiple of 32 "
-            "on the CPU; C sampling step for every variant but peephole (full)")
+    native = [c.name for c in CELLS if c.kernel is not None]
+    others = [c.name for c in CELLS if c.kernel is None]
+    return (f"C training loops and sampling step for {', '.join(native)} (float32 on the CPU, H a multiple of 8 "
+            "for training; fp32, fp16 or int8 weights for sampling)" + why.removeprefix("ready")
+            + (f"; {', '.join(others)}: torch loops and model.forward" if others else ""))
 

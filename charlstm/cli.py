@@ -47,14 +47,9 @@ from .config import (
     parse_list,
     preset_changes,
 )
-from .console import note
+from .console import DEBUG_ENV, debug_enabled, note
 from .errors import CharlstmError, UsageError
 
-DEBUG_ENV = "CHARLSTM_DEBUG"
-
-
-def debug_enabled() -> bool:
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def report_error(err: BaseException, code: int) -> int:
@@ -377,8 +372,8 @@ def sample(
     device: str = opt("auto", "--device", help="auto, cpu or cuda."),
     threads: int | None = opt(None, "--threads", help="Threads while generating.", show="all cores for the native "
                                  "step, one for the torch step, whose small operations a second thread mostly waits for"),
-    precision: str = opt("fp32", "--precision", help="Weights of the native LSTM step: fp32, or fp16 (half the bytes "
-                         "read per character; logits within ~0.003 of fp32)."),
+    precision: str = opt("fp32", "--precision", help="Weights of the native sampling step: fp32, fp16 (half the bytes "
+                         "read per character) or int8 (per-row scales; docs/sampling.md gives the loss change)."),
 ) -> None:
     """Generate text from a checkpoint."""
     sample_mod.run_from_cli(**locals())

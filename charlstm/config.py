@@ -79,7 +79,8 @@ class ModelConfig(_JsonConfig):
 
     vocab_size: int = setting(0, "V, set from the corpus vocabulary.", flag="")
     variant: str = setting("lstm", f"{', '.join(VARIANTS[:-1])} or {VARIANTS[-1]}.")
-    backend: str = setting("auto", "auto (cudnn where the variant has one, else custom), cudnn or custom.")
+    backend: str = setting("auto", "auto (the faster on the device at hand: custom on a CPU with the native "
+                                   "kernels, torch.nn's module on CUDA where the variant has one), cudnn or custom.")
     embed: int = setting(64, "Character embedding size E.")
     hidden: int = setting(256, "Hidden units per layer H.")
     layers: int = setting(2, "Stacked recurrent layers.")

@@ -1,25 +1,12 @@
-"""Training on several processes and machines: torch.distributed under torchrun.
-
-``torchrun`` starts one process per device and tells each who it is through
-environment variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT). :func:`setup` reads them, joins the process group
-(nccl on CUDA, gloo on CPU) and picks the process's device; without them it
-returns the single-process context and nothing changes.
-
-The B streams of the global batch are split across the W processes: process
-r takes the contiguous streams ``stream_range(B, ctx)`` = r·B/W .. (r+1)·B/W
-of the one global layout, so that the global batch is B whatever W is. Each
-process takes the mean loss over its own T·B/W targets and
-DistributedDataParallel averages the gradients over the W processes: that is
-the mean over all T·B targets, the single-process gradient. Checkpoints hold
-the global batcher position and the full (L, B, H) carried state, gathered
-from every process, so a run resumes in any number of processes that divides
-B. See docs/distributed.md.
+"""Training on several processes and machines under torchrun: the process group, each process's
+share of the B streams, and the collectives the Trainer uses (gather of the carried state, the
+global mean loss, one decision to stop). See docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import ctypes
 import datetime
@@ -30,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import CharlstmError, UsageError
 from .runtime import resolve_device
@@ -187,6 +175,19 @@ def stream_range(batch_size: int, ctx: DistContext) -> range:
     return range(ctx.rank * share, (ctx.rank + 1) * share)
 
 
+# The Work of the last collectives, so that the gloo worker thread that ran one is never the one
+# that frees its tensors: that needs the GIL, and a process whose interpreter is exiting at that
+# moment aborts ("terminate called without an active exception"; gloo's threads outlive
+# destroy_process_group). Freed here, they are freed by the main thread.
+_RECENT_WORK: collections.deque = collections.deque(maxlen=16)
+
+
+def _wait(work) -> None:
+    """Wait for an asynchronous collective and keep its Work for a while (see _RECENT_WORK)."""
+    work.wait()
+    _RECENT_WORK.append(work)
+
+
 def _comm_device(ctx: DistContext) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if ctx.backend == "nccl" else torch.device("cpu")
 
@@ -200,7 +201,7 @@ def gather_streams(t: torch.Tensor, ctx: DistContext, dim: int = 1) -> torch.Ten
         return t
     local = t.detach().contiguous().to(_comm_device(ctx))
     parts = [torch.empty_like(local) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, local)
+    _wait(dist.all_gather(parts, local, async_op=True))
     return torch.cat(parts, dim=dim).to(t.device)
 
 
@@ -217,7 +218,7 @@ def mean(value: torch.Tensor, ctx: DistContext) -> float:
     if not ctx.enabled:
         return float(value.item())
     v = value.detach().reshape(1).to(_comm_device(ctx), torch.float64)
-    dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    _wait(dist.all_reduce(v, op=dist.ReduceOp.SUM, async_op=True))
     return float(v) / ctx.world_size
 
 
@@ -230,7 +231,7 @@ def agree(ctx: DistContext, *, stop: bool, elapsed: float) -> tuple[bool, float]
     if not ctx.enabled:
         return stop, elapsed
     v = torch.tensor([1.0 if stop else 0.0, elapsed], dtype=torch.float64, device=_comm_device(ctx))
-    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    _wait(dist.all_reduce(v, op=dist.ReduceOp.MAX, async_op=True))
     return bool(v[0] > 0), float(v[1])
 
 
@@ -297,12 +298,12 @@ def gather_objects(obj, ctx: DistContext) -> list:
     data = _encode(obj).to(device)
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
-    dist.all_gather(sizes, size)
+    _wait(dist.all_gather(sizes, size, async_op=True))
     longest = int(max(int(s.item()) for s in sizes))
     padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     padded[: data.numel()] = data
     parts = [torch.zeros_like(padded) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, padded)
+    _wait(dist.all_gather(parts, padded, async_op=True))
     return [_decode(p[: int(s.item())]) for p, s in zip(parts, sizes)]
 
 
@@ -313,10 +314,10 @@ def broadcast_object(obj, ctx: DistContext, src: int = 0):
     device = _wire_device(ctx)
     data = _encode(obj).to(device) if ctx.rank == src else None
     size = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64, device=device)
-    dist.broadcast(size, src=src)
+    _wait(dist.broadcast(size, src=src, async_op=True))
     if data is None:
         data = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
-    dist.broadcast(data, src=src)
+    _wait(dist.broadcast(data, src=src, async_op=True))
     return _decode(data)
 
 
@@ -328,9 +329,7 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -
     """
     if not ctx.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .checkpoint import list_checkpoints, load_checkpoint, read_pointer, resolve_checkpoint
 from .console import note
+from .model import describe_backend
 
 LN2 = math.log(2.0)
 
@@ -25,6 +26,7 @@ def _model_section(ckpt) -> dict:
     model = {
         "variant": mc.variant,
         "backend": mc.backend,
+        "runs": describe_backend(ckpt.model),      # what runs its layers here (the fast path, or why not)
         "layers": mc.layers,
         "hidden": mc.hidden,
         "embed": mc.embed,
@@ -115,6 +117,7 @@ def _model_rows(d: dict) -> list[tuple[str, str]]:
     rows = [
         ("variant", variant),
         ("backend", m["backend"]),
+        ("layers run by", m["runs"]),
         ("size", f"{m['layers']} layers x {m['hidden']} hidden, embedding {m['embed']}, "
                  f"dropout {m['dropout']:g}" + ("" if m["bias"] else ", no biases")),
         ("parameters", f"{m['parameters']:,}"),

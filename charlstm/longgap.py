@@ -1,17 +1,6 @@
-"""The long-gap recall task: can a cell carry one symbol across G distractors?
-
-Each sequence is ``key, d_1 ... d_G, ?``: a key drawn from K keys (upper-case
-letters), G distractor characters drawn from a separate alphabet (lower-case
-letters), and a recall marker. At the marker the model must output the key,
-so the only information it needs crossed the whole gap. Chance is 1/K.
-
-This is the seed essay's claim made testable: a vanilla RNN's gradient through
-G steps of ``tanh`` shrinks geometrically, while the LSTM family's additive
-cell path (and the GRU's interpolation) can keep it.
-
-Sequences are a pure function of the seed (``torch.Generator``), training
-draws fresh sequences at every step, and accuracy is measured on a held-out
-set drawn from a different stream of the same seed.
+"""The long-gap recall task: can a cell carry one symbol across G distractors? The sequences
+(a pure function of the seed), the recall evaluation, and a training run on fresh sequences.
+See docs/compare.md, "The long-gap task".
 """
 
 from __future__ import annotations
@@ -22,9 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .config import ModelConfig
 from .errors import UsageError
+from .model import build_model
+from .optim import optimisation_step
 from .runtime import resolve_device
 
 KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -170,89 +162,59 @@ def evaluate_recall(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int 
     return correct / y.numel(), loss_sum / y.numel()
 
 
-def train_long_gap(
-    task: LongGapTask,
-    model_cfg: ModelConfig,
-    *,
-    seed: int = 1,
-    max_steps: int | None = 1000,
-    max_time: float | None = None,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    clip: float = 1.0,
-    eval_size: int = 1000,
-    eval_every: int = 100,
-    device: str = "cpu",
-    progress: bool = False,
-    desc: str | None = None,
-) -> tuple[LongGapResult, torch.nn.Module]:
+def train_long_gap(task: LongGapTask, model_cfg: ModelConfig, *, seed: int = 1, max_steps: int | None = 1000,
+                   max_time: float | None = None, batch_size: int = 32, lr: float = 3e-3, clip: float = 1.0,
+                   eval_size: int = 1000, eval_every: int = 100, device: str = "cpu", progress: bool = False,
+                   desc: str | None = None) -> tuple[LongGapResult, torch.nn.Module]:
     """Train a fresh model on the task under a step and/or time budget; return its result and the model.
 
-    The loss is the cross-entropy at the recall position only (the distractors
-    are random and carry nothing to learn). Adam at a constant learning rate,
-    gradients clipped to ``clip`` (0: no clipping).
+    Each step is :func:`charlstm.optim.optimisation_step`, the trainer's, with
+    the loss at the recall position only (the distractors are random and carry
+    nothing to learn) and Adam at a constant learning rate, gradients clipped
+    to ``clip`` (0: no clipping). What it does not share with the trainer: no
+    carried state (every sequence starts from zeros and is one window) and no
+    NaN check (a diverged run shows as chance accuracy in the results, it does
+    not stop the comparison).
     """
-    from .model import build_model  # imported here so that the generator works without a model
-
     if max_steps is None and max_time is None:
         raise UsageError("the long-gap task needs a budget: --max-steps and/or --max-time")
     if model_cfg.vocab_size != task.vocab_size:
         raise UsageError(f"model vocab_size {model_cfg.vocab_size} does not match the task's {task.vocab_size}")
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    model = build_model(model_cfg).to(dev)
+    model = build_model(model_cfg, dev).to(dev)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     gen = task.train_generator(seed)
     x_eval, y_eval = task.eval_set(seed, eval_size)
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=max_steps, desc=desc or f"{model_cfg.variant} gap {task.gap}", unit="step", leave=False,
-                   file=sys.stderr, dynamic_ncols=True)
-
+    bar = tqdm(total=max_steps, desc=desc or f"{model_cfg.variant} gap {task.gap}", unit="step", leave=False,
+               file=sys.stderr, dynamic_ncols=True) if progress else None
     curve: list[dict] = []
-    best = 0.0
     step = 0
     start = time.perf_counter()
-    while True:
-        elapsed = time.perf_counter() - start
-        if (max_steps is not None and step >= max_steps) or (max_time is not None and elapsed >= max_time):
-            break
-        x, y = task.sample(batch_size, gen)  # (T, B), (B,)
-        logits = recall_logits(model, x.to(dev))  # (B, V)
-        loss = F.cross_entropy(logits.float(), y.to(dev))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+    while not ((max_steps is not None and step >= max_steps)
+               or (max_time is not None and time.perf_counter() - start >= max_time)):
+        x, y = task.sample(batch_size, gen)                                  # (T, B), (B,)
+        out = optimisation_step(model, optimizer, x.to(dev), y.to(dev), clip=clip)
         step += 1
         if bar is not None:
             bar.update(1)
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{out.loss.item():.3f}")
         if step % eval_every == 0:
-            acc, eval_loss = evaluate_recall(model, x_eval, y_eval)
-            best = max(best, acc)
-            curve.append({"step": step, "time": time.perf_counter() - start, "accuracy": acc, "loss": eval_loss})
+            curve.append(_curve_point(model, x_eval, y_eval, step, start))
     train_time = time.perf_counter() - start
     if not curve or curve[-1]["step"] != step:
-        acc, eval_loss = evaluate_recall(model, x_eval, y_eval)
-        best = max(best, acc)
-        curve.append({"step": step, "time": time.perf_counter() - start, "accuracy": acc, "loss": eval_loss})
+        curve.append(_curve_point(model, x_eval, y_eval, step, start))
     if bar is not None:
         bar.close()
     final = curve[-1]
-    return LongGapResult(
-        accuracy=final["accuracy"],
-        best_accuracy=best,
-        final_loss=final["loss"],
-        steps=step,
-        wall_time=train_time,
-        params=model.num_parameters(),
-        chance=task.chance,
-        curve=curve,
-    ), model
+    return LongGapResult(accuracy=final["accuracy"], best_accuracy=max(c["accuracy"] for c in curve),
+                         final_loss=final["loss"], steps=step, wall_time=train_time, params=model.num_parameters(),
+                         chance=task.chance, curve=curve), model
+
+
+def _curve_point(model, x_eval: torch.Tensor, y_eval: torch.Tensor, step: int, start: float) -> dict:
+    """An evaluation on the held-out set: {step, time (seconds since ``start``, evaluation included), accuracy, loss}."""
+    acc, loss = evaluate_recall(model, x_eval, y_eval)
+    return {"step": step, "time": time.perf_counter() - start, "accuracy": acc, "loss": loss}

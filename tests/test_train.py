@@ -13,8 +13,10 @@ import torch
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
-from charlstm.evaluation import evaluate_loss
+from charlstm import optim
 from charlstm import train as train_mod
+from charlstm import trainer as trainer_mod
+from charlstm.evaluation import evaluate_loss
 from charlstm.batches import StreamBatcher
 from charlstm.cli import app
 from charlstm.config import ModelConfig, TrainConfig
@@ -62,7 +64,7 @@ def test_train_writes_a_run_and_the_loss_falls(work):
                "--checkpoint-every", "20", "--keep", "2", "--log-every", "5", "--out", "run")
     assert r.exit_code == 0, r.output
     run = work / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["best", "ckpt-000040", "ckpt-000060", "latest", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["best", "ckpt-000040", "ckpt-000060", "config.toml", "latest", "metrics.jsonl"]
     config = json.loads((run / "ckpt-000060" / "config.json").read_text())
     assert config["format"] == "charlstm-checkpoint" and config["step"] == 60
     assert config["train"]["max_steps"] == 60 and config["train"]["lr"] == 1e-2 and config["model"]["hidden"] == 24
@@ -137,8 +139,8 @@ def test_resume_with_a_larger_budget_is_exact(work, variant, backend):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(work, monkeypatch):
-    real_lr = train_mod.learning_rate
-    monkeypatch.setattr(train_mod, "learning_rate",
+    real_lr = optim.learning_rate
+    monkeypatch.setattr(trainer_mod, "learning_rate",
                         lambda cfg, step, progress: float("nan") if step >= 12 else real_lr(cfg, step, progress))
     r = invoke(*TINY, "--max-steps", "40", "--checkpoint-every", "10", "--eval-every", "10", "--out", "run")
     assert r.exit_code == 1
@@ -251,20 +253,20 @@ def test_presets_sit_between_defaults_and_explicit_options():
 
 def test_schedules():
     cfg = TrainConfig(lr=1.0, warmup=10, max_steps=110, min_lr_frac=0.1)
-    assert train_mod.learning_rate(cfg, 0, 0.0) == pytest.approx(0.1)          # warmup
-    assert train_mod.learning_rate(cfg, 9, 0.0) == pytest.approx(1.0)           # warmup done
-    assert train_mod.learning_rate(cfg, 60, 0.5) == pytest.approx(0.55)        # half way down the cosine
-    assert train_mod.learning_rate(cfg, 110, 1.0) == pytest.approx(0.1)        # the floor
+    assert optim.learning_rate(cfg, 0, 0.0) == pytest.approx(0.1)          # warmup
+    assert optim.learning_rate(cfg, 9, 0.0) == pytest.approx(1.0)           # warmup done
+    assert optim.learning_rate(cfg, 60, 0.5) == pytest.approx(0.55)        # half way down the cosine
+    assert optim.learning_rate(cfg, 110, 1.0) == pytest.approx(0.1)        # the floor
     step_cfg = TrainConfig(lr=1.0, warmup=0, schedule="step", lr_decay=0.5, lr_decay_every=100)
-    assert [train_mod.learning_rate(step_cfg, s, 0) for s in (0, 99, 100, 250)] == [1.0, 1.0, 0.5, 0.25]
+    assert [optim.learning_rate(step_cfg, s, 0) for s in (0, 99, 100, 250)] == [1.0, 1.0, 0.5, 0.25]
     const = TrainConfig(lr=0.3, warmup=0, schedule="constant")
-    assert train_mod.learning_rate(const, 1000, 0.9) == 0.3
-    assert train_mod.budget_fraction(TrainConfig(max_steps=100, max_time=10.0), 50, 0.0, 6.0) == 0.6
+    assert optim.learning_rate(const, 1000, 0.9) == 0.3
+    assert optim.budget_fraction(TrainConfig(max_steps=100, max_time=10.0), 50, 0.0, 6.0) == 0.6
 
 
 def test_weight_decay_skips_biases_and_embeddings():
     model = build_model(ModelConfig(vocab_size=7, hidden=8, embed=4, backend="cudnn"))
-    opt = train_mod.make_optimizer(model, TrainConfig(weight_decay=0.1))
+    opt = optim.make_optimizer(model, TrainConfig(weight_decay=0.1))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert names == {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.weight_hh_l1", "head.weight"}
@@ -272,8 +274,8 @@ def test_weight_decay_skips_biases_and_embeddings():
 
 def test_beta2_reaches_the_optimizer():
     model = build_model(ModelConfig(vocab_size=7, hidden=8, embed=4))
-    assert all(g["betas"] == (0.9, 0.99) for g in train_mod.make_optimizer(model, TrainConfig()).param_groups)
-    opt = train_mod.make_optimizer(model, TrainConfig(beta2=0.999))
+    assert all(g["betas"] == (0.9, 0.99) for g in optim.make_optimizer(model, TrainConfig()).param_groups)
+    opt = optim.make_optimizer(model, TrainConfig(beta2=0.999))
     assert all(g["betas"] == (0.9, 0.999) for g in opt.param_groups)
 
 

@@ -1,0 +1,84 @@
+"""The observers `charlstm train` hangs on its Trainer: the progress bar, the evaluation notes on
+stderr and metrics.jsonl (the summary table is the command's, in train.py)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from tqdm import tqdm
+
+from . import rundir
+from .console import note
+from .trainer import Evaluation, Observer, Trainer, TrainResult
+from .trainer_state import LN2
+
+
+class ProgressBar(Observer):
+    """A tqdm bar on stderr over the budget (steps, epochs or time, whichever runs out first, so that
+    its percentage and ETA mean the same for every budget): step, smoothed loss, chars/s, ETA."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.start_time, self.start_frac = trainer.train_time, trainer.budget_used()
+        self.bar = tqdm(total=1.0, initial=self.start_frac, file=sys.stderr, dynamic_ncols=True,
+                        desc=trainer.run_dir.name, leave=True, bar_format="{percentage:3.0f}%|{bar}| {desc}")
+
+    def on_step(self, trainer: Trainer) -> None:
+        done = min(trainer.budget_used(), 1.0)
+        rate = (done - self.start_frac) / max(trainer.train_time - self.start_time, 1e-9)
+        eta = (1.0 - done) / rate if rate > 0 else float("nan")
+        self.bar.update(done - self.bar.n)
+        self.bar.set_description_str(f"{trainer.run_dir.name}: step {trainer.steps_done}, loss {trainer.loss_ema:.3f}, "
+                                     f"{trainer.chars_seen / max(trainer.train_time, 1e-9):,.0f} chars/s, "
+                                     f"ETA {format_time(eta) if math.isfinite(eta) else '?'}", refresh=False)
+
+    def on_loop_end(self, trainer: Trainer) -> None:
+        self.bar.close()
+
+
+class EvalNotes(Observer):
+    """Each evaluation's loss and sample on stderr (through console.note)."""
+
+    def on_eval(self, trainer: Trainer, ev: Evaluation) -> None:
+        note(f"step {ev.step}: val loss {ev.loss:.4f} nats/char ({ev.loss / LN2:.4f} bpc) over {ev.chars} chars"
+             + ("  (best)" if ev.improved else f"  (best {ev.best_loss:.4f} at step {ev.best_step})"))
+        if ev.sample:
+            note("-" * 20 + " sample " + "-" * 20 + "\n" + ev.sample + "\n" + "-" * 48)
+
+
+class MetricsFile(Observer):
+    """metrics.jsonl in the run directory: every ``log_every`` steps the mean training loss of those
+    steps, and a line per evaluation (with the smoothed training loss)."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.log = rundir.MetricsLog(trainer.run_dir / rundir.METRICS)
+        self.window: list[float] = []
+
+    def on_step(self, trainer: Trainer) -> None:
+        self.window.append(trainer.last_loss)
+        if trainer.steps_done % trainer.train_cfg.log_every == 0:
+            self._flush(trainer)
+
+    def on_eval(self, trainer: Trainer, ev: Evaluation) -> None:
+        self._write(trainer, {"train_loss": trainer.loss_ema, "val_loss": ev.loss, "val_bpc": ev.loss / LN2})
+
+    def on_end(self, trainer: Trainer, result: TrainResult | None) -> None:
+        if result is not None and self.window:
+            self._flush(trainer)
+        self.log.close()
+
+    def _flush(self, trainer: Trainer) -> None:
+        self._write(trainer, {"train_loss": sum(self.window) / len(self.window)})
+        self.window = []
+
+    def _write(self, trainer: Trainer, record: dict) -> None:
+        self.log.write({"step": trainer.steps_done, "epoch": round(trainer.epochs_done, 4), "lr": trainer.lr,
+                        "chars_per_sec": trainer.chars_per_sec, "elapsed": round(trainer.train_time, 3), **record})
+
+
+def format_time(seconds: float) -> str:
+    """H:MM:SS, or M:SS under an hour."""
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
