@@ -8,8 +8,13 @@ of wall time on the first 90% of the text. Prints the validation loss (last
 
     python benchmarks/baseline_lstm.py ../shared/data/tinyshakespeare.txt --minutes 10
 """
-import argparse, math, time
-import torch, torch.nn as nn, torch.nn.functional as F
+import argparse
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 p = argparse.ArgumentParser()
 p.add_argument("path"); p.add_argument("--minutes", type=float, default=10.0); p.add_argument("--seed", type=int, default=1337)

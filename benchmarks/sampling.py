@@ -40,7 +40,6 @@ import platform
 import statistics
 import sys
 import time
-
 import warnings
 
 import torch

@@ -10,7 +10,7 @@ See docs/data.md for the layout and the minimum sizes.
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor

@@ -51,7 +51,6 @@ from .console import DEBUG_ENV, debug_enabled, note
 from .errors import CharlstmError, UsageError
 
 
-
 def report_error(err: BaseException, code: int) -> int:
     """Print one line for a user's mistake (or the traceback under --debug); return the exit code."""
     if debug_enabled():

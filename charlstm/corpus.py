@@ -20,9 +20,9 @@ import sysconfig
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 
@@ -86,12 +86,12 @@ class Vocab:
         self._lut: torch.Tensor | None = None
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str) -> Vocab:
         """The vocabulary of the distinct characters of `text`."""
         return cls(sorted(set(text)))
 
     @classmethod
-    def from_code_points(cls, code_points: Iterable[int]) -> "Vocab":
+    def from_code_points(cls, code_points: Iterable[int]) -> Vocab:
         return cls(chr(cp) for cp in sorted(set(code_points)))
 
     def __len__(self) -> int:
@@ -142,7 +142,7 @@ class Vocab:
         return list(self.chars)
 
     @classmethod
-    def from_json(cls, data) -> "Vocab":
+    def from_json(cls, data) -> Vocab:
         """Inverse of `to_json`; CharlstmError for anything that is not a valid vocabulary."""
         if not isinstance(data, list):
             raise CharlstmError(f"vocabulary must be a list of characters, got {type(data).__name__}: the vocabulary is damaged")

@@ -9,8 +9,8 @@ may run it: a :class:`FastPath` here (torch loops) or in fused_native.py (time l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -523,7 +523,7 @@ class FastPath:
 
     name: str                                                        # 'torch loop', 'native loop', ...
     run: Callable[[Cell, Tensor, LayerState], tuple[Tensor, LayerState]]   # x (T, B, E) -> (T, B, H), state
-    unavailable: Callable[[Cell, Tensor], Optional[str]]              # why it cannot run this input (None: it can)
+    unavailable: Callable[[Cell, Tensor], str | None]              # why it cannot run this input (None: it can)
 
 
 def autocast_on(x: Tensor) -> bool:
@@ -534,7 +534,7 @@ def autocast_on(x: Tensor) -> bool:
         return torch.is_autocast_cpu_enabled() if x.device.type == "cpu" else torch.is_autocast_enabled()
 
 
-def _torch_loop_unavailable(cell: Cell, x: Tensor) -> Optional[str]:
+def _torch_loop_unavailable(cell: Cell, x: Tensor) -> str | None:
     return "autocast is on (the step-by-step layer runs mixed precision)" if autocast_on(x) else None
 
 

@@ -4,8 +4,6 @@ window stay in torch."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -157,7 +155,7 @@ class _NativeRNN(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- fast paths
 
-def _unavailable(cell: Cell, x: Tensor) -> Optional[str]:
+def _unavailable(cell: Cell, x: Tensor) -> str | None:
     if not NATIVE["on"]:
         return "the native loops are switched off"
     if autocast_on(x):

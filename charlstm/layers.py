@@ -10,7 +10,7 @@ are asked for, and when ``use_fused`` is off.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +36,9 @@ class LayerWeights(NamedTuple):
 
     w_ih: Tensor                   # (G*H, in)
     w_hh: Tensor                   # (G*H, H)
-    b_ih: Optional[Tensor]         # (G*H,) the input bias (the only bias of one-bias cells)
-    b_hh: Optional[Tensor]         # (G*H,) the recurrent bias of two-bias cells
-    peep: Optional[tuple]          # (weight_ch, gates) of a peephole cell with peepholes
+    b_ih: Tensor | None         # (G*H,) the input bias (the only bias of one-bias cells)
+    b_hh: Tensor | None         # (G*H,) the recurrent bias of two-bias cells
+    peep: tuple | None          # (weight_ch, gates) of a peephole cell with peepholes
 
 
 def has_cudnn(cfg: ModelConfig) -> bool:

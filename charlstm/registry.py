@@ -7,15 +7,14 @@ through model.forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import fused, fused_native, gpu
-from .cells import (Cell, ChoGRUCell, CoupledLSTMCell, GRUCell, LSTMCell, MogrifierLSTMCell, PeepholeLSTMCell,
-                    RNNCell)
+from .cells import Cell, ChoGRUCell, CoupledLSTMCell, GRUCell, LSTMCell, MogrifierLSTMCell, PeepholeLSTMCell, RNNCell
 from .fused import FastPath
 from .gpu import graphs
 from .native.abi import Kernel
@@ -42,16 +41,16 @@ class CellSpec:
     cell: type[Cell]                       # the equations (cells.py)
     gates: tuple[str, ...]                 # the gate blocks of weight_ih / weight_hh, in row order
     recorded: tuple[str, ...]              # what `visualize` records and shows, in display order
-    form: Optional[str] = None             # the variant's form, where it has several ...
-    form_field: Optional[str] = None       # ... and the ModelConfig field that chooses it
+    form: str | None = None             # the variant's form, where it has several ...
+    form_field: str | None = None       # ... and the ModelConfig field that chooses it
     options: Callable[[object], dict] = _no_options   # the cell's keyword arguments from a ModelConfig
-    forget_gate: Optional[str] = None      # the gate whose bias --forget-bias sets
+    forget_gate: str | None = None      # the gate whose bias --forget-bias sets
     chrono: tuple[tuple[str, int], ...] = ()   # chrono initialisation: (gate, sign), bias = sign * log(u)
-    cudnn: Optional[type[nn.Module]] = None    # the torch.nn module that computes the same function
+    cudnn: type[nn.Module] | None = None    # the torch.nn module that computes the same function
     fast_paths: tuple[FastPath, ...] = ()  # window runners, tried in order (none: step by step)
-    kernel: Optional[Kernel] = None        # the native training loops' kind and panel slots
-    step: Optional[str] = None             # the sampling steps' kind (steppers.FastStep, native.step)
-    saturating: Optional[tuple[str, ...]] = None   # recorded gates in (0, 1) (default: recorded but the state)
+    kernel: Kernel | None = None        # the native training loops' kind and panel slots
+    step: str | None = None             # the sampling steps' kind (steppers.FastStep, native.step)
+    saturating: tuple[str, ...] | None = None   # recorded gates in (0, 1) (default: recorded but the state)
 
     @property
     def has_cell_state(self) -> bool:
@@ -81,8 +80,8 @@ class CellSpec:
         return sum(p.numel() for c in cells for p in c.parameters() if p.dim() == 2)
 
 
-def fast_paths(torch_loop: FastPath, *, native: Optional[FastPath] = None,
-               triton: Optional[str] = None) -> tuple[FastPath, ...]:
+def fast_paths(torch_loop: FastPath, *, native: FastPath | None = None,
+               triton: str | None = None) -> tuple[FastPath, ...]:
     """A cell's window runners in the order a layer tries them: the Triton kernels of kind ``triton``
     (CUDA, CHARLSTM_TRITON=1), the C loops ``native`` (CPU float32), the torch loop; each GPU path
     first as a CUDA graph (CHARLSTM_CUDA_GRAPHS=1)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -42,7 +41,7 @@ class SamplingOptions:
         self.top_p = float(self.top_p)
 
 
-def gumbel_noise(n: int, B: int, V: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+def gumbel_noise(n: int, B: int, V: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Noise for n draws of B streams from V characters: (n, B, V) float32, -log of Exp(1) variates.
 
     Drawn once per chunk of characters, so that each step adds it and takes an argmax (two operations
@@ -52,7 +51,7 @@ def gumbel_noise(n: int, B: int, V: int, generator: Optional[torch.Generator], d
 
 
 def choose(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy: bool,
-            noise: Optional[Tensor]) -> Tensor:
+            noise: Tensor | None) -> Tensor:
     """The next character of each stream: logits (B, V) and its row of `gumbel_noise` -> ids (B,) long.
 
     The Gumbel-max draw: with q_i ~ Exp(1), argmax (l_i / T - log q_i) is i with probability
@@ -74,7 +73,7 @@ def choose(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy:
 
 
 def choose_next(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy: bool,
-                generator: Optional[torch.Generator]) -> Tensor:
+                generator: torch.Generator | None) -> Tensor:
     """The next character of each stream: logits (B, V) -> ids (B,) long, drawn with `generator`."""
     noise = None if greedy else gumbel_noise(1, logits.size(0), logits.size(1), generator, logits.device)[0]
     return choose(logits, temperature, top_k, top_p, greedy, noise)

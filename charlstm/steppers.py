@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -41,7 +40,7 @@ def _peep(pre: Tensor, p: Tensor, c: Tensor) -> Tensor:
     return torch.addmm(pre, c, p)
 
 
-def _cell(kind: str, H: int, pre: Tensor, h: Tensor, c: Tensor, w: List[Tensor]) -> Tensor:
+def _cell(kind: str, H: int, pre: Tensor, h: Tensor, c: Tensor, w: list[Tensor]) -> Tensor:
     """One layer, one step. `pre` is the gates' pre-activation (B, G*H), all of it for the LSTMs and
     the RNN, the input half for the GRUs; h (B, H) is the layer's columns of z, overwritten with the
     new h. Returns the new c (c itself for the GRUs and the RNN)."""
@@ -83,12 +82,12 @@ def _cell(kind: str, H: int, pre: Tensor, h: Tensor, c: Tensor, w: List[Tensor])
     return c
 
 
-def _advance(kind: str, H: int, table: Tensor, layers: List[List[Tensor]], head_w: Tensor, head_b: Tensor,
-             x: Tensor, z: Tensor, cs: List[Tensor]) -> Tuple[Tensor, List[Tensor]]:
+def _advance(kind: str, H: int, table: Tensor, layers: list[list[Tensor]], head_w: Tensor, head_b: Tensor,
+             x: Tensor, z: Tensor, cs: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """Feed characters x (B,) through every layer, updating the hidden states z (B, L*H) in place:
     the logits (B, V) of the next one, and the new cell states."""
     gru = kind == "gru" or kind == "gru_cho"
-    new_c: List[Tensor] = []
+    new_c: list[Tensor] = []
     L = len(layers)
     for k in range(L):
         w = layers[k]
@@ -105,16 +104,16 @@ def _advance(kind: str, H: int, table: Tensor, layers: List[List[Tensor]], head_
     return torch.addmm(head_b, z[:, (L - 1) * H:], head_w), new_c           # (B, V)
 
 
-def _generate_chunk(kind: str, H: int, table: Tensor, layers: List[List[Tensor]], head_w: Tensor, head_b: Tensor,
-                    logits: Tensor, z: Tensor, cs: List[Tensor], n: int,
+def _generate_chunk(kind: str, H: int, table: Tensor, layers: list[list[Tensor]], head_w: Tensor, head_b: Tensor,
+                    logits: Tensor, z: Tensor, cs: list[Tensor], n: int,
                     temperature: float, top_k: int, top_p: float, greedy: bool,
-                    noise: Optional[Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
+                    noise: Tensor | None) -> tuple[Tensor, Tensor, list[Tensor]]:
     """n characters per stream from the pending logits (B, V) and the chunk's noise (n, B, V) (None:
     greedy): ids (n, B), then the logits after them (z, the hidden states, is updated in place) and
     the cell states."""
-    out: List[Tensor] = []
+    out: list[Tensor] = []
     for t in range(n):
-        row: Optional[Tensor] = None
+        row: Tensor | None = None
         if noise is not None:
             row = noise[t]
         x = choose(logits, temperature, top_k, top_p, greedy, row)         # (B,)
@@ -162,7 +161,7 @@ class ModelStep:
         logits, self.state = self.model(x.view(1, -1), self.state)
         return logits[0]
 
-    def generate(self, logits: Tensor, n: int, opts: SamplingOptions, noise: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def generate(self, logits: Tensor, n: int, opts: SamplingOptions, noise: Tensor | None) -> tuple[Tensor, Tensor]:
         """n characters per stream from the pending logits and the chunk's noise (n, B, V) (None:
         greedy): ids (n, B) and the logits after them."""
         out = []
@@ -192,7 +191,7 @@ class FastStep:
         self._fn = _scripted_generate_chunk() if script else None
         self.scripted = self._fn is not None
         self.z = torch.empty(0, device=self.device, dtype=self.dtype)              # (B, L*H)
-        self.cs: List[Tensor] = []
+        self.cs: list[Tensor] = []
 
     def load_state(self, state: State) -> None:
         """Continue from a model State (h (L, B, H), c (L, B, H) or None)."""
@@ -215,7 +214,7 @@ class FastStep:
                                    x, self.z, self.cs)
         return logits
 
-    def generate(self, logits: Tensor, n: int, opts: SamplingOptions, noise: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def generate(self, logits: Tensor, n: int, opts: SamplingOptions, noise: Tensor | None) -> tuple[Tensor, Tensor]:
         """n characters per stream from the pending logits (B, V) and the chunk's noise (n, B, V) (None:
         greedy): ids (n, B) and the logits after them."""
         fn = self._fn if self._fn is not None else _generate_chunk
@@ -244,7 +243,7 @@ def make_stepper(model, *, fast: bool = True, script: bool = True, native: bool 
     return ModelStep(model)
 
 
-def native_unavailable(model, options: SamplingOptions | None = None) -> Optional[str]:
+def native_unavailable(model, options: SamplingOptions | None = None) -> str | None:
     """Why the native step cannot sample from this model with these options (None: it can)."""
     if not isinstance(model, CharModel):
         return "not a CharModel"

@@ -19,7 +19,6 @@ Gate blocks are reordered where it saves calls: lstm i,f,o,g; coupled f,o,g.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
 
 import torch
 from torch import Tensor
@@ -38,7 +37,7 @@ class StepWeights:
     L: int
     has_c: bool
     table: Tensor                  # (V, G*H) layer 0's input half of every gate per character
-    layers: List[List[Tensor]]     # see the module docstring
+    layers: list[list[Tensor]]     # see the module docstring
     head_w: Tensor                 # (H, V)
     head_b: Tensor                 # (V,)
 
@@ -48,7 +47,7 @@ def _order(kind: str, t: Tensor, H: int) -> Tensor:
     return t if order is None else torch.cat([t[k * H:(k + 1) * H] for k in order], 0)
 
 
-def _peepholes(peep, H: int, empty: Tensor) -> List[Tensor]:
+def _peepholes(peep, H: int, empty: Tensor) -> list[Tensor]:
     """p_i, p_f, p_o from a cell's (weight_ch, gates): one block per gate listed, in the order f, i, o."""
     found = {}
     if peep is not None:
@@ -59,7 +58,7 @@ def _peepholes(peep, H: int, empty: Tensor) -> List[Tensor]:
     return [found.get(g, empty) for g in "ifo"]
 
 
-def _layer(kind: str, k: int, H: int, lw) -> tuple[List[Tensor], Tensor, Tensor]:
+def _layer(kind: str, k: int, H: int, lw) -> tuple[list[Tensor], Tensor, Tensor]:
     """Layer k's tensors in the step's layout, and its input weights and additive bias (for the table)."""
     w_ih, w_hh = lw.w_ih, lw.w_hh
     zeros = torch.zeros(w_ih.shape[0], device=w_ih.device, dtype=w_ih.dtype)

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_mod
-from . import configfile
+from . import configfile, rundir
 from . import distributed as dist_mod
-from . import rundir
 from .batches import StreamBatcher
 from .config import ModelConfig, TrainConfig
 from .console import debug, note

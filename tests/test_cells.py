@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import CASES, IDS, case_config, case_spec
 
 from charlstm import fused

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_text
 from typer.testing import CliRunner
 
 from charlstm import compare, plots
@@ -14,8 +15,6 @@ from charlstm.cli import app
 from charlstm.config import VARIANTS, ModelConfig
 from charlstm.errors import CharlstmError, UsageError
 from charlstm.model import custom_is_faster
-
-from conftest import tiny_text
 
 TINY = ["--hidden", "8", "--layers", "1", "--embed", "4", "--seq-len", "8", "--batch-size", "2",
         "--max-steps", "4", "--eval-every", "2", "--threads", "1", "--no-progress"]

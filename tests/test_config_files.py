@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_text
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
@@ -19,8 +20,6 @@ from charlstm import cli, configfile
 from charlstm import compare as compare_mod
 from charlstm import train as train_mod
 from charlstm.config import PRESETS, CompareConfig, ModelConfig, TrainConfig
-
-from conftest import tiny_text
 
 if sys.version_info >= (3, 11):
     import tomllib

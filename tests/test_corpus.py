@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_text
 
 from charlstm import corpus as corpus_mod
 from charlstm.corpus import (
@@ -23,8 +24,6 @@ from charlstm.corpus import (
     pystdlib_files,
 )
 from charlstm.errors import CharlstmError, UsageError
-
-from conftest import tiny_text
 
 
 def load(source, tmp_path, **kw):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_text
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
@@ -26,8 +27,6 @@ from charlstm.batches import StreamBatcher, eval_windows
 from charlstm.cli import app
 from charlstm.corpus import load_corpus, release_pages
 from charlstm.errors import CharlstmError, UsageError
-
-from conftest import tiny_text
 
 # No dropout (each process draws its own masks), constant learning rate (a resumed run keeps the schedule).
 TINY = ["--data", "tiny.txt", "--hidden", "16", "--embed", "8", "--layers", "2", "--batch-size", "4",
@@ -161,8 +160,8 @@ def test_token_map_translates_windows():
 
 def test_evaluate_loss_through_a_token_map_equals_on_translated_tokens():
     from charlstm.config import ModelConfig
-    from charlstm.model import build_model
     from charlstm.evaluation import evaluate_loss
+    from charlstm.model import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=12, hidden=8, embed=4, layers=1))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import text_model, tiny_text, tiny_vocab
 
 from charlstm import dynamic

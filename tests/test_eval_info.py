@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_text
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
 from charlstm.cli import app
 from charlstm.corpus import encode_text
 from charlstm.evaluation import evaluate_loss
-
-from conftest import tiny_text
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import CASES, IDS, case_spec, make_cells
+from torch import nn
 
 from charlstm import fused, fused_native
 from charlstm.cells import GRUCell, LSTMCell, RNNCell

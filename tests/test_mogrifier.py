@@ -12,10 +12,9 @@ import math
 
 import pytest
 import torch
+from conftest import draw, save_run, text_model, tiny_text, tiny_vocab
 from torch import nn
 from typer.testing import CliRunner
-
-from conftest import draw, save_run, text_model, tiny_text, tiny_vocab
 
 from charlstm import checkpoint as ck
 from charlstm import fused

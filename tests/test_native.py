@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import draw, save_run, tiny_vocab
 from torch import Tensor
 from typer.testing import CliRunner
 
@@ -23,8 +24,6 @@ from charlstm.registry import spec_named
 from charlstm.sample import generate
 from charlstm.sampling import SamplingOptions
 from charlstm.steppers import FastStep, make_stepper, read_prime
-
-from conftest import draw, save_run, tiny_vocab
 
 VOCAB = tiny_vocab()
 LIB, WHY = native_build.library()

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import draw, save_run, text_model, tiny_model, tiny_text, tiny_vocab
 from typer.testing import CliRunner
 
-from charlstm import checkpoint as ck
 from charlstm.cli import app
-from charlstm.config import ModelConfig, TrainConfig
-from charlstm.corpus import Vocab
 from charlstm.errors import CharlstmError, UsageError
-from charlstm.model import build_model
 from charlstm.sample import format_samples, generate
 from charlstm.sampling import SamplingOptions, choose_next
 from charlstm.steppers import FastStep, ModelStep, make_stepper, read_prime
-
-from conftest import draw, save_run, text_model, tiny_model, tiny_text, tiny_vocab
 
 # Every variant and form, on both backends where there are two.
 VARIANTS = [

@@ -10,20 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_text
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
 from charlstm import optim
 from charlstm import train as train_mod
 from charlstm import trainer as trainer_mod
-from charlstm.evaluation import evaluate_loss
 from charlstm.batches import StreamBatcher
 from charlstm.cli import app
 from charlstm.config import ModelConfig, TrainConfig
 from charlstm.corpus import Vocab
+from charlstm.evaluation import evaluate_loss
 from charlstm.model import build_model, custom_is_faster
-
-from conftest import tiny_text
 
 # A small model that still crosses an epoch boundary quickly (about 35 steps per epoch).
 TINY = ["--hidden", "24", "--embed", "8", "--batch-size", "8", "--seq-len", "32", "--threads", "1",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_text
 
 from charlstm import checkpoint as ck
 from charlstm import trainer as trainer_mod
@@ -19,8 +20,6 @@ from charlstm.optim import learning_rate
 from charlstm.train import resume_configs
 from charlstm.trainer import Observer, Trainer
 from charlstm.trainer_state import LN2, TrainerState
-
-from conftest import tiny_text
 
 OLD_RUN = Path(__file__).parent / "fixtures" / "run-v1"       # written before the Trainer existed
 

@@ -29,13 +29,13 @@ import torch
 from typer.testing import CliRunner
 
 from charlstm import visualize as vis
-from charlstm.visualize import page, recording
 from charlstm.checkpoint import save_checkpoint
 from charlstm.cli import app
 from charlstm.config import ModelConfig, TrainConfig
 from charlstm.corpus import Vocab
 from charlstm.features import FEATURES, pearson, text_features
 from charlstm.model import build_model
+from charlstm.visualize import page, recording
 
 # A few lines with quotes, brackets, indentation and word starts: every feature moves.
 SAMPLE = (

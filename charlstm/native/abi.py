@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Optional
 
 VERSION = 2                # CHARLSTM_ABI of csrc/charlstm.h
 
@@ -35,7 +34,7 @@ class Kernel:
         return len(self.slots)
 
     @classmethod
-    def of(cls, kind: str) -> "Kernel":
+    def of(cls, kind: str) -> Kernel:
         """The kernel of a kind, with the slots the C loops expect."""
         return cls(kind, LOOP_SLOTS[kind])
 
@@ -80,7 +79,7 @@ def _names(lib: ctypes.CDLL, fn_name: str) -> list[str]:
     return out
 
 
-def _fields(lib: ctypes.CDLL, which: int) -> list[tuple[Optional[str], int]]:
+def _fields(lib: ctypes.CDLL, which: int) -> list[tuple[str | None, int]]:
     """(name, offset) of every field of struct `which` as C lays it out, then (None, its size)."""
     fn = lib.charlstm_field
     fn.argtypes, fn.restype = [ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int64)], ctypes.c_char_p
@@ -100,7 +99,7 @@ def c_slots(lib: ctypes.CDLL, table: int, kind: str) -> tuple[int, ...]:
     return tuple(b for s in range(8) if (b := fn(table, KINDS[kind], s)) >= 0)
 
 
-def mismatch(lib: ctypes.CDLL) -> Optional[str]:
+def mismatch(lib: ctypes.CDLL) -> str | None:
     """What the library disagrees with this module about (None: nothing). Reads only abi.c's constant
     tables, never a kernel."""
     try:

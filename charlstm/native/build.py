@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 from ..console import note
 from . import abi
@@ -84,7 +83,7 @@ def _shown(path: Path) -> str:
     return "~" + str(path)[len(home):] if str(path).startswith(home + os.sep) else str(path)
 
 
-def _compile(cc: str, flags: list[str], target: Path) -> Optional[str]:
+def _compile(cc: str, flags: list[str], target: Path) -> str | None:
     """Compile the sources (each its own process, then one link) into target and record its sha256
     beside it, both renamed into place (a reader sees no file or a whole one). None, or why it failed."""
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
@@ -106,7 +105,7 @@ def _compile(cc: str, flags: list[str], target: Path) -> Optional[str]:
     return None
 
 
-def _ensure(cc: Optional[str], flags: list[str]) -> tuple[Optional[Path], str]:
+def _ensure(cc: str | None, flags: list[str]) -> tuple[Path | None, str]:
     """The verified library of these flags, built under the cache's lock where it is missing or
     damaged: its path, or None and why."""
     target = target_for(flags)
@@ -139,7 +138,7 @@ def _forget(lib: ctypes.CDLL, target: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _load(target: Path) -> tuple[Optional[ctypes.CDLL], str, bool]:
+def _load(target: Path) -> tuple[ctypes.CDLL | None, str, bool]:
     """The library at target once it agrees with abi.py: (lib, '', False), or (None, why not, whether
     a rebuild may help: the library disagreed with abi.py and was removed)."""
     try:
@@ -154,7 +153,7 @@ def _load(target: Path) -> tuple[Optional[ctypes.CDLL], str, bool]:
     return lib, "", False
 
 
-def _unavailable() -> Optional[str]:
+def _unavailable() -> str | None:
     if os.environ.get("CHARLSTM_NO_NATIVE", "") not in ("", "0"):
         return "turned off by CHARLSTM_NO_NATIVE"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -165,7 +164,7 @@ def _unavailable() -> Optional[str]:
     return None
 
 
-def _find() -> tuple[Optional[ctypes.CDLL], str]:
+def _find() -> tuple[ctypes.CDLL | None, str]:
     """The library, built where needed, or None and why not."""
     why = _unavailable()
     if why:
@@ -184,7 +183,7 @@ def _find() -> tuple[Optional[ctypes.CDLL], str]:
     return None, why
 
 
-def library() -> tuple[Optional[ctypes.CDLL], str]:
+def library() -> tuple[ctypes.CDLL | None, str]:
     """The native library (compiled on first use, once per version) and a word on it: 'ready' (and
     how it was built) or why it is unavailable. Call it before starting a clock: the first call of a
     process may compile."""

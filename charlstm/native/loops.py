@@ -6,7 +6,6 @@ gates' shape): a CharlstmError, never a wrong read."""
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,14 +19,14 @@ WIDTH = 8      # the loops take H in multiples of this
 LSTMS = ("lstm", "peephole", "peephole_full", "coupled")
 
 
-def unavailable(x: Tensor, w_hh: Tensor) -> Optional[str]:
+def unavailable(x: Tensor, w_hh: Tensor) -> str | None:
     """Why the C loops cannot run a layer over input x with recurrent weights w_hh (None: they can)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or w_hh.dtype != torch.float32:
         return "the native loops run float32 on the CPU"
     return unavailable_for(w_hh.shape[1])
 
 
-def unavailable_for(hidden: int) -> Optional[str]:
+def unavailable_for(hidden: int) -> str | None:
     """Why the C loops cannot run float32 CPU layers of this hidden size (None: they can; the first
     call of a process may compile the library)."""
     if hidden % WIDTH:
@@ -92,9 +91,9 @@ def _run(name: str, seq: Seq) -> None:
         _fail(f"the C loop refused its arguments ({ERRORS.get(code, code)})")
 
 
-def recurrent_forward(kernel: Kernel, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Optional[Tensor],
-                      tcs: Optional[Tensor], b_hh: Optional[Tensor] = None, peep: Optional[Tensor] = None,
-                      rh: Optional[Tensor] = None) -> None:
+def recurrent_forward(kernel: Kernel, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Tensor | None,
+                      tcs: Tensor | None, b_hh: Tensor | None = None, peep: Tensor | None = None,
+                      rh: Tensor | None = None) -> None:
     """The forward time loop of a layer (see csrc/train_loops.c): gates (T, B, G*H) holds
     W x_t + b and receives the activated gates (torch's order); hs, cs (T + 1, B, H) hold h0, c0
     in row 0 and receive the rest (cs None for the grus and the rnn); tcs (T, B, H) receives
@@ -128,9 +127,9 @@ def recurrent_forward(kernel: Kernel, gates: Tensor, w_hh: Tensor, hs: Tensor, c
     _run("charlstm_rnn_forward", seq)
 
 
-def recurrent_backward(kernel: Kernel, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Optional[Tensor],
-                       tcs: Optional[Tensor], dhs: Tensor, dpre: Tensor, dh: Tensor, dc: Optional[Tensor],
-                       dph: Optional[Tensor] = None, peep: Optional[Tensor] = None) -> None:
+def recurrent_backward(kernel: Kernel, gates: Tensor, w_hh: Tensor, hs: Tensor, cs: Tensor | None,
+                       tcs: Tensor | None, dhs: Tensor, dpre: Tensor, dh: Tensor, dc: Tensor | None,
+                       dph: Tensor | None = None, peep: Tensor | None = None) -> None:
     """The backward time loop of a layer, from what the forward left in gates, hs, cs and
     tcs and the gradients dhs (T, B, H) arriving at each output: dpre (T, B, G*H) receives the
     gradients of the pre-activations W x_t + b (and dph those of U h + b_hh, gru); dh (B, H)

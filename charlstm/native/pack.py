@@ -4,7 +4,6 @@ float32, float16 or int8 with a scale per row (csrc/charlstm.h's Mat)."""
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -12,7 +11,7 @@ from torch import Tensor
 from .abi import Mat
 
 
-def panels(w: Tensor, H: int, slots: Optional[tuple] = None) -> Tensor:
+def panels(w: Tensor, H: int, slots: tuple | None = None) -> Tensor:
     """The G gate blocks (each H columns) of w (..., G*H), in `slots` order if given, grouped in
     panels of 8 units: (..., H/8, 8G)."""
     lead, G = w.shape[:-1], w.shape[-1] // H
@@ -22,7 +21,7 @@ def panels(w: Tensor, H: int, slots: Optional[tuple] = None) -> Tensor:
     return blocks.transpose(-3, -2).reshape(*lead, H // 8, 8 * G)
 
 
-def panel_major(w: Tensor, H: int, slots: Optional[tuple] = None) -> Tensor:
+def panel_major(w: Tensor, H: int, slots: tuple | None = None) -> Tensor:
     """A weight matrix (K, G*H) as the kernels read it: panel after panel, (H/8, K, 8G)."""
     return panels(w, H, slots).transpose(0, 1).contiguous()
 
@@ -68,7 +67,7 @@ class Packed:
         self.precision = precision
         self.keep: list[Tensor] = []
 
-    def mat(self, w: Optional[Tensor], H: int) -> Mat:
+    def mat(self, w: Tensor | None, H: int) -> Mat:
         """The Mat of w (K, G*H) in panels of 8 units (H/8, K, 8G); an empty Mat for None."""
         if w is None:
             return Mat()
@@ -104,5 +103,5 @@ def pointers(tensors: list) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
-def ptr(t: Optional[Tensor]):
+def ptr(t: Tensor | None):
     return None if t is None else t.data_ptr()

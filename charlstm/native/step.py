@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +20,7 @@ from .pack import Packed, panels, pointers
 WIDTH = 8      # the step takes H in multiples of this; other sizes are padded with units that stay zero
 
 
-def unsupported(model) -> Optional[str]:
+def unsupported(model) -> str | None:
     """Why the native step cannot run this model (None: it can)."""
     w = model.head.weight
     if model.spec.step not in KINDS:
@@ -202,7 +201,7 @@ class NativeStep:
         self._call(self.lib.charlstm_step, x.data_ptr())
         return self.logits.clone()
 
-    def generate(self, logits: Tensor, n: int, opts, noise: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def generate(self, logits: Tensor, n: int, opts, noise: Tensor | None) -> tuple[Tensor, Tensor]:
         """n characters per stream from the pending logits (B, V) and the chunk's noise (n, B, V) (None:
         greedy): ids (n, B) and the logits after them. Temperature and greedy only."""
         self._loaded()
