@@ -3,8 +3,8 @@ one clear error when it cannot fit (instead of the kernel's OOM killer); allocat
 
 The estimates count what grows with the settings (parameters, gradients and AdamW's two moments;
 the activations kept for backpropagation; sampling's per-stream state, logits, noise and text) and
-leave out what does not (torch itself, a few hundred MB). docs/training.md says how they compare
-with measured peaks.
+leave out what does not (torch itself, a few hundred MB). docs/sampling.md ("Inputs and memory")
+gives the formulas and how they compare with measured peaks.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .model import resolve_backend
 from .registry import spec_for
 
 FLOAT_BYTES = 4
-STATE_COPIES = 4                 # weights, gradients, AdamW's exp_avg and exp_avg_sq
+STATE_COPIES = 6                 # weights, gradients, AdamW's two moments, a checkpoint's serialised copies
 ACTIVATIONS_PER_UNIT = 12        # floats kept per hidden unit per step for backward (gates, cell, h, ...)
 LOGIT_COPIES = 3                 # logits, log-softmax and their gradient, per target
 SAMPLE_CHUNK = 32                # characters drawn per chunk while sampling (sample.CHUNK)
