@@ -906,14 +906,14 @@ def stored_path(meta: dict | None) -> str | None:
 
 
 def locate_data(data: str, meta: dict | None) -> str:
-    """The --data value that finds a run's corpus from the current directory: a built-in name as it
-    is; the absolute path the run stored where it exists; else `data` as given (relative to here)."""
-    if data in BUILT_IN:
-        return data
+    """The --data value that finds a run's corpus (stored as `data`, with its corpus `meta`) from the
+    current directory: `data` itself where it is a built-in name or names the stored path from here;
+    else the absolute path the run stored, where it exists; else `data` (relative to here: a moved
+    project)."""
     path = stored_path(meta)
-    if path is not None and os.path.exists(path):
-        return path
-    return data
+    if data in BUILT_IN or path is None or os.path.abspath(os.path.expanduser(data)) == path:
+        return data
+    return path if os.path.exists(path) else data
 
 
 def same_source(stored_meta: dict | None, given: str) -> bool:

@@ -275,6 +275,9 @@ def test_a_moved_project_finds_its_data_relative_to_the_working_directory(traine
     meta = {"name": "tiny.txt", "path": str(tmp_path / "gone" / "tiny.txt"), "sha256": "x"}
     monkeypatch.chdir(moved)
     assert locate_data("tiny.txt", meta) == "tiny.txt"                           # the stored path is gone
+    assert locate_data("tiny.txt", {"path": str(moved / "tiny.txt")}) == "tiny.txt"        # here: as given
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
     assert locate_data("tiny.txt", {"path": str(moved / "tiny.txt")}) == str(moved / "tiny.txt")
     assert locate_data("pystdlib", meta) == "pystdlib"
 
