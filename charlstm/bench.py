@@ -31,14 +31,15 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .config import BenchConfig, ModelConfig
+from .config import BenchConfig, ModelConfig, TrainConfig
 from .errors import UsageError
 from .layers import Recurrent
+from .memory import FLOAT_BYTES, check_fits, estimate_training_bytes, parameter_count
 from .model import build_model, describe_backend, has_cudnn
 from .native.build import library
 from .optim import optimisation_step
 from .registry import CELLS, spec_for
-from .runtime import resolve_device
+from .runtime import resolve_device, usable_threads
 from .sampling import SamplingOptions, gumbel_noise
 from .steppers import ModelStep, make_stepper, stepping_threads
 
@@ -241,10 +242,14 @@ def run_bench(s: BenchConfig, *, progress: bool = True) -> dict:
     device = resolve_device(s.device)
     if s.clock == "cpu" and device.type != "cpu":
         raise UsageError("--clock cpu measures CPU time and only makes sense with --device cpu")
+    s = dataclasses.replace(s, threads=usable_threads(s.threads),
+                            sample_threads=usable_threads(s.sample_threads, "--sample-threads"))
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     clock = CLOCKS[s.clock]
     all_sizes = [Sizes(*p) for p in itertools.product(s.hidden, s.layers, s.batch_size, s.seq_len)]
+    check_fits(estimate_bench_bytes(s, all_sizes), "this benchmark",
+               "measure smaller or fewer --hidden, --layers, --batch-size or --seq-len values", device)
     rows, jobs, steppers, skipped = _model_jobs(s, all_sizes, device, clock)
     peak_shapes = sorted({(z.batch_size, z.hidden) for z in all_sizes})
     for B, H in peak_shapes:
@@ -273,6 +278,16 @@ def run_bench(s: BenchConfig, *, progress: bool = True) -> dict:
         "results": results,
         "skipped": skipped,
     }
+
+
+def estimate_bench_bytes(s: BenchConfig, all_sizes: list[Sizes]) -> int:
+    """Memory the benchmark needs: every row's model is kept, and one training step runs at a time."""
+    cfgs = [(model_config(v, b, z, s), z) for z in all_sizes for v in ["lstm", *s.variants] for b in s.backends]
+    cfgs = [(cfg, z) for cfg, z in cfgs if cfg.backend != "cudnn" or has_cudnn(cfg)]   # the rows that run
+    kept = sum(FLOAT_BYTES * parameter_count(cfg, s.vocab) for cfg, _ in cfgs)
+    step = max(estimate_training_bytes(cfg, TrainConfig(batch_size=z.batch_size, seq_len=z.seq_len), s.vocab)
+               for cfg, z in cfgs)
+    return kept + step
 
 
 def _model_jobs(s: BenchConfig, all_sizes: list[Sizes], device: torch.device, clock) -> tuple:

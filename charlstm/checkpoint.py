@@ -180,8 +180,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by a file holding ``text`` so that readers see the old or the new file, never half."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_text(tmp, text)
-    os.replace(tmp, path)
+    try:
+        _write_text(tmp, text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)   # a full disk or an interruption leaves nothing behind
+        except OSError:
+            pass
+        raise
     _fsync_dir(path.parent)
 
 

@@ -29,6 +29,7 @@ from typer.core import TyperGroup
 
 from . import __version__, bench_report, configfile
 from . import bench as bench_mod
+from . import cache as cache_mod
 from . import compare as compare_mod
 from . import evaluate as eval_mod
 from . import info as info_mod
@@ -48,7 +49,9 @@ from .config import (
     preset_changes,
 )
 from .console import DEBUG_ENV, debug_enabled, note
+from .datacache import using_data_dir
 from .errors import CharlstmError, UsageError
+from .memory import out_of_memory_message
 
 
 def report_error(err: BaseException, code: int) -> int:
@@ -120,6 +123,11 @@ class CharlstmGroup(TyperGroup):
             return super().invoke(ctx)
         except CharlstmError as e:
             ctx.exit(report_error(e, e.exit_code))
+        except (MemoryError, RuntimeError) as e:          # an allocation failure: one line, not a traceback
+            message = out_of_memory_message(e)
+            if message is None:
+                raise
+            ctx.exit(report_error(e if debug_enabled() else CharlstmError(message), 1))
         except KeyboardInterrupt:
             note("interrupted")
             ctx.exit(130)
@@ -300,6 +308,15 @@ def _print_table(table) -> None:
     console.print(table)
 
 
+DATA_DIR_HELP = ("Where downloads and token caches are kept (shared by every working directory; "
+                 "also CHARLSTM_DATA_DIR). See `charlstm cache`.")
+DATA_DIR_SHOWN = "the user cache, ~/.cache/charlstm/data on Linux"
+
+
+def data_dir_option() -> Any:
+    return opt(None, "--data-dir", help=DATA_DIR_HELP, show=DATA_DIR_SHOWN)
+
+
 # --------------------------------------------------------------------------- train
 
 CONFIG_HELP = "Settings from a TOML file ({sections}; keys as --print-config writes them); options given here override it."
@@ -332,6 +349,7 @@ def train(
     config: Path | None = opt(None, "--config", help=CONFIG_HELP.format(sections="[model] and [train]")
                               + " The file may name a preset (preset = \"demo\"); its own values override it."),
     print_config: bool = opt(False, "--print-config", help=PRINT_CONFIG_HELP),
+    data_dir: Path | None = data_dir_option(),
     **options,
 ) -> None:
     """Train a model; writes a run directory with checkpoints and metrics.jsonl."""
@@ -344,8 +362,9 @@ def train(
     if print_config:
         sys.stdout.write(configfile.train_toml(*_train_configs(options, preset, resume, init_from), preset))
         return
-    result = train_mod.run_from_cli(options, preset=preset, resume=resume, init_from=init_from,
-                                    overwrite=overwrite, progress=not no_progress)
+    with using_data_dir(data_dir):
+        result = train_mod.run_from_cli(options, preset=preset, resume=resume, init_from=init_from,
+                                        overwrite=overwrite, progress=not no_progress)
     if result is not None and result.interrupted:
         raise typer.Exit(result.exit_code)
 
@@ -395,14 +414,19 @@ def eval_(
     json_out: bool = opt(False, "--json", help="Print one JSON object on stdout."),
     dynamic: bool = opt(False, "--dynamic", help="Also dynamic evaluation (Krause et al. 2018): a gradient step "
                         "after each segment; reported beside the static figure, the model on disk unchanged."),
+    eval_chars: int = opt(0, "--eval-chars", help="Score only the first N characters of the split or file (the "
+                          "same ones every time); 0: all of it."),
+    data_dir: Path | None = data_dir_option(),
     **options,
 ) -> None:
     """Loss (nats/char) and bits per character of a checkpoint on text."""
     settings = given(DYNAMIC_OPTIONS, options)
     if settings and not dynamic:
         raise UsageError(f"--dynamic-{next(iter(settings)).replace('_', '-')} is an option of --dynamic; add --dynamic")
-    eval_mod.run_from_cli(run=run, split=split, text_file=text_file, batch_size=batch_size, device=device,
-                          threads=threads, json_out=json_out, dynamic=DynamicConfig(**settings) if dynamic else None)
+    with using_data_dir(data_dir):
+        eval_mod.run_from_cli(run=run, split=split, text_file=text_file, batch_size=batch_size, device=device,
+                              threads=threads, json_out=json_out, dynamic=DynamicConfig(**settings) if dynamic else None,
+                              eval_chars=eval_chars)
 
 
 # --------------------------------------------------------------------------- info
@@ -448,6 +472,7 @@ def compare_variants(
     config: Path | None = opt(None, "--config", help=CONFIG_HELP.format(sections="the comparison's settings, "
                                                                          "then [model] and [train]")),
     print_config: bool = opt(False, "--print-config", help=PRINT_CONFIG_HELP),
+    data_dir: Path | None = data_dir_option(),
     **options,
 ) -> None:
     """Train several cell variants under one budget and compare them.
@@ -461,7 +486,8 @@ def compare_variants(
     if print_config:
         sys.stdout.write(configfile.compare_toml(settings))
         return
-    summary = compare_mod.run_comparison(settings, progress=not no_progress, plot=not no_plot)
+    with using_data_dir(data_dir):
+        summary = compare_mod.run_comparison(settings, progress=not no_progress, plot=not no_plot)
     if json_out:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
@@ -523,6 +549,44 @@ def visualize(
     vis_mod.run_from_cli(run=run, text=text, text_file=text_file, html=html, unit=unit, quantity=quantity,
                          scale=scale, find_units=find_units, top=top, saturation_table=saturation, plot=plot,
                          json_out=json_out, unknown=unknown, max_chars=max_chars, device=device)
+
+
+# --------------------------------------------------------------------------- cache
+
+cache_app = typer.Typer(help="List, clear and prune the data cache: downloads and token caches (docs/data.md).",
+                        context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.callback(invoke_without_command=True)
+def cache(ctx: typer.Context, data_dir: Path | None = data_dir_option(),
+          json_out: bool = opt(False, "--json", help="Print one JSON object on stdout.")) -> None:
+    """What the data cache holds: downloads and token caches, their sizes and last use (also `cache list`)."""
+    if ctx.invoked_subcommand is None:
+        cache_mod.list_command(data_dir, json_out)
+
+
+@cache_app.command("list")
+def cache_list(data_dir: Path | None = data_dir_option(),
+               json_out: bool = opt(False, "--json", help="Print one JSON object on stdout.")) -> None:
+    """What the data cache holds: downloads and token caches, their sizes and last use."""
+    cache_mod.list_command(data_dir, json_out)
+
+
+@cache_app.command("clear")
+def cache_clear(downloads: bool = opt(False, "--downloads", help="Remove the downloads (tinyshakespeare)."),
+                tokens: bool = opt(False, "--tokens", help="Remove the token caches (rebuilt on the next use)."),
+                data_dir: Path | None = data_dir_option()) -> None:
+    """Remove downloads and token caches (both unless --downloads or --tokens chooses)."""
+    cache_mod.clear_command(data_dir, downloads, tokens)
+
+
+@cache_app.command("prune")
+def cache_prune(max_size: str | None = opt(None, "--max-size", help="Keep the token caches within SIZE (2G, 500M, "
+                                           "none), least recently used removed first.", show="CHARLSTM_CACHE_MAX, else 2G"),
+                data_dir: Path | None = data_dir_option()) -> None:
+    """Remove least recently used token caches past the cap (downloads stay)."""
+    cache_mod.prune_command(data_dir, max_size)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -10,6 +10,7 @@ are validated where a dataclass is built.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import os
@@ -53,6 +54,26 @@ def _choice(name: str, value, choices) -> None:
         raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)} (got {value!r})")
 
 
+_STORED = contextvars.ContextVar("charlstm_config_stored", default=False)   # True while from_dict builds
+
+
+def _flag(f: dataclasses.Field) -> str:
+    """The option that sets a field: its own flag, else --field-name."""
+    flag = (f.metadata.get("flag") or "").split("/")[0]
+    return flag or "--" + f.name.replace("_", "-")
+
+
+def _check_finite(obj) -> None:
+    """UsageError naming the option of any float field that is NaN or infinite (every float setting
+    of every config, in one place). Stored configs (``from_dict``) are read as they were written."""
+    if _STORED.get():
+        return
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{_flag(f)} must be a finite number (got {value})")
+
+
 def _positive(name: str, value, *, allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -69,8 +90,14 @@ class _JsonConfig:
 
     @classmethod
     def from_dict(cls, d: dict):
+        """The config stored as ``d`` (a checkpoint's config.json): validated as when it was written
+        (a NaN an older version let through stays readable)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        token = _STORED.set(True)
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        finally:
+            _STORED.reset(token)
 
 
 @dataclass
@@ -96,6 +123,7 @@ class ModelConfig(_JsonConfig):
     mogrify_rank: int = setting(0, "Mogrifier: rank k of the rounds' matrices (0: full rank).")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _choice("variant", self.variant, VARIANTS)
         _choice("backend", self.backend, BACKENDS)
         _choice("peephole_form", self.peephole_form, PEEPHOLE_FORMS)
@@ -172,7 +200,9 @@ class TrainConfig(_JsonConfig):
                                      text="duration")
     clock: str = setting("wall", "What --max-time counts: wall (time of training steps) or cpu (this "
                                  "process's CPU time; for benchmarks on a shared machine).")
-    eval_every: int = setting(500, "Evaluate on the whole validation split every N steps (and at the end).")
+    eval_every: int = setting(500, "Evaluate on the validation split every N steps (and at the end).")
+    eval_chars: int = setting(0, "Score only the first N characters of the validation split at each evaluation "
+                                 "(the same ones every time); 0: the whole split.")
     checkpoint_every: int = setting(500, "Save a checkpoint every N steps (and at the end).")
     keep: int = setting(3, "Keep the N latest checkpoints plus the best.")
     log_every: int = setting(10, "Write a metrics.jsonl line every N steps (mean train loss since the last).")
@@ -186,6 +216,7 @@ class TrainConfig(_JsonConfig):
     out: str | None = setting(None, "Run directory.", shown="checkpoints/<name>")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
         _choice("clock", self.clock, CLOCKS)
@@ -195,7 +226,7 @@ class TrainConfig(_JsonConfig):
             _positive(name, getattr(self, name))
         for name in ("max_steps", "max_epochs", "max_time", "threads"):
             _positive(name, getattr(self, name))
-        for name in ("warmup", "weight_decay", "clip"):
+        for name in ("warmup", "weight_decay", "clip", "sample_chars", "eval_chars"):
             _positive(name, getattr(self, name), allow_zero=True)
         if not 0.0 < self.beta2 < 1.0:
             raise UsageError(f"--beta2 must be in (0, 1) (got {self.beta2})")
@@ -268,6 +299,7 @@ class DynamicConfig(_JsonConfig):
                                     "training split).", flag="--dynamic-stat-segments")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _choice("dynamic_rule", self.rule, DYNAMIC_RULES)
         _positive("dynamic_segment", self.segment)
         for name in ("lr", "decay", "epsilon"):
@@ -343,6 +375,7 @@ class CompareConfig:
     CORPUS_ONLY: ClassVar[tuple[str, ...]] = ("seq_len", "schedule", "warmup")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _choice("task", self.task, TASKS)
         if not self.variants:
             raise UsageError("--variants needs at least one variant")
@@ -433,6 +466,7 @@ class BenchConfig:
                                  "shared machine, use with --threads 1).")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _choice("device", self.device, DEVICES)
         _choice("peephole_form", self.peephole_form, PEEPHOLE_FORMS)
         _choice("gru_form", self.gru_form, GRU_FORMS)

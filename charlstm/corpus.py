@@ -2,19 +2,23 @@
 
 A corpus is a stream of bytes (one file, or several files joined by newlines)
 decoded as UTF-8; a token is one Unicode code point. The encoded corpus is
-written once under ``data/tokens/`` keyed by the sha256 of those bytes, in the
-smallest integer dtype that holds the vocabulary, and memory-mapped from there
-on, so that a large corpus costs little RAM. See docs/data.md.
+written once under ``tokens/`` of the user's data cache (datacache.py) keyed by
+the sha256 of those bytes, in the smallest integer dtype that holds the
+vocabulary, with the sha256 of the ids it holds (checked when it is loaded), and
+memory-mapped from there on, so that a large corpus costs little RAM. See docs/data.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import io
 import json
+import mmap
 import os
 import platform
+import shutil
 import sys
 import sysconfig
 import urllib.error
@@ -26,9 +30,11 @@ from pathlib import Path
 
 import torch
 
+from . import datacache
 from .config import TrainConfig
 from .console import note
 from .errors import CharlstmError, UsageError
+from .textfiles import check_regular
 
 # --------------------------------------------------------------------------- constants
 
@@ -44,7 +50,8 @@ PYSTDLIB_EXCLUDED_DIRS = frozenset({
     "encodings", "pydoc_data", "lib-dynload",
 })
 
-CACHE_FORMAT = 1                  # bump when the token cache layout changes
+CACHE_FORMAT = 2                  # bump when the token cache layout changes (2: ids_sha256 in the header)
+BUILT_IN = ("pystdlib", "tinyshakespeare")   # --data names that are not paths
 CHUNK_BYTES = 4 * 1024 * 1024     # bytes read, decoded and encoded at a time (bounds memory)
 UTF32_SLICE_CHARS = 1024 * 1024   # characters turned into a UTF-32 buffer at a time
 BINARY_SNIFF_BYTES = 8192         # a NUL byte in the first 8 KiB marks a binary file (as git does)
@@ -199,6 +206,7 @@ class _Source:
     description: str
     files: list[Path]
     skipped: list[Path] = field(default_factory=list)
+    path: str | None = None        # the absolute path of a file or directory source
 
 
 def stdlib_root() -> Path:
@@ -271,15 +279,43 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_tinyshakespeare(data_dir: Path = Path("data"), *, progress: bool = True) -> Path:
-    """Path of tinyshakespeare under `data_dir`, downloaded and checksummed on first use.
+LEGACY_DATA_DIR = Path("data")    # where charlstm cached data before the user cache (read once, never written)
+
+
+def _adopt_legacy_download(target: Path) -> bool:
+    """Copy ./data/tinyshakespeare.txt (the cache of older versions) into the user cache when its
+    checksum is right, instead of downloading it again; True when it did."""
+    legacy = LEGACY_DATA_DIR / target.name
+    try:
+        if legacy.resolve() == target.resolve() or not legacy.is_file() \
+                or _file_sha256(legacy) != TINYSHAKESPEARE_SHA256:
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f"{target.name}.part-{os.getpid()}")
+        shutil.copyfile(legacy, part)
+        os.replace(part, target)
+    except OSError:
+        return False
+    note(f"note: copied {legacy} into the user cache {target.parent} (charlstm no longer caches under "
+         f"./data; it can be removed)")
+    return True
+
+
+def download_tinyshakespeare(data_dir: Path | None = None, *, progress: bool = True) -> Path:
+    """Path of tinyshakespeare under `data_dir` (default: the user's data cache), downloaded and
+    checksummed on first use.
 
     The URL is TINYSHAKESPEARE_URL unless the environment variable
-    CHARLSTM_TINYSHAKESPEARE_URL names another (a mirror, a file:// URL).
+    CHARLSTM_TINYSHAKESPEARE_URL names another (a mirror, a file:// URL). With the default
+    `data_dir`, a checksummed ./data/tinyshakespeare.txt of older versions is copied, not fetched.
     """
-    data_dir = Path(data_dir)
+    default_dir = data_dir is None
+    data_dir = Path(data_dir) if data_dir is not None else datacache.data_dir()
     target = data_dir / "tinyshakespeare.txt"
     if target.is_file() and _file_sha256(target) == TINYSHAKESPEARE_SHA256:
+        datacache.touch(target)
+        return target
+    if default_dir and _adopt_legacy_download(target):
         return target
     url = _tinyshakespeare_url()
     try:
@@ -321,7 +357,7 @@ def download_tinyshakespeare(data_dir: Path = Path("data"), *, progress: bool = 
     return target
 
 
-def _resolve_source(source: str, data_dir: Path, progress: bool) -> _Source:
+def _resolve_source(source: str, data_dir: Path | None, progress: bool) -> _Source:
     """Turn a --data value into the list of files to read."""
     if source == "pystdlib":
         root = stdlib_root()
@@ -356,10 +392,10 @@ def _resolve_source(source: str, data_dir: Path, progress: bool) -> _Source:
                 + (f" ({len(binary)} binary file(s) skipped)" if binary else "")
                 + "; pass a directory containing UTF-8 text files, or a file"
             )
-        return _Source(source, f"directory {path.resolve()} ({len(text)} text files)", text, binary)
-    if not path.is_file():
-        raise CharlstmError(f"--data {source}: not a regular file or directory; pass a UTF-8 text file or a directory")
-    return _Source(source, f"file {path.resolve()}", [path])
+        return _Source(source, f"directory {path.resolve()} ({len(text)} text files)", text, binary,
+                       path=str(path.resolve()))
+    check_regular(path, "--data", directory_ok=True)   # a FIFO, a device, a socket: one line, never a hang
+    return _Source(source, f"file {path.resolve()}", [path], path=str(path.resolve()))
 
 
 # --------------------------------------------------------------------------- reading and decoding
@@ -520,7 +556,7 @@ def _mappings_of(start: int, end: int) -> list[tuple[int, int]]:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split(maxsplit=5)
-                if len(fields) < 6 or fields[5].rstrip("\n") not in _MAPPED_FILES:
+                if len(fields) < 6 or fields[5].rstrip("\n").removesuffix(" (deleted)") not in _MAPPED_FILES:
                     continue
                 lo, hi = (int(a, 16) for a in fields[0].split("-"))
                 lo, hi = max(lo, start), min(hi, end)
@@ -573,8 +609,35 @@ def _cache_paths(data_dir: Path, key: str) -> tuple[Path, Path]:
     return base / f"{key}.json", base / f"{key}.bin"
 
 
+_VERIFIED: dict[str, tuple[int, int, int]] = {}   # cache files whose ids matched their sha256 in this process
+
+
+def _ids_sha256(path: Path) -> str:
+    """sha256 of a token cache file, read through a memory map (about 0.15 s per 100 MB)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return hashlib.sha256().hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return hashlib.sha256(m).hexdigest()
+
+
+def _ids_match(bin_path: Path, expected: str) -> bool:
+    """Whether the ids file still holds what was written (its sha256); hashed once per process
+    for as long as the file's size, time and inode stay the same."""
+    st = bin_path.stat()
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+    real = os.path.realpath(bin_path)
+    if _VERIFIED.get(real) == stamp:
+        return True
+    if _ids_sha256(bin_path) != expected:
+        return False
+    _VERIFIED[real] = stamp
+    return True
+
+
 def _load_cached(data_dir: Path, key: str) -> tuple[Vocab, torch.Tensor, dict] | None:
-    """(vocab, memory-mapped tokens, header) from the cache, or None when absent or unusable."""
+    """(vocab, memory-mapped tokens, header) from the cache, or None when absent or unusable
+    (missing, another format, the wrong size, or ids that do not match their stored sha256)."""
     meta_path, bin_path = _cache_paths(data_dir, key)
     try:
         header = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -586,9 +649,24 @@ def _load_cached(data_dir: Path, key: str) -> tuple[Vocab, torch.Tensor, dict] |
         itemsize = torch.empty(0, dtype=dtype).element_size()
         if n <= 0 or bin_path.stat().st_size != n * itemsize:
             return None
+        if not _ids_match(bin_path, str(header["ids_sha256"])):
+            note(f"warning: the token cache {bin_path} does not match its stored sha256 (damaged); rebuilding it")
+            return None
+        datacache.touch(meta_path)                     # its last use, for least-recently-used pruning
         return vocab, _map_tokens(bin_path, n, dtype), header
     except (OSError, ValueError, KeyError, TypeError, CharlstmError, RuntimeError):
         return None
+
+
+class _HashingWriter:
+    """A binary file that also hashes what is written to it."""
+
+    def __init__(self, out):
+        self.out, self.sha256 = out, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.out.write(data)
 
 
 def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, total_bytes: int,
@@ -640,7 +718,7 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
         "format": CACHE_FORMAT, "sha256": sha, "name": src.name, "source": src.description,
         "n_tokens": n_tokens, "dtype": str(dtype).removeprefix("torch."),
         "invalid_utf8": invalid_utf8 if replaced else "strict", "vocab": vocab.to_json(),
-    }
+    }   # + ids_sha256 once the ids are written
     key = sha + ("-replace" if replaced else "")
     meta_path, bin_path = _cache_paths(data_dir, key)
     tmp_bin = bin_path.with_name(f"{bin_path.name}.tmp-{_writer_tag()}")
@@ -654,15 +732,19 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
         tmp_bin, tmp_meta, out = None, None, io.BytesIO()
     try:
         with out:
-            written = _write_ids(src, vocab, lut, invalid_utf8, out, total_bytes, progress)
+            hashed = _HashingWriter(out)
+            written = _write_ids(src, vocab, lut, invalid_utf8, hashed, total_bytes, progress)
             if written != n_tokens:
                 raise CharlstmError(f"{src.name} changed while it was being read; try again once it is stable")
+            header["ids_sha256"] = hashed.sha256.hexdigest()
             if tmp_bin is None:
                 buffer = bytearray(out.getbuffer())
                 return vocab, torch.frombuffer(buffer, dtype=dtype), header
         tmp_meta.write_text(json.dumps(header), encoding="utf-8")
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_meta, meta_path)
+        st = bin_path.stat()
+        _VERIFIED[os.path.realpath(bin_path)] = (st.st_size, st.st_mtime_ns, st.st_ino)
     finally:
         for leftover in (tmp_bin, tmp_meta):
             if leftover is not None:
@@ -673,7 +755,7 @@ def _build_cache(src: _Source, data_dir: Path, sha: str, invalid_utf8: str, tota
     return vocab, _map_tokens(bin_path, n_tokens, dtype), header
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def tensor_bytes(t: torch.Tensor) -> bytes:
     """The raw bytes of a contiguous CPU tensor (without numpy)."""
     t = t.contiguous()
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
@@ -700,7 +782,7 @@ def _write_ids(src: _Source, vocab: Vocab, lut: torch.Tensor, invalid_utf8: str,
             text = raw.decode("ascii")
         for start in range(0, len(text), UTF32_SLICE_CHARS):  # bounds the UTF-32 buffer
             cps = _code_points(text[start:start + UTF32_SLICE_CHARS])   # (n,) int32
-            out.write(_tensor_bytes(lut.index_select(0, cps)))           # (n,) ids in the cache dtype
+            out.write(tensor_bytes(lut.index_select(0, cps)))           # (n,) ids in the cache dtype
             written += cps.numel()
             del cps
     bar.close()
@@ -721,6 +803,7 @@ class Corpus:
     n_files: int = 1
     skipped: list[str] = field(default_factory=list)   # binary files skipped in a directory
     invalid_utf8: str = "strict"   # 'replace' when undecodable bytes were read as U+FFFD
+    path: str | None = None        # absolute path of a file or directory source (None: built in)
 
     def __len__(self) -> int:
         return self.tokens.numel()
@@ -744,7 +827,8 @@ class Corpus:
         }
 
     def meta(self) -> dict:
-        """JSON-safe identity of the corpus, stored in checkpoints."""
+        """JSON-safe identity of the corpus, stored in checkpoints ("path": the absolute path of a file
+        or directory source, so that a run finds its data from any working directory)."""
         return {
             "name": self.name,
             "source": self.source,
@@ -753,21 +837,23 @@ class Corpus:
             "vocab_size": len(self.vocab),
             "n_files": self.n_files,
             "invalid_utf8": self.invalid_utf8,
+            **({"path": self.path} if self.path is not None else {}),
         }
 
 
-def load_corpus(source: str = "pystdlib", *, data_dir: Path = Path("data"),
+def load_corpus(source: str = "pystdlib", *, data_dir: Path | None = None,
                 invalid_utf8: str = "strict", progress: bool = True) -> Corpus:
     """Load a corpus by --data value: read, decode, encode (cached under data_dir/tokens), map.
 
-    `invalid_utf8` is 'strict' (CharlstmError naming file and byte offset) or
-    'replace' (bad bytes become U+FFFD). Progress bars go to stderr.
+    `data_dir` defaults to the user's data cache (datacache.data_dir: $CHARLSTM_DATA_DIR, else
+    $XDG_CACHE_HOME/charlstm/data). `invalid_utf8` is 'strict' (CharlstmError naming file and byte
+    offset) or 'replace' (bad bytes become U+FFFD). Progress bars go to stderr.
     """
     if invalid_utf8 not in ("strict", "replace"):
         raise UsageError(f"--invalid-utf8 must be strict or replace (got {invalid_utf8!r})")
     source = str(source)
-    data_dir = Path(data_dir)
-    src = _resolve_source(source, data_dir, progress)
+    src = _resolve_source(source, None if data_dir is None else Path(data_dir), progress)
+    data_dir = datacache.data_dir() if data_dir is None else Path(data_dir)
     total = sum(p.stat().st_size for p in src.files)
     bar = _Progress(total, "hashing corpus", progress)
     sha = _stream_sha256(src.files, on_bytes=bar.update)
@@ -777,9 +863,74 @@ def load_corpus(source: str = "pystdlib", *, data_dir: Path = Path("data"),
         cached = _load_cached(data_dir, sha + "-replace")
     if cached is None:
         cached = _build_cache(src, data_dir, sha, invalid_utf8, total, progress)
+        _prune(data_dir, sha)
     vocab, tokens, header = cached
     return Corpus(
         name=src.name, source=src.description, sha256=sha, vocab=vocab, tokens=tokens,
         n_files=len(src.files), skipped=[str(p) for p in src.skipped],
-        invalid_utf8=header.get("invalid_utf8", "strict"),
+        invalid_utf8=header.get("invalid_utf8", "strict"), path=src.path,
     )
+
+
+def _prune(data_dir: Path, sha: str) -> None:
+    """Keep the token caches within their cap after a new one was written (never the new one)."""
+    try:
+        removed = datacache.prune(data_dir, keep=sha, cap=datacache.cap_bytes())
+    except OSError:
+        return
+    if removed:
+        freed = datacache.format_bytes(sum(e.bytes for e in removed))
+        note(f"note: removed {len(removed)} least recently used token cache(s) ({freed}) from {data_dir} to stay "
+             f"under {datacache.CACHE_MAX_ENV}={datacache.format_bytes(datacache.cap_bytes() or 0)}")
+
+
+def map_tokens(path: Path, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N,) tokens of a raw ids file, memory-mapped privately (`release_pages` drops what was read)."""
+    return _map_tokens(path, n, dtype)
+
+
+# --------------------------------------------------------------------------- where a run's data is
+
+def stored_path(meta: dict | None) -> str | None:
+    """The absolute path of a run's file or directory corpus, from its stored corpus meta: "path"
+    where the run stored it, else read from "source" (runs written before "path" existed)."""
+    meta = meta or {}
+    if isinstance(meta.get("path"), str):
+        return meta["path"]
+    source = str(meta.get("source", ""))
+    for kind in ("file ", "directory "):
+        if source.startswith(kind):
+            rest = source[len(kind):]
+            return rest.rsplit(" (", 1)[0] if kind == "directory " else rest
+    return None
+
+
+def locate_data(data: str, meta: dict | None) -> str:
+    """The --data value that finds a run's corpus (stored as `data`, with its corpus `meta`) from the
+    current directory: `data` itself where it is a built-in name or names the stored path from here;
+    else the absolute path the run stored, where it exists; else `data` (relative to here: a moved
+    project)."""
+    path = stored_path(meta)
+    if data in BUILT_IN or path is None or os.path.abspath(os.path.expanduser(data)) == path:
+        return data
+    return path if os.path.exists(path) else data
+
+
+def same_source(stored_meta: dict | None, given: str) -> bool:
+    """Whether --data `given` names the data a run was trained on (its stored corpus meta): the same
+    built-in name, the same absolute path, or a file or directory whose bytes have the stored sha256."""
+    meta = stored_meta or {}
+    given = str(given)
+    if given in BUILT_IN or meta.get("name") in BUILT_IN:
+        return given == meta.get("name")
+    path = stored_path(meta)
+    if path is not None and os.path.abspath(os.path.expanduser(given)) == path:
+        return True
+    if not meta.get("sha256"):
+        return False
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):   # no binary-file warnings for a mere comparison
+            src = _resolve_source(given, None, progress=False)
+        return _stream_sha256(src.files) == meta["sha256"]
+    except CharlstmError:
+        return False

@@ -64,7 +64,7 @@ def run_files(run_dir: Path) -> list[Path]:
             if p.name in _RUN_ENTRIES + _SETTINGS or ckpt_mod.CKPT_PATTERN.match(p.name) or p.name.startswith(_TEMPORARY)]
     foreign = sorted(p.name for p in run_dir.iterdir() if p not in ours)
     if foreign:
-        raise UsageError(f"--overwrite: {run_dir} also holds files charlstm did not write ({', '.join(foreign[:5])}); "
+        raise UsageError(f"--overwrite: {run_dir} also holds files charlstm did not write ({', '.join(foreign[:5])}{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}); "
                          "remove them or choose another --out")
     return ours
 

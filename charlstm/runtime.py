@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
+from .console import note
 from .errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -31,10 +33,30 @@ def check_threads(threads: int | None) -> None:
         raise UsageError(f"--threads must be >= 1 (got {threads})")
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def usable_threads(threads: int | None, option: str = "--threads") -> int | None:
+    """``threads`` capped at the cores this process has, with a note when it was more (more threads
+    than cores only make torch's threads wait for each other); UsageError below 1; None stays None."""
+    check_threads(threads)
+    cores = cpu_cores()
+    if threads is not None and threads > cores:
+        note(f"note: {option} {threads} is more than the {cores} CPU core(s) here; using {cores}")
+        return cores
+    return threads
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
-    """Run the body with ``threads`` torch intra-op threads (None: leave torch's setting), then restore."""
-    check_threads(threads)
+    """Run the body with ``threads`` torch intra-op threads (None: leave torch's setting; more than
+    the cores: capped with a note, see `usable_threads`), then restore."""
+    threads = usable_threads(threads)
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from .checkpoint import load_checkpoint, resolve_checkpoint, write_text_atomic
 from .console import note
 from .corpus import encode_text
 from .errors import CharlstmError, UsageError
+from .memory import check_fits, estimate_sampling_bytes
 from .runtime import check_threads, resolve_device, torch_threads
 from .sampling import SamplingOptions, gumbel_noise
 from .steppers import make_stepper, read_prime, stepping_threads
+from .textfiles import read_text
 
 CHUNK = 32               # characters generated between two streaming callbacks
 
@@ -160,19 +163,7 @@ class _Stream:
 def read_prime_file(path: Path) -> str:
     """The text of ``--prime-file``, exactly as the UTF-8 file holds it (a final newline included);
     CharlstmError, one line, for a missing, unreadable, undecodable or non-regular file."""
-    path = Path(path)
-    if not path.exists():
-        raise CharlstmError(f"--prime-file {path} does not exist")
-    if not path.is_file():                  # a directory, a FIFO or a device: nothing to read once
-        raise CharlstmError(f"--prime-file {path} is not a regular file; give a UTF-8 text file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CharlstmError(f"cannot read --prime-file {path}: {e.strerror or e}") from e
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CharlstmError(f"--prime-file {path} is not UTF-8 text: undecodable byte at offset {e.start}") from None
+    return read_text(Path(path), "--prime-file")
 
 
 def run_from_cli(*, run: Path | None, prime: str, length: int, temperature: float, top_k: int | None,
@@ -196,8 +187,31 @@ def run_from_cli(*, run: Path | None, prime: str, length: int, temperature: floa
                            precision=precision, checkpoints=checkpoints)
 
 
+def write_output(path: Path, text: str) -> None:
+    """Write the samples to --output: a regular file (or a new one) atomically, anything else (a
+    pipe, /dev/stdout, a device) directly, as a shell redirection would; CharlstmError when it fails
+    (a full disk, /dev/full), with no temporary file left behind."""
+    path = Path(path)
+    try:
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+        else:
+            write_text_atomic(path, text)
+    except OSError as e:
+        raise CharlstmError(f"cannot write --output {path}: {e.strerror or e}") from e
+
+
+def check_top_k(top_k: int | None) -> None:
+    """UsageError for --top-k below 1 (leave it out to sample from every character)."""
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"--top-k must be >= 1 (got {top_k}); leave it out to sample from every character")
+
+
 def _sample_command(*, run, prime, prime_name, length, temperature, top_k, top_p, greedy, seed, num_samples, output,
                     no_stream, unknown, device, threads, precision, checkpoints) -> Generation | None:
+    check_top_k(top_k)
     options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
     if length < 0:
         raise UsageError(f"--length must be >= 0 (got {length})")
@@ -212,16 +226,16 @@ def _sample_command(*, run, prime, prime_name, length, temperature, top_k, top_p
     if run is None:
         note(f"sampling from {path} (the most recent run under {checkpoints}/)")
     ckpt = load_checkpoint(path, map_location=dev)
+    check_fits(estimate_sampling_bytes(ckpt.model_cfg, num_samples, length, len(prime)),
+               f"sampling --num-samples {num_samples} --length {length}",
+               "generate fewer samples at a time or shorter ones", dev)
     stream = _Stream(num_samples) if output is None and not no_stream else None
     try:
         gen = generate(ckpt.model, ckpt.vocab, prime=prime, length=length, num_samples=num_samples, options=options,
                        seed=seed, unknown=unknown, on_text=stream, precision=precision, threads=threads,
                        prime_name=prime_name)
         if output is not None:
-            try:
-                write_text_atomic(Path(output), format_samples(gen.texts))
-            except OSError as e:
-                raise CharlstmError(f"cannot write --output {output}: {e.strerror or e}") from e
+            write_output(Path(output), format_samples(gen.texts))
             note(f"wrote {num_samples} sample(s), {sum(len(t) for t in gen.texts):,} characters, to {output}")
         elif stream is not None:
             stream.finish(gen.texts)

@@ -12,6 +12,7 @@ from rich.table import Table
 from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
 from .config import PRESETS, ModelConfig, TrainConfig, parse_duration
+from .corpus import locate_data, same_source
 from .errors import UsageError
 from .observers import EvalNotes, MetricsFile, ProgressBar, format_time
 from .trainer import Observer, Trainer, TrainResult
@@ -20,7 +21,7 @@ from .trainer_state import LN2
 # Options that may differ from the stored run when resuming (they do not change what a step computes).
 RESUMABLE_OPTIONS = frozenset({
     "max_steps", "max_epochs", "max_time", "eval_every", "checkpoint_every", "keep",
-    "device", "threads", "sample_chars", "log_every",
+    "device", "threads", "sample_chars", "log_every", "eval_chars",
 })
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -113,8 +114,12 @@ def resume_configs(resume: Path, options: dict) -> tuple[ModelConfig, TrainConfi
             train_d[key] = value
         elif key in ("out", "name"):
             continue
+        elif key == "data" and same_source(config.get("corpus"), value):
+            train_d["data"] = value        # the run's data by another path: the sha256 decides
         elif stored != value:
             changed.append(f"--{key.replace('_', '-')}")
+    if "data" not in options:
+        train_d["data"] = locate_data(train_d["data"], config.get("corpus"))
     if changed:
         raise UsageError(
             f"--resume continues a run with its own settings; {', '.join(changed)} cannot change "

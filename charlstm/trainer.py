@@ -24,10 +24,11 @@ from .config import ModelConfig, TrainConfig
 from .console import debug, note
 from .corpus import load_corpus
 from .errors import CharlstmError, UsageError
-from .evaluation import evaluate_loss, sample_text
+from .evaluation import eval_slice, evaluate_loss, sample_text, slow_eval_note
+from .memory import check_training
 from .model import State, build_model, describe_backend, detach_state
 from .optim import Diverged, budget_fraction, learning_rate, make_optimizer, optimisation_step, which_budget
-from .runtime import resolve_device
+from .runtime import resolve_device, usable_threads
 from .trainer_state import TrainerState, rng_state, set_rng_state
 
 
@@ -160,8 +161,9 @@ class Trainer:
         if resume is not None and init_from is not None:
             raise UsageError("--resume and --init-from cannot be combined: resume continues a run, init-from starts a new one")
         if train_cfg.threads:
-            torch.set_num_threads(train_cfg.threads)
+            torch.set_num_threads(usable_threads(train_cfg.threads))
         self.model_cfg, self.train_cfg, self.init_from = model_cfg, train_cfg, init_from
+        self.progress = progress             # bars for loading the corpus and long evaluations (rank 0's)
         self.observers = list(observers)
         self.steps_done, self.carried, self.train_time, self.chars_seen = 0, None, 0.0, 0
         self.best_val_loss, self.best_step, self.val_loss, self.eval_step = None, None, None, -1
@@ -223,7 +225,7 @@ class Trainer:
             raise CharlstmError(f"--data {cfg.data} is not the same text on every host (sha256 differs); "
                                 "give every process the same corpus")
         splits = self.corpus.split(cfg.val_frac, cfg.test_frac)
-        self.train_tokens, self.val_tokens = splits["train"], splits["val"]
+        self.train_tokens, self.val_tokens = splits["train"], eval_slice(splits["val"], cfg.eval_chars)
         self.has_val = self.val_tokens.numel() > 1
         self.vocab = self.corpus.vocab
         self.token_map = None                # corpus ids -> the model's ids (--init-from another vocabulary)
@@ -266,6 +268,7 @@ class Trainer:
             model_cfg = dataclasses.replace(model_cfg, vocab_size=len(self.vocab))
             if model_cfg.init == "chrono" and model_cfg.chrono_tmax == 0:
                 model_cfg.chrono_tmax = cfg.seq_len
+        check_training(model_cfg, cfg, len(self.vocab), self.device)     # refused with the figures, not OOM-killed
         self.model = build_model(model_cfg, self.device)   # compiles the native loops it takes, before any timing
         self.model_cfg = self.model.cfg
         debug(f"recurrent layers: {describe_backend(self.model)}")
@@ -412,7 +415,12 @@ class Trainer:
     def evaluate(self) -> Evaluation:
         """The loss on the whole validation split and a sample; keeps the best. Under torchrun rank 0
         evaluates and the others wait for its figures."""
+        started = time.perf_counter()
         loss, chars, text = dist_mod.on_main(self._evaluate_here, self.ctx)
+        if self.eval_step < 0 and self.ctx.is_main:       # the first evaluation: say so when it is slow
+            slow = slow_eval_note(time.perf_counter() - started, chars, self.train_cfg.eval_chars)
+            if slow:
+                note(slow)
         improved = self.best_val_loss is None or loss < self.best_val_loss
         self.val_loss, self.eval_step = loss, self.steps_done
         if improved:
@@ -425,7 +433,8 @@ class Trainer:
         cfg = self.train_cfg
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # training RNG untouched
             loss, chars = evaluate_loss(self.model, self.val_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                                        device=self.device, token_map=self.token_map)
+                                        device=self.device, token_map=self.token_map,
+                                        progress=self.progress and self.ctx.is_main)
             text = sample_text(self.model, self.vocab, cfg.sample_chars, device=self.device, seed=cfg.seed + self.steps_done)
         return loss, chars, text
 

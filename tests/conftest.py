@@ -36,7 +36,7 @@ def tiny_text(repeat: int = 40) -> str:
 @pytest.fixture(autouse=True)
 def _clean_charlstm_env():
     """Each test starts and ends without CHARLSTM_* switches (``--debug`` sets CHARLSTM_DEBUG in-process)."""
-    names = ("CHARLSTM_DEBUG", "CHARLSTM_TINYSHAKESPEARE_URL")
+    names = ("CHARLSTM_DEBUG", "CHARLSTM_TINYSHAKESPEARE_URL", "CHARLSTM_DATA_DIR", "CHARLSTM_CACHE_MAX")
     saved = {n: os.environ.pop(n) for n in names if n in os.environ}
     yield
     for n in names:

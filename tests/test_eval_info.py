@@ -111,10 +111,15 @@ def test_eval_on_a_text_file_counts_unknown_characters(work):
     assert r.exit_code == 1 and "does not exist" in r.stderr
 
 
-def test_eval_warns_when_the_corpus_changed(work, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.txt").write_text(tiny_text()[:-200], encoding="utf-8")
-    r = invoke("eval", work / "run", "--json")
+def test_eval_warns_when_the_corpus_changed(work):
+    # The run reads its corpus where it was trained (the absolute path it stored): change that file.
+    corpus = work / "tiny.txt"
+    original = corpus.read_bytes()
+    corpus.write_text(tiny_text()[:-200], encoding="utf-8")
+    try:
+        r = invoke("eval", work / "run", "--json")
+    finally:
+        corpus.write_bytes(original)
     assert r.exit_code == 0, r.output
     assert "has changed since" in r.stderr and json.loads(r.stdout)["corpus_changed"] is True
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import draw, save_run, text_model, tiny_model, tiny_text, tiny_vocab
 from typer.testing import CliRunner
 
+from charlstm import checkpoint as ck
 from charlstm.cli import app
 from charlstm.errors import CharlstmError, UsageError
 from charlstm.sample import format_samples, generate
@@ -243,6 +246,10 @@ def test_sample_command_options(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, code, message", [
     (["--temperature", "0"], 2, "--temperature must be > 0"),
+    (["--temperature", "nan"], 2, "--temperature must be > 0"),
+    (["--top-k", "0"], 2, "--top-k must be >= 1 (got 0); leave it out to sample from every character"),
+    (["--top-k", "-3"], 2, "--top-k must be >= 1 (got -3)"),
+    (["--top-p", "nan"], 2, "--top-p"),
     (["--top-p", "2"], 2, "--top-p"),
     (["--num-samples", "0"], 2, "--num-samples"),
     (["--length", "-1"], 2, "--length"),
@@ -275,8 +282,8 @@ def test_prime_file_gives_the_text_of_the_same_prime(tmp_path):
 
 @pytest.mark.parametrize("make, args, code, message", [
     (lambda d: None, [], 1, "--prime-file {d}/p.txt does not exist"),
-    (lambda d: (d / "p.txt").mkdir(), [], 1, "--prime-file {d}/p.txt is not a regular file"),
-    (lambda d: os.mkfifo(d / "p.txt"), [], 1, "--prime-file {d}/p.txt is not a regular file"),
+    (lambda d: (d / "p.txt").mkdir(), [], 1, "--prime-file {d}/p.txt is a directory; give one text file"),
+    (lambda d: os.mkfifo(d / "p.txt"), [], 1, "--prime-file {d}/p.txt is a FIFO (named pipe), not a regular file"),
     (lambda d: (d / "p.txt").write_bytes(b"ab\xffc"), [], 1,
      "--prime-file {d}/p.txt is not UTF-8 text: undecodable byte at offset 2"),
     (lambda d: (d / "p.txt").write_text("a", encoding="utf-8"), ["--prime", "b"], 2,
@@ -293,6 +300,27 @@ def test_prime_file_errors_are_one_clear_line(tmp_path, make, args, code, messag
     assert r.exit_code == code, r.output
     assert message.format(d=tmp_path) in r.stderr and "Traceback" not in r.output
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_output_that_cannot_be_written_fails_and_leaves_nothing(tmp_path, monkeypatch):
+    save_run(tmp_path / "run")
+    if Path("/dev/full").exists():
+        before = set(os.listdir("/dev"))
+        r = invoke(tmp_path / "run", "--length", "20", "--seed", "1", "--output", "/dev/full")
+        assert r.exit_code == 1 and r.stderr == "error: cannot write --output /dev/full: No space left on device\n"
+        assert set(os.listdir("/dev")) == before and Path("/dev/full").is_char_device()   # still the device
+    # a full disk while the file is written: the temporary file goes, the error is one line
+    def full(path, text):
+        Path(path).write_text(text[:3], encoding="utf-8")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "_write_text", full)
+    r = invoke(tmp_path / "run", "--length", "20", "--seed", "1", "--output", tmp_path / "sample.txt")
+    assert r.exit_code == 1 and "No space left on device" in r.stderr and "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # a pipe or a device other than a full one is written as a shell redirection would
+    r = invoke(tmp_path / "run", "--length", "20", "--seed", "1", "--output", "/dev/null")
+    assert r.exit_code == 0 and Path("/dev/null").is_char_device()
 
 
 def test_damaged_or_missing_checkpoints_exit_1(tmp_path, monkeypatch):

@@ -31,8 +31,9 @@ from ..console import note
 from ..corpus import Vocab, load_corpus
 from ..errors import CharlstmError
 from ..longgap import LongGapTask, train_long_gap
+from ..memory import check_fits, estimate_training_bytes
 from ..model import resolve_backend
-from ..runtime import resolve_device
+from ..runtime import resolve_device, usable_threads
 from .report import LN2, corpus_summary, long_gap_summary, write_corpus_files, write_long_gap_files
 from .settings import match_parameters, reference_parameters, threads_per_job
 
@@ -42,6 +43,7 @@ RESULT_FILE = "result.json"
 def run_comparison(settings: CompareConfig, *, progress: bool = True, plot: bool = True) -> dict:
     """Train (or read back) every run of the comparison; write the files and return the summary."""
     resolve_device(settings.train.device)       # a device that is not there: one line before any run starts
+    settings.train.threads = usable_threads(settings.train.threads)
     if settings.task == "long-gap":
         return compare_long_gap(settings, progress=progress, plot=plot)
     return compare_corpus(settings, progress=progress, plot=plot)
@@ -54,11 +56,21 @@ def compare_corpus(settings: CompareConfig, *, progress: bool = True, plot: bool
     hidden_sizes = match_parameters(settings, vocab_size) if settings.match_params else None
     settings.out.mkdir(parents=True, exist_ok=True)
     specs = plan_runs(settings, vocab_size, hidden_sizes)
+    check_memory(settings, specs, vocab_size)
     results = run_all(specs, settings, progress=progress)
     reference = reference_parameters(settings, vocab_size) if settings.match_params else None
     summary = corpus_summary(settings, [results[s["run_dir"]] for s in specs], corpus.meta(), reference)
     write_corpus_files(summary, settings, plot)
     return summary
+
+
+def check_memory(settings: CompareConfig, specs: list[dict], vocab_size: int) -> None:
+    """Refuse, with the figures, a comparison whose --jobs runs at a time cannot fit in memory."""
+    at_once = min(settings.jobs, len(specs))
+    needed = at_once * max(estimate_training_bytes(ModelConfig.from_dict(s["model_cfg"]),
+                                                   TrainConfig.from_dict(s["train_cfg"]), vocab_size) for s in specs)
+    check_fits(needed, f"training {at_once} run(s) at a time", "use a smaller --hidden, --layers, --batch-size "
+               "or --seq-len, or fewer --jobs", resolve_device(settings.train.device))
 
 
 def compare_long_gap(settings: CompareConfig, *, progress: bool = True, plot: bool = True) -> dict:

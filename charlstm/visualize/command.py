@@ -21,6 +21,7 @@ from ..corpus import encode_text
 from ..errors import CharlstmError, UsageError
 from ..plots import PlottingUnavailable, have_matplotlib
 from ..runtime import resolve_device
+from ..textfiles import read_text
 from .analysis import SATURATION_HIGH, SATURATION_LOW, colour_value, plot_saturation, rank_units, rgb, saturation
 from .page import build_page
 from .quantities import QUANTITY_HELP, quantities_for
@@ -88,15 +89,7 @@ def read_text_arg(text: str | None, text_file: Path | None) -> str:
     if (text is None) == (text_file is None):
         raise UsageError("give the text to visualise with exactly one of --text TEXT or --text-file FILE")
     if text_file is not None:
-        path = Path(text_file)
-        if not path.is_file():
-            raise CharlstmError(f"--text-file {path}: no such file")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CharlstmError(f"--text-file {path} is not valid UTF-8 (byte {e.start}); save it as UTF-8") from e
-        except OSError as e:
-            raise CharlstmError(f"cannot read --text-file {path}: {e.strerror or e}") from e
+        text = read_text(Path(text_file), "--text-file")   # a regular UTF-8 file: one line for anything else
     if not text:
         raise CharlstmError("the text to visualise is empty")
     return text
