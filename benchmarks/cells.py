@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     configs = [c for c in CONFIGS if only is None or c[1] in only or c[1] == "lstm"]
     T, B = args.seq_len, args.batch
     steps = []
-    for label, variant, backend, extra in configs:
+    for _label, variant, backend, extra in configs:
         cfg = ModelConfig(vocab_size=args.vocab, variant=variant, backend=backend, embed=args.embed,
                           hidden=args.hidden, layers=args.layers, **extra)
         steps.append(make_step(cfg, T, B, seed=0))
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
             times[k].append(step())
 
     rows = []
-    for (label, variant, backend, _), ts in zip(configs, times):
+    for (label, _variant, backend, _), ts in zip(configs, times):
         med = statistics.median(ts)
         rows.append({"cell": label, "backend": backend, "step_ms": 1000 * med, "chars_per_s": T * B / med,
                      "spread": (max(ts) - min(ts)) / med})

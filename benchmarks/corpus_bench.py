@@ -178,8 +178,8 @@ def main() -> int:
         results["batch_rss_growth_mb"] = growth
         results["batch_rss_growth_allowed_mb"] = allowed
         if growth > allowed:
-            failures.append(f"batching peak private memory grew {growth:.1f} MB from {small['corpus']} to {large['corpus']} "
-                            f"(allowed {allowed:.1f})")
+            failures.append(f"batching peak private memory grew {growth:.1f} MB from {small['corpus']} "
+                            f"to {large['corpus']} (allowed {allowed:.1f})")
     results["failures"] = failures
 
     if opts.json:
@@ -194,7 +194,8 @@ def main() -> int:
                   f"{r['seconds']:>10.2f}{b['chars_per_s'] / 1e6:>14.1f}{b['peak_rss_above_baseline_mb']:>14.1f}"
                   f"{b['anon_peak_mb']:>14.1f}{b['file_rss_end_mb']:>14.1f}")
         if "batch_rss_growth_mb" in results:
-            print(f"batching peak private (anonymous) memory growth {ascii_rows[0]['corpus']} -> {ascii_rows[-1]['corpus']}: "
+            print(f"batching peak private (anonymous) memory growth "
+                  f"{ascii_rows[0]['corpus']} -> {ascii_rows[-1]['corpus']}: "
                   f"{results['batch_rss_growth_mb']:.1f} MB (allowed {results['batch_rss_growth_allowed_mb']:.1f})")
         for f in failures:
             print(f"FAIL: {f}", file=sys.stderr)

@@ -234,7 +234,7 @@ def layer_bench(plan: Plan, H: int, B: int) -> dict:
             x = torch.randn(T, B, E, device=dev, requires_grad=True)
             state = cell.zero_state(B, device=dev)
             for name, layer in _paths(kind, cell, dtype).items():
-                def step(layer=layer):
+                def step(layer=layer, dtype=dtype, x=x, state=state):
                     with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                         h, _ = layer(x, state)
                     h.float().sum().backward()

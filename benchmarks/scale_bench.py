@@ -68,7 +68,7 @@ def phase(args) -> dict:
             batches.RELEASE_EVERY_BYTES = 1 << 62
         t0 = time.perf_counter()
         n = 0
-        for x, _y, mask in batches.eval_windows(corpus.tokens, args.streams, 4096):    # (T, B) windows
+        for _x, _y, mask in batches.eval_windows(corpus.tokens, args.streams, 4096):    # (T, B) windows
             n += int(mask.sum())
         out.update(seconds=time.perf_counter() - t0, chars=n)
     return out

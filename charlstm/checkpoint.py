@@ -92,7 +92,8 @@ def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> Non
             raise TypeError(f"cannot store tensor {name!r} of dtype {t.dtype}")
         nbytes = t.numel() * t.element_size()
         blobs.append(ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b"")
-        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -446,11 +447,13 @@ def resolve_checkpoint(run: Path | None, root: Path = Path("checkpoints"), *, pr
         root = Path(root)
         runs = [p for p in root.iterdir() if _is_run_dir(p)] if root.is_dir() else []
         if not runs:
-            raise CharlstmError(f"no training runs under {root}/; train one with `charlstm train` or name a run directory")
+            raise CharlstmError(f"no training runs under {root}/; train one with `charlstm train` "
+                                "or name a run directory")
         run = max(runs, key=_run_mtime)
     run = Path(run)
     if not run.exists():
-        raise CharlstmError(f"{run} does not exist; give a run directory (e.g. checkpoints/NAME) or a checkpoint directory")
+        raise CharlstmError(f"{run} does not exist; give a run directory (e.g. checkpoints/NAME) "
+                            "or a checkpoint directory")
     if run.is_file():
         if run.name in POINTERS:
             target = read_pointer(run.parent, run.name)
@@ -518,14 +521,17 @@ def verify_checkpoint(path: Path) -> dict:
     if not path.is_dir():
         raise CharlstmError(f"{path} is not a checkpoint directory")
     if not (path / "config.json").is_file():
-        raise CharlstmError(f"{path} is not a charlstm checkpoint (no config.json); give a run or ckpt-* directory written by `charlstm train`")
+        raise CharlstmError(f"{path} is not a charlstm checkpoint (no config.json); "
+                            "give a run or ckpt-* directory written by `charlstm train`")
     config = _read_json(path / "config.json", path)
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
-        raise CharlstmError(f"{path} is not a charlstm checkpoint (its config.json has no \"format\": \"{FORMAT_NAME}\")")
+        raise CharlstmError(f"{path} is not a charlstm checkpoint "
+                            f"(its config.json has no \"format\": \"{FORMAT_NAME}\")")
     version = config.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CharlstmError(
-            f"{path} has checkpoint format version {version!r}; this charlstm reads up to {FORMAT_VERSION}: upgrade charlstm"
+            f"{path} has checkpoint format version {version!r}; "
+            f"this charlstm reads up to {FORMAT_VERSION}: upgrade charlstm"
         )
     manifest = _read_json(path / MANIFEST, path)
     files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -537,9 +543,11 @@ def verify_checkpoint(path: Path) -> dict:
             raise CharlstmError(f"checkpoint {path} is incomplete: {name} is missing")
         size = f.stat().st_size
         if size != entry.get("bytes"):
-            raise CharlstmError(f"checkpoint {path} is damaged: {name} has {size} bytes, {entry.get('bytes')} expected (truncated?)")
+            raise CharlstmError(f"checkpoint {path} is damaged: {name} has {size} bytes, "
+                                f"{entry.get('bytes')} expected (truncated?)")
         if _sha256(f) != entry.get("sha256"):
-            raise CharlstmError(f"checkpoint {path} is damaged: {name} does not match its sha256 in {MANIFEST} (changed or corrupted)")
+            raise CharlstmError(f"checkpoint {path} is damaged: {name} does not match its sha256 in {MANIFEST} "
+                                "(changed or corrupted)")
     for name in CKPT_FILES:
         if name not in files:
             raise CharlstmError(f"checkpoint {path} is damaged: {MANIFEST} does not list {name}")
@@ -564,7 +572,8 @@ def load_optimizer_state(path: Path, optimizer) -> None:
     structure = _read_json(path / "optimizer.json", path)
     if structure.get("class") != type(optimizer).__name__:
         raise CharlstmError(
-            f"checkpoint {path} holds {structure.get('class')} state, not {type(optimizer).__name__}; use --init-from for a fresh optimizer"
+            f"checkpoint {path} holds {structure.get('class')} state, not {type(optimizer).__name__}; "
+            "use --init-from for a fresh optimizer"
         )
     try:
         optimizer.load_state_dict(optimizer_from_files(tensors, structure))
@@ -594,10 +603,12 @@ def load_checkpoint(path: Path, map_location="cpu", *, backend: str | None = Non
         train_cfg = TrainConfig.from_dict(config["train"])
         vocab = Vocab.from_json(config["vocab"])
     except (KeyError, TypeError, ValueError, UsageError) as e:
-        raise CharlstmError(f"checkpoint {path} is incompatible with this charlstm: its config.json does not parse ({e})") from e
+        raise CharlstmError(f"checkpoint {path} is incompatible with this charlstm: "
+                            f"its config.json does not parse ({e})") from e
     if len(vocab) != model_cfg.vocab_size:
         raise CharlstmError(
-            f"checkpoint {path} is inconsistent: {len(vocab)} characters in its vocabulary, model built for {model_cfg.vocab_size}"
+            f"checkpoint {path} is inconsistent: {len(vocab)} characters in its vocabulary, "
+            f"model built for {model_cfg.vocab_size}"
         )
     weights, _ = load_tensors(path / "model.safetensors")
     if backend is not None and backend != model_cfg.backend:
@@ -612,13 +623,15 @@ def load_checkpoint(path: Path, map_location="cpu", *, backend: str | None = Non
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise CharlstmError(
-            f"checkpoint {path} is incompatible: its weights do not match the {model_cfg.variant} model its config describes"
+            f"checkpoint {path} is incompatible: its weights do not match the {model_cfg.variant} model "
+            "its config describes"
             f" (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     for name, t in weights.items():
         if tuple(t.shape) != tuple(expected[name].shape):
             raise CharlstmError(
-                f"checkpoint {path} is incompatible: {name} has shape {tuple(t.shape)}, the model expects {tuple(expected[name].shape)}"
+                f"checkpoint {path} is incompatible: {name} has shape {tuple(t.shape)}, "
+                f"the model expects {tuple(expected[name].shape)}"
             )
     model.load_state_dict(weights, strict=True)
     model.to(map_location)

@@ -151,7 +151,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors (also accepted after the command)."),
+    debug: bool = typer.Option(False, "--debug",
+                               help="Show Python tracebacks for errors (also accepted after the command)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print charlstm's version and torch's, then exit."),
 ) -> None:
@@ -319,7 +320,8 @@ def data_dir_option() -> Any:
 
 # --------------------------------------------------------------------------- train
 
-CONFIG_HELP = "Settings from a TOML file ({sections}; keys as --print-config writes them); options given here override it."
+CONFIG_HELP = ("Settings from a TOML file ({sections}; keys as --print-config writes them); "
+               "options given here override it.")
 PRINT_CONFIG_HELP = "Print the effective settings as TOML on stdout (what --config reads) and exit."
 
 
@@ -344,8 +346,10 @@ def train(
                                 "below). Explicit options override it.", show="none"),
     resume: Path | None = opt(None, "--resume", help="Continue a run exactly where it stopped."),
     init_from: Path | None = opt(None, "--init-from", help="Start from another run's weights with a fresh optimizer."),
-    overwrite: bool = opt(False, "--overwrite", help="Replace the run already in --out/--name (only charlstm's own files are removed)."),
-    no_progress: bool = opt(False, "--no-progress", help="No progress bar (evaluations, samples and the summary are still printed)."),
+    overwrite: bool = opt(False, "--overwrite", help="Replace the run already in --out/--name (only charlstm's own "
+                          "files are removed)."),
+    no_progress: bool = opt(False, "--no-progress", help="No progress bar (evaluations, samples and the summary are "
+                            "still printed)."),
     config: Path | None = opt(None, "--config", help=CONFIG_HELP.format(sections="[model] and [train]")
                               + " The file may name a preset (preset = \"demo\"); its own values override it."),
     print_config: bool = opt(False, "--print-config", help=PRINT_CONFIG_HELP),
@@ -373,23 +377,26 @@ def train(
 
 @app.command()
 def sample(
-    run: Path | None = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run under checkpoints/)."),
+    run: Path | None = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run "
+                                      "under checkpoints/)."),
     prime: str = opt("", "--prime", help="Text to condition on; the output begins with it.", show="''"),
     prime_file: Path | None = opt(None, "--prime-file", help="Read the prime from this UTF-8 file, exactly (a final "
                                   "newline included); instead of --prime, not with it."),
     length: int = opt(500, "--length", help="Characters to generate after the prime."),
     temperature: float = opt(1.0, "--temperature", help="Softmax temperature (> 0)."),
     top_k: int | None = opt(None, "--top-k", help="Sample only from the K most likely characters.", show="off"),
-    top_p: float | None = opt(None, "--top-p", help="Nucleus sampling: smallest set with probability >= P.", show="off"),
+    top_p: float | None = opt(None, "--top-p", help="Nucleus sampling: smallest set with probability >= P.",
+                              show="off"),
     greedy: bool = opt(False, "--greedy", help="Always take the most likely character."),
-    seed: int | None = opt(None, "--seed", help="Random seed (same seed, same text on the same machine).", show="random"),
+    seed: int | None = opt(None, "--seed", help="Random seed (same seed, same text on the same machine).",
+                           show="random"),
     num_samples: int = opt(1, "--num-samples", help="Generate N samples together as a batch."),
     output: Path | None = opt(None, "--output", help="Write the text to FILE instead of stdout."),
     no_stream: bool = opt(False, "--no-stream", help="Print the text at the end instead of as it is generated."),
     unknown: str = opt("error", "--unknown", help="Prime characters outside the vocabulary: error or skip."),
     device: str = opt("auto", "--device", help="auto, cpu or cuda."),
     threads: int | None = opt(None, "--threads", help="Threads while generating.", show="all cores for the native "
-                                 "step, one for the torch step, whose small operations a second thread mostly waits for"),
+                              "step, one for the torch step, whose small operations a second thread mostly waits for"),
     precision: str = opt("fp32", "--precision", help="Weights of the native sampling step: fp32, fp16 (half the bytes "
                          "read per character) or int8 (per-row scales; docs/sampling.md gives the loss change)."),
 ) -> None:
@@ -425,8 +432,8 @@ def eval_(
         raise UsageError(f"--dynamic-{next(iter(settings)).replace('_', '-')} is an option of --dynamic; add --dynamic")
     with using_data_dir(data_dir):
         eval_mod.run_from_cli(run=run, split=split, text_file=text_file, batch_size=batch_size, device=device,
-                              threads=threads, json_out=json_out, dynamic=DynamicConfig(**settings) if dynamic else None,
-                              eval_chars=eval_chars)
+                              threads=threads, json_out=json_out,
+                              dynamic=DynamicConfig(**settings) if dynamic else None, eval_chars=eval_chars)
 
 
 # --------------------------------------------------------------------------- info
@@ -525,23 +532,31 @@ def bench(
 
 @app.command()
 def visualize(
-    run: Path | None = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run under checkpoints/)."),
+    run: Path | None = typer.Argument(None, help="Run directory or checkpoint directory (default: the most recent run "
+                                      "under checkpoints/)."),
     text: str | None = opt(None, "--text", help="The text to run the model over."),
     text_file: Path | None = opt(None, "--text-file", help="Read the text from this UTF-8 file instead."),
     html: Path | None = opt(None, "--html", help="Write the self-contained page here (overwritten), when no other "
-                               "output is asked or when given.", show="<run>/visualize.html, or visualize-2.html... if that exists"),
-    unit: str | None = opt(None, "--unit", help="Print the text coloured by unit LAYER:INDEX (both from 0), e.g. 0:17."),
+                            "output is asked or when given.",
+                            show="<run>/visualize.html, or visualize-2.html... if that exists"),
+    unit: str | None = opt(None, "--unit", help="Print the text coloured by unit LAYER:INDEX (both from 0), "
+                           "e.g. 0:17."),
     quantity: str | None = opt(None, "--quantity", help="c, h, f, i, o (LSTM family), z, r (gru). With --unit: what "
                                   "colours the text (default c, else h). With --find-units: rank only this quantity "
                                   "(default: all)."),
-    scale: str = opt("unit", "--scale", help="Colours of h and c with --unit: unit (divided by the unit's max |value|) or fixed (h as is, tanh of c)."),
-    find_units: bool = opt(False, "--find-units", help="Rank units by correlation with text features (quotes, brackets, position in line, word starts, indentation)."),
+    scale: str = opt("unit", "--scale", help="Colours of h and c with --unit: unit (divided by the unit's max "
+                     "|value|) or fixed (h as is, tanh of c)."),
+    find_units: bool = opt(False, "--find-units", help="Rank units by correlation with text features (quotes, "
+                           "brackets, position in line, word starts, indentation)."),
     top: int = opt(5, "--top", help="Units listed per feature."),
-    saturation: bool = opt(False, "--saturation", help="Gate saturation table (fraction of steps < 0.1 and > 0.9) and plot (with the plot extra)."),
+    saturation: bool = opt(False, "--saturation", help="Gate saturation table (fraction of steps < 0.1 and > 0.9) "
+                           "and plot (with the plot extra)."),
     plot: Path | None = opt(None, "--plot", help="Saturation plot file (.png or .svg), or a stem for both; never "
                                "overwriting.", show="<run>/saturation.png and .svg"),
-    json_out: bool = opt(False, "--json", help="Print the --find-units / --saturation results as one JSON object on stdout."),
-    unknown: str = opt("error", "--unknown", help="Characters outside the vocabulary: error (list them) or skip (drop them)."),
+    json_out: bool = opt(False, "--json", help="Print the --find-units / --saturation results as one JSON object "
+                         "on stdout."),
+    unknown: str = opt("error", "--unknown", help="Characters outside the vocabulary: error (list them) or skip "
+                       "(drop them)."),
     max_chars: int = opt(2000, "--max-chars", help="Record at most this many characters (the page grows with it)."),
     device: str = opt("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
@@ -583,7 +598,8 @@ def cache_clear(downloads: bool = opt(False, "--downloads", help="Remove the dow
 
 @cache_app.command("prune")
 def cache_prune(max_size: str | None = opt(None, "--max-size", help="Keep the token caches within SIZE (2G, 500M, "
-                                           "none), least recently used removed first.", show="CHARLSTM_CACHE_MAX, else 2G"),
+                                           "none), least recently used removed first.",
+                                           show="CHARLSTM_CACHE_MAX, else 2G"),
                 data_dir: Path | None = data_dir_option()) -> None:
     """Remove least recently used token caches past the cap (downloads stay)."""
     cache_mod.prune_command(data_dir, max_size)

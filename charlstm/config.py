@@ -260,7 +260,8 @@ PRESETS: dict[str, dict] = {
         "data": "tinyshakespeare",
         "variant": "lstm", "layers": 2, "hidden": 384, "embed": 64, "dropout": 0.0, "forget_bias": 0.0,
         "batch_size": 32, "seq_len": 128, "lr": 1e-2, "schedule": "cosine", "warmup": 100, "min_lr_frac": 0.0,
-        "weight_decay": 0.3, "clip": 5.0, "max_time": 600.0, "eval_every": 100000, "checkpoint_every": 1000, "sample_chars": 300,
+        "weight_decay": 0.3, "clip": 5.0, "max_time": 600.0, "eval_every": 100000, "checkpoint_every": 1000,
+        "sample_chars": 300,
     },
 }
 PRESET_HELP = {

@@ -70,7 +70,8 @@ def _kind(owner: type, f: dataclasses.Field) -> str:
 
 KIND_TEXT = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
              "path": "a path (a string)", "names": 'a list of names, e.g. ["lstm", "gru"]',
-             "ints": "a list of integers, e.g. [1, 2, 3]", "duration": 'a number of seconds or a duration such as "10m"'}
+             "ints": "a list of integers, e.g. [1, 2, 3]",
+             "duration": 'a number of seconds or a duration such as "10m"'}
 
 
 def convert(value, kind: str, where: str):

@@ -152,7 +152,8 @@ class Vocab:
     def from_json(cls, data) -> Vocab:
         """Inverse of `to_json`; CharlstmError for anything that is not a valid vocabulary."""
         if not isinstance(data, list):
-            raise CharlstmError(f"vocabulary must be a list of characters, got {type(data).__name__}: the vocabulary is damaged")
+            raise CharlstmError(f"vocabulary must be a list of characters, got {type(data).__name__}: "
+                                "the vocabulary is damaged")
         return cls(data)
 
 
@@ -175,7 +176,8 @@ def _ids_of_code_points(cps: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     return ids
 
 
-def encode_text(text: str, vocab: Vocab, unknown: str = "error", *, hint: str = "remove them or pass --unknown skip") -> torch.Tensor:
+def encode_text(text: str, vocab: Vocab, unknown: str = "error", *,
+                hint: str = "remove them or pass --unknown skip") -> torch.Tensor:
     """(N,) int64 token ids of `text` under `vocab` (for prompts and `eval --text-file`).
 
     ``unknown='error'`` raises CharlstmError naming the characters outside the
@@ -349,7 +351,8 @@ def download_tinyshakespeare(data_dir: Path | None = None, *, progress: bool = T
         if digest != TINYSHAKESPEARE_SHA256:
             raise CharlstmError(
                 f"the file downloaded from {url} has sha256 {digest}, expected {TINYSHAKESPEARE_SHA256}; "
-                f"nothing was kept. Check the URL ({TINYSHAKESPEARE_URL_ENV} overrides it) or pass a file with --data PATH"
+                f"nothing was kept. Check the URL ({TINYSHAKESPEARE_URL_ENV} overrides it) "
+                "or pass a file with --data PATH"
             )
         os.replace(part, target)
     finally:
@@ -423,7 +426,8 @@ def _decode(data: bytes, path: Path, offset: int, invalid_utf8: str) -> str:
         ) from None
 
 
-def _read_pieces(files: list[Path], invalid_utf8: str, hasher=None, on_bytes=None) -> Iterator[tuple[bytes, str | None]]:
+def _read_pieces(files: list[Path], invalid_utf8: str, hasher=None,
+                 on_bytes=None) -> Iterator[tuple[bytes, str | None]]:
     """The corpus in pieces (raw, text): text is the decoded str, or None when raw is ASCII.
 
     An ASCII piece's bytes are its code points, so it needs no decoding.
@@ -468,7 +472,8 @@ def _read_pieces(files: list[Path], invalid_utf8: str, hasher=None, on_bytes=Non
             yield b"\n", None
 
 
-def _coalesce(pieces: Iterable[tuple[bytes, str | None]], size: int = CHUNK_BYTES) -> Iterator[tuple[bytes, str | None]]:
+def _coalesce(pieces: Iterable[tuple[bytes, str | None]],
+              size: int = CHUNK_BYTES) -> Iterator[tuple[bytes, str | None]]:
     """Join consecutive small pieces (many small files) into pieces of at most about `size` bytes."""
     buf: list[tuple[bytes, str | None]] = []
     buffered = 0

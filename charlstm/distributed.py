@@ -208,7 +208,8 @@ def gather_streams(t: torch.Tensor, ctx: DistContext, dim: int = 1) -> torch.Ten
 def my_streams(t: torch.Tensor, batch_size: int, ctx: DistContext, dim: int = 1) -> torch.Tensor:
     """This process's share of a tensor laid out over the B global streams: (L, B, H) -> (L, B/W, H)."""
     if t.shape[dim] != batch_size:
-        raise CharlstmError(f"the saved carried state has {t.shape[dim]} streams, this run has --batch-size {batch_size}")
+        raise CharlstmError(f"the saved carried state has {t.shape[dim]} streams, "
+                            f"this run has --batch-size {batch_size}")
     r = stream_range(batch_size, ctx)
     return t.narrow(dim, r.start, len(r))
 

@@ -15,7 +15,8 @@ from torch import Tensor
 FEATURES = ("inside_quotes", "bracket_depth", "position_in_line", "start_of_word", "indentation")
 
 FEATURE_HELP = {
-    "inside_quotes": "1 between an opening and its closing quote (' or \"), else 0; an apostrophe between letters is not a quote",
+    "inside_quotes": "1 between an opening and its closing quote (' or \"), else 0; "
+                     "an apostrophe between letters is not a quote",
     "bracket_depth": "nesting depth of (, [ and { outside quotes",
     "position_in_line": "characters since the last newline",
     "start_of_word": "1 on the first letter, digit or _ after a non-word character",

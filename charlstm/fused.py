@@ -88,13 +88,13 @@ class _LSTM(torch.autograd.Function):
         hs[0], cs[0] = h0, c0
         w_t = _doubled_rows(w_hh, H, 2).t()
         G, Hs, C, TC = (a.unbind(0) for a in (gates, hs, cs, tcs))
-        I, Fg, Gg, O = (gates[:, :, k * H:(k + 1) * H].unbind(0) for k in range(4))
+        Ig, Fg, Gg, Og = (gates[:, :, k * H:(k + 1) * H].unbind(0) for k in range(4))
         for t in range(T):
             G[t].addmm_(Hs[t], w_t).sigmoid_()              # (B, 4H) every gate in one call
             Gg[t].mul_(2).sub_(1)                           # g = 2 sigmoid(2p) - 1 = tanh(p)
             c = torch.mul(Fg[t], C[t], out=C[t + 1])        # c = f * c_prev + i * g
-            c.addcmul_(I[t], Gg[t])
-            torch.mul(O[t], torch.tanh(c, out=TC[t]), out=Hs[t + 1])
+            c.addcmul_(Ig[t], Gg[t])
+            torch.mul(Og[t], torch.tanh(c, out=TC[t]), out=Hs[t + 1])
         ctx.has_bias = b is not None
         ctx.save_for_backward(x, gates, hs, cs, tcs, w_ih, w_hh)
         return hs[1:], cs[T]
@@ -159,7 +159,7 @@ class _PeepholeLSTM(torch.autograd.Function):
         hs[0], cs[0] = h0, c0
         w_t = _doubled_rows(w_hh, H, 2).t()
         G, Hs, C, TC = (a.unbind(0) for a in (gates, hs, cs, tcs))
-        I, Fg, Gg, O = (gates[:, :, k * H:(k + 1) * H].unbind(0) for k in range(4))
+        Ig, Fg, Gg, Og = (gates[:, :, k * H:(k + 1) * H].unbind(0) for k in range(4))
         IF, IFG = gates[:, :, :2 * H].unbind(0), gates[:, :, :3 * H].unbind(0)
         IF2 = gates[:, :, :2 * H].view(T, B, 2, H).unbind(0)
         if full:
@@ -175,13 +175,13 @@ class _PeepholeLSTM(torch.autograd.Function):
             IFG[t].sigmoid_()
             Gg[t].mul_(2).sub_(1)                           # g = tanh(p)
             c = torch.mul(Fg[t], C[t], out=C[t + 1])
-            c.addcmul_(I[t], Gg[t])
+            c.addcmul_(Ig[t], Gg[t])
             if full:                                        # o sees the new c
-                O[t].addmm_(c, u_o_t)
+                Og[t].addmm_(c, u_o_t)
             else:
-                O[t].addcmul_(p_o, c)
-            O[t].sigmoid_()
-            torch.mul(O[t], torch.tanh(c, out=TC[t]), out=Hs[t + 1])
+                Og[t].addcmul_(p_o, c)
+            Og[t].sigmoid_()
+            torch.mul(Og[t], torch.tanh(c, out=TC[t]), out=Hs[t + 1])
         ctx.full = full
         ctx.has_bias = b is not None
         ctx.save_for_backward(x, gates, hs, cs, tcs, w_ih, w_hh, p)
@@ -271,12 +271,12 @@ class _CoupledLSTM(torch.autograd.Function):
         hs[0], cs[0] = h0, c0
         w_t = _doubled_rows(w_hh, H, 1).t()
         G, Hs, C, TC = (a.unbind(0) for a in (gates, hs, cs, tcs))
-        Fg, Gg, O = (gates[:, :, k * H:(k + 1) * H].unbind(0) for k in range(3))
+        Fg, Gg, Og = (gates[:, :, k * H:(k + 1) * H].unbind(0) for k in range(3))
         for t in range(T):
             G[t].addmm_(Hs[t], w_t).sigmoid_()              # (B, 3H)
             Gg[t].mul_(2).sub_(1)                           # g = tanh(p)
             c = torch.lerp(Gg[t], C[t], Fg[t], out=C[t + 1])    # g + f * (c_prev - g)
-            torch.mul(O[t], torch.tanh(c, out=TC[t]), out=Hs[t + 1])
+            torch.mul(Og[t], torch.tanh(c, out=TC[t]), out=Hs[t + 1])
         ctx.has_bias = b is not None
         ctx.save_for_backward(x, gates, hs, cs, tcs, w_ih, w_hh)
         return hs[1:], cs[T]
@@ -656,9 +656,9 @@ class _Mogrifier(torch.autograd.Function):
         b2 = _doubled_rows(b, H, 2)
         G, Hs, C, TC, XH = (a.unbind(0) for a in (gates, hs, cs, tcs, xh))
         XHh = xh[:, :, E:].unbind(0)
-        I, Fg, Gg, O = (gates[:, :, k * H:(k + 1) * H].unbind(0) for k in range(4))
+        Ig, Fg, Gg, Og = (gates[:, :, k * H:(k + 1) * H].unbind(0) for k in range(4))
         for t in range(T):
-            for odd, src, prev, res, s, u, m in steps:
+            for _odd, src, prev, res, s, u, m in steps:
                 if rank:
                     torch.mm(torch.mm(src[t], m[1], out=u[t]), m[0], out=s[t])
                 else:
@@ -670,8 +670,8 @@ class _Mogrifier(torch.autograd.Function):
             (torch.mm(XH[t], w_t, out=G[t]) if b2 is None else torch.addmm(b2, XH[t], w_t, out=G[t])).sigmoid_()
             Gg[t].mul_(2).sub_(1)                           # g = tanh(p)
             c = torch.mul(Fg[t], C[t], out=C[t + 1])
-            c.addcmul_(I[t], Gg[t])
-            torch.mul(O[t], torch.tanh(c, out=TC[t]), out=Hs[t + 1])
+            c.addcmul_(Ig[t], Gg[t])
+            torch.mul(Og[t], torch.tanh(c, out=TC[t]), out=Hs[t + 1])
         ctx.has_bias, ctx.rank, ctx.r, ctx.n_mid = b is not None, rank, r, (len(x_mid), len(h_mid))
         ctx.save_for_backward(x, xh, hs, cs, tcs, gates, w_ih, w_hh, *x_mid, *h_mid, *sig2, *low, *mats)
         return hs[1:], cs[T]

@@ -215,6 +215,7 @@ def train_long_gap(task: LongGapTask, model_cfg: ModelConfig, *, seed: int = 1, 
 
 
 def _curve_point(model, x_eval: torch.Tensor, y_eval: torch.Tensor, step: int, start: float) -> dict:
-    """An evaluation on the held-out set: {step, time (seconds since ``start``, evaluation included), accuracy, loss}."""
+    """An evaluation on the held-out set: {step, time (seconds since ``start``, evaluation included),
+    accuracy, loss}."""
     acc, loss = evaluate_recall(model, x_eval, y_eval)
     return {"step": step, "time": time.perf_counter() - start, "accuracy": acc, "loss": loss}

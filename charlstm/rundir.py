@@ -61,11 +61,13 @@ def choose_run_dir(run_dir: Path, *, named: bool, overwrite: bool) -> Path:
 def run_files(run_dir: Path) -> list[Path]:
     """charlstm's own entries in a run directory; UsageError if anything else is there."""
     ours = [p for p in run_dir.iterdir()
-            if p.name in _RUN_ENTRIES + _SETTINGS or ckpt_mod.CKPT_PATTERN.match(p.name) or p.name.startswith(_TEMPORARY)]
+            if p.name in _RUN_ENTRIES + _SETTINGS or ckpt_mod.CKPT_PATTERN.match(p.name)
+            or p.name.startswith(_TEMPORARY)]
     foreign = sorted(p.name for p in run_dir.iterdir() if p not in ours)
     if foreign:
-        raise UsageError(f"--overwrite: {run_dir} also holds files charlstm did not write ({', '.join(foreign[:5])}{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}); "
-                         "remove them or choose another --out")
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise UsageError(f"--overwrite: {run_dir} also holds files charlstm did not write "
+                         f"({', '.join(foreign[:5])}{more}); remove them or choose another --out")
     return ours
 
 

@@ -181,8 +181,8 @@ def run_from_cli(*, run: Path | None, prime: str, length: int, temperature: floa
         if prime:
             raise UsageError("give the prime with --prime TEXT or --prime-file FILE, not both")
         prime, prime_name = read_prime_file(prime_file), f"--prime-file {prime_file}"
-    return _sample_command(run=run, prime=prime, prime_name=prime_name, length=length, temperature=temperature, top_k=top_k,
-                           top_p=top_p, greedy=greedy, seed=seed, num_samples=num_samples, output=output,
+    return _sample_command(run=run, prime=prime, prime_name=prime_name, length=length, temperature=temperature,
+                           top_k=top_k, top_p=top_p, greedy=greedy, seed=seed, num_samples=num_samples, output=output,
                            no_stream=no_stream, unknown=unknown, device=device, threads=threads,
                            precision=precision, checkpoints=checkpoints)
 

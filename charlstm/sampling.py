@@ -26,8 +26,10 @@ class SamplingOptions:
     greedy: bool = False         # always the most likely character (the options above are ignored)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
-            raise UsageError(f"--temperature must be > 0 (got {self.temperature}); use --greedy for the most likely character")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise UsageError(f"--temperature must be > 0 (got {self.temperature}); "
+                             "use --greedy for the most likely character")
         if self.top_k is None:
             self.top_k = 0
         if self.top_k < 0:

@@ -81,7 +81,8 @@ def print_summary(result: TrainResult, model_cfg: ModelConfig, next_steps: bool 
     table.add_row("final train loss", "-" if result.train_loss is None else f"{result.train_loss:.4f} nats/char")
     table.add_row("val loss", fmt_loss(result.val_loss))
     table.add_row("best val loss", fmt_loss(result.best_val_loss))
-    table.add_row("training time", f"{format_time(result.train_time)} ({result.wall_time:.0f} s with evaluation and saving)")
+    table.add_row("training time",
+                  f"{format_time(result.train_time)} ({result.wall_time:.0f} s with evaluation and saving)")
     table.add_row("speed", f"{result.chars_per_sec:,.0f} chars/s")
     table.add_row("run directory", str(result.run_dir))
     if result.best_checkpoint is not None:
@@ -159,7 +160,8 @@ def run_from_cli(options: dict, *, preset=None, resume=None, init_from=None, ove
         if preset is not None:
             raise UsageError("--preset cannot be combined with --resume (the run keeps its own settings)")
         if init_from is not None:
-            raise UsageError("--resume and --init-from cannot be combined: resume continues a run, init-from starts a new one")
+            raise UsageError("--resume and --init-from cannot be combined: "
+                             "resume continues a run, init-from starts a new one")
         model_cfg, train_cfg = resume_configs(Path(resume), options)
     else:
         if init_from is not None:

@@ -159,7 +159,8 @@ class Trainer:
                  progress: bool = True, observers=()):
         self.wall_start = time.perf_counter()
         if resume is not None and init_from is not None:
-            raise UsageError("--resume and --init-from cannot be combined: resume continues a run, init-from starts a new one")
+            raise UsageError("--resume and --init-from cannot be combined: "
+                             "resume continues a run, init-from starts a new one")
         if train_cfg.threads:
             torch.set_num_threads(usable_threads(train_cfg.threads))
         self.model_cfg, self.train_cfg, self.init_from = model_cfg, train_cfg, init_from
@@ -185,10 +186,12 @@ class Trainer:
         self.params = self.model.num_parameters()
         self.chars_per_step = cfg.batch_size * cfg.seq_len
         use_bf16 = self.device.type == "cuda" and cfg.bf16 and torch.cuda.is_bf16_supported()
-        self.autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext
+        self.autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if use_bf16
+                         else contextlib.nullcontext)
         self.extra_config = self._extra_config(preset)
         if self.ctx.is_main:
-            configfile.write_run_config(self.run_dir, self.model_cfg, self.train_cfg, preset=self.extra_config["preset"])
+            configfile.write_run_config(self.run_dir, self.model_cfg, self.train_cfg,
+                                        preset=self.extra_config["preset"])
 
     # ------------------------------------------------------------ setup
 
@@ -220,7 +223,8 @@ class Trainer:
         """The corpus, its splits and vocabulary; the --init-from source checkpoint (or None)."""
         cfg = self.train_cfg
         with dist_mod.local_main_first(self.ctx):   # one process per host fills the token cache
-            self.corpus = load_corpus(cfg.data, invalid_utf8=cfg.invalid_utf8, progress=progress and self.ctx.is_local_main)
+            self.corpus = load_corpus(cfg.data, invalid_utf8=cfg.invalid_utf8,
+                                      progress=progress and self.ctx.is_local_main)
         if len(set(dist_mod.gather_objects(self.corpus.sha256, self.ctx))) > 1:
             raise CharlstmError(f"--data {cfg.data} is not the same text on every host (sha256 differs); "
                                 "give every process the same corpus")
@@ -247,7 +251,8 @@ class Trainer:
         source = ckpt_mod.load_checkpoint(self.init_from)
         missing = [c for c in self.vocab.chars if c not in source.vocab.stoi]
         if missing:
-            shown = ", ".join(repr(c) for c in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            shown = ", ".join(repr(c) for c in missing[:10])
+            shown += f" and {len(missing) - 10} more" if len(missing) > 10 else ""
             raise CharlstmError(
                 f"--init-from {self.init_from}: {len(missing)} character(s) of {self.train_cfg.data} are not in that "
                 f"model's vocabulary of {len(source.vocab)}: {shown}; fine-tune on text made of its characters, "
@@ -339,7 +344,8 @@ class Trainer:
         """Continue from ``state``: step, data position, this process's share of the carried state, RNG."""
         self.steps_done = state.step
         self.batcher.load_state_dict(state.batcher)
-        self.carried = None if state.carried is None else State(self._share(state.carried.h), self._share(state.carried.c))
+        self.carried = (None if state.carried is None
+                        else State(self._share(state.carried.h), self._share(state.carried.c)))
         self.best_val_loss, self.best_step, self.val_loss = state.best_val_loss, state.best_step, state.val_loss
         self.train_time, self.chars_seen = state.train_time, state.chars_seen
         rng_ranks = state.rng_ranks or [state.rng]
@@ -431,11 +437,13 @@ class Trainer:
 
     def _evaluate_here(self) -> tuple[float, int, str]:
         cfg = self.train_cfg
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # training RNG untouched
+        # training RNG untouched
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             loss, chars = evaluate_loss(self.model, self.val_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                                         device=self.device, token_map=self.token_map,
                                         progress=self.progress and self.ctx.is_main)
-            text = sample_text(self.model, self.vocab, cfg.sample_chars, device=self.device, seed=cfg.seed + self.steps_done)
+            text = sample_text(self.model, self.vocab, cfg.sample_chars, device=self.device,
+                               seed=cfg.seed + self.steps_done)
         return loss, chars, text
 
     def save(self, is_best: bool = False) -> Path:

@@ -42,7 +42,8 @@ def test_tensor_files_round_trip_and_load_with_the_safetensors_library(tmp_path)
     from safetensors import safe_open
 
     tensors = {
-        "f32": torch.randn(3, 4), "bf16": torch.randn(5, dtype=torch.bfloat16), "f64": torch.randn(2, 2, dtype=torch.float64),
+        "f32": torch.randn(3, 4), "bf16": torch.randn(5, dtype=torch.bfloat16),
+        "f64": torch.randn(2, 2, dtype=torch.float64),
         "i64": torch.arange(7), "u8": torch.get_rng_state(), "bool": torch.tensor([True, False, True]),
         "scalar": torch.tensor(3.5), "empty": torch.empty(0, 4), "strided": torch.randn(4, 6)[:, ::2],
     }

@@ -76,7 +76,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
     scale moves weights by about lr = 1e-2 per step)."""
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture
@@ -259,8 +259,8 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(work):
     assert m2["world_size"] == 2
     # Only rank 0 evaluated and logged, on the whole validation split: the figures of one process.
     def val_losses(run):
-        return [(m["step"], m["val_loss"]) for m in map(json.loads, (work / run / "metrics.jsonl").read_text().splitlines())
-                if "val_loss" in m and m["step"] <= 6]
+        lines = (work / run / "metrics.jsonl").read_text().splitlines()
+        return [(m["step"], m["val_loss"]) for m in map(json.loads, lines) if "val_loss" in m and m["step"] <= 6]
 
     assert [s for s, _ in val_losses("two")] == [s for s, _ in val_losses("one")] == [3, 6]
     for (_, a), (_, b) in zip(val_losses("two"), val_losses("one")):

@@ -133,7 +133,8 @@ def test_info_describes_the_checkpoint(work):
     ckpt = ck.load_checkpoint(work / "run")
     m = d["model"]
     # the backend auto resolved to when the run was trained (custom where the native loops ran H = 16)
-    assert (m["variant"], m["backend"], m["layers"], m["hidden"], m["embed"]) == ("lstm", ckpt.model.cfg.backend, 2, 16, 8)
+    assert ((m["variant"], m["backend"], m["layers"], m["hidden"], m["embed"])
+            == ("lstm", ckpt.model.cfg.backend, 2, 16, 8))
     assert m["parameters"] == ckpt.model.num_parameters() == sum(p.numel() for p in ckpt.model.parameters())
     assert d["vocab"]["size"] == m["vocab_size"] == len(set(tiny_text()))
     assert d["corpus"]["sha256"] == hashlib.sha256(tiny_text().encode("utf-8")).hexdigest()

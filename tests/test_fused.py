@@ -291,7 +291,8 @@ def _loop_buffers(kind: str, T: int, B: int, H: int, gen):
     """Random inputs of one window of the C loops of a kind: the forward's and the backward's arguments."""
     G = {"lstm": 4, "peephole_full": 4, "gru": 3, "rnn": 1}[kind]
     pre, w_hh = torch.randn(T, B, G * H, generator=gen), torch.randn(G * H, H, generator=gen) * 0.2
-    h0, c0, dhs = torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen), torch.randn(T, B, H, generator=gen)
+    h0, c0 = torch.randn(B, H, generator=gen), torch.randn(B, H, generator=gen)
+    dhs = torch.randn(T, B, H, generator=gen)
     hs = torch.empty(T + 1, B, H)
     hs[0] = h0
     lstm = kind in ("lstm", "peephole_full")

@@ -466,7 +466,8 @@ def test_train_refuses_bad_floats_and_counts_in_one_line(tmp_path, monkeypatch, 
 def test_threads_past_the_cores_are_capped_with_a_note(trained, monkeypatch, capsys):
     cores = runtime.cpu_cores()
     assert runtime.usable_threads(cores + 100) == cores
-    assert f"--threads {cores + 100} is more than the {cores} CPU core(s) here; using {cores}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--threads {cores + 100} is more than the {cores} CPU core(s) here; using {cores}" in err
     assert runtime.usable_threads(None) is None and runtime.usable_threads(1) == 1
     with pytest.raises(UsageError):
         runtime.usable_threads(0)

@@ -90,7 +90,7 @@ def test_custom_matches_torch_nn(variant, extra, module, dtype):
     torch.testing.assert_close(sg2, sg1, **tol)
     assert set(pg1) == set(pg2) and len(pg1) == 1 + 4 * 3 + 2  # embedding, 3 layers x 4, head
     for k in pg1:
-        torch.testing.assert_close(pg2[k], pg1[k], **tol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(pg2[k], pg1[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # --------------------------------------------------------------------------- carried state

@@ -462,7 +462,8 @@ def strided(t: Tensor) -> Tensor:
 def mutated(t, how: str, gen):
     """t spoiled in one way: another type, device, shape or layout, or not a tensor."""
     if how == "dtype":
-        return t.to([torch.float64, torch.float16, torch.int32, torch.bfloat16][int(torch.randint(4, (1,), generator=gen))])
+        dtypes = [torch.float64, torch.float16, torch.int32, torch.bfloat16]
+        return t.to(dtypes[int(torch.randint(4, (1,), generator=gen))])
     if how == "device":
         return torch.empty(t.shape, device="meta")
     if how == "strides":
@@ -564,7 +565,10 @@ def test_fuzzing_the_step_boundary_nothing_invalid_reaches_c(spy):
                ok.view(3, 1), ok.float(), ok.to("meta"), ok.bool(), [0, 1, 2]]
     gen = torch.Generator().manual_seed(0)
     for trial in range(100):
-        x = bad_ids[trial % len(bad_ids)] if trial < len(bad_ids) else mutated(ok, ["dtype", "device", "shape"][trial % 3], gen)
+        if trial < len(bad_ids):
+            x = bad_ids[trial % len(bad_ids)]
+        else:
+            x = mutated(ok, ["dtype", "device", "shape"][trial % 3], gen)
         if isinstance(x, Tensor) and x.dtype in (torch.int32,) and x.shape == (3,) and x.device.type == "cpu":
             continue                                                    # int32 ids in range are fine
         with pytest.raises(CharlstmError, match="native step: "):
@@ -592,7 +596,8 @@ def test_the_c_entry_points_check_their_structs_too():
     import ctypes
 
     H, B, T = 8, 2, 1
-    gates, hs, cs, tcs = torch.zeros(T, B, 4 * H), torch.zeros(T + 1, B, H), torch.zeros(T + 1, B, H), torch.zeros(T, B, H)
+    gates, hs = torch.zeros(T, B, 4 * H), torch.zeros(T + 1, B, H)
+    cs, tcs = torch.zeros(T + 1, B, H), torch.zeros(T, B, H)
     wf = torch.zeros(H // 8, H, 32)
     fields = dict(kind=0, T=T, B=B, H=H, threads=1, units=8, gates=gates.data_ptr(), wf=wf.data_ptr(), hs=hs.data_ptr(),
                   cs=cs.data_ptr(), tcs=tcs.data_ptr())

@@ -295,7 +295,7 @@ def test_cuda_graph_replays_match_the_plain_layer_over_two_windows(path):
     run = gpu.triton_loop("lstm").run if path == "triton" else fused.LSTM.run
     layer = graphs.Window(cell, run)
     state = state_ref = cell.zero_state(B, device="cuda")
-    for window in range(2):
+    for _window in range(2):
         x = torch.randn(T, B, E, device="cuda", requires_grad=True)
         hs, state = graphs.run_cell_graphed(cell, run, x, state)
         g = torch.autograd.grad(hs.square().sum(), [x, *cell.parameters()])

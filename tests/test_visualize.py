@@ -287,7 +287,8 @@ def test_page_is_self_contained_and_holds_the_recording(tmp_path):
         assert bad not in lower, f"the page contains {bad!r}"
     assert lower.count("</script>") == 2  # the data element and the program, nothing from the text
     data = embedded_data(page)
-    assert base64.urlsafe_b64decode(data["text_b64"]).decode("utf-8") == text and data["hidden"] == 6 and len(data["layers"]) == 2
+    assert base64.urlsafe_b64decode(data["text_b64"]).decode("utf-8") == text
+    assert data["hidden"] == 6 and len(data["layers"]) == 2
     assert set(data["layers"][0]) == {"h", "c", "f", "i", "o"}
     assert len(data["top_ids"]) == len(text) and len(data["top_ids"][0]) == 5
     assert data["p_next"][-1] is None and all(0 <= p <= 1 for p in data["p_next"][:-1])
@@ -467,7 +468,8 @@ def test_cli_unit_prints_the_text_coloured(tmp_path):
     assert result.exit_code == 0, result.output
     assert "print(name)" in result.stdout and "layer 1, unit 2, f" in result.stdout
     assert not list(run.glob("*.html"))  # only the page when asked or when nothing else is
-    rec = vis.record(build_model(ModelConfig(vocab_size=3, hidden=4, layers=1, embed=2)), torch.tensor([0, 1, 2, 1]), list("abc"))
+    model = build_model(ModelConfig(vocab_size=3, hidden=4, layers=1, embed=2))
+    rec = vis.record(model, torch.tensor([0, 1, 2, 1]), list("abc"))
     text = vis.render_terminal(rec, 0, 3, "c")
     assert text.plain == "abcb" and len({str(s.style) for s in text.spans}) > 1
 

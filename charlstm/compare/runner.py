@@ -162,7 +162,8 @@ def plan_runs(settings: CompareConfig, vocab_size: int, hidden_sizes: dict[str, 
     plan = _plan_corpus if settings.task == "corpus" else _plan_long_gap
     specs = plan(settings, vocab_size, hidden_sizes or {})
     for variant in settings.variants:
-        resolved_config(settings.model_config(variant, vocab_size=vocab_size))  # an impossible backend fails now, not mid-way
+        # an impossible backend fails now, not mid-way
+        resolved_config(settings.model_config(variant, vocab_size=vocab_size))
     for spec in specs:
         spec["device"] = settings.train.device
         spec["threads"] = threads_per_job(settings)

@@ -112,7 +112,8 @@ def mismatch(lib: ctypes.CDLL) -> str | None:
             if names != expected:
                 return f"names {names}, charlstm expects {expected}"
         for which, struct in enumerate(STRUCTS):
-            ours = [(name, getattr(struct, name).offset) for name, _ in struct._fields_] + [(None, ctypes.sizeof(struct))]
+            ours = ([(name, getattr(struct, name).offset) for name, _ in struct._fields_]
+                    + [(None, ctypes.sizeof(struct))])
             if _fields(lib, which) != ours:
                 return f"struct {struct.__name__} laid out as {_fields(lib, which)}, charlstm expects {ours}"
         for kind, slots in LOOP_SLOTS.items():
