@@ -33,8 +33,9 @@ demo: install
 	$(BIN)/charlstm train --data pystdlib --preset demo --name demo --overwrite
 	$(BIN)/charlstm sample checkpoints/demo --length 600 --temperature 0.8
 
+# Lint first (ruff, configured in pyproject.toml), then the tests.
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check . && $(BIN)/python -m pytest -q
 
 # The browser test (tests/test_visualize.py) renders the page in headless Chromium; no test installs
 # it. As root with apt-get, install Debian's chromium where no Chromium is on PATH; otherwise say
