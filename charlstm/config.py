@@ -361,9 +361,11 @@ class CompareConfig:
         "lr": "Learning rate (AdamW with the train schedule for corpus; constant Adam for long-gap).",
         "schedule": "corpus: cosine, constant or step.",
         "warmup": "corpus: linear warmup steps.",
-        "clip": None,
+        "min_lr_frac": None, "weight_decay": None, "beta2": None, "clip": None,
         "max_steps": "Budget per run: optimizer steps (with --max-time alone, no step limit).",
         "max_time": "Budget per run: time of training, e.g. 60s, 2m (with --max-steps, the first reached stops).",
+        "clock": None,
+        "eval_chars": None,
         "threads": "CPU threads in all (split among --jobs).",
         "device": None,
     }
@@ -373,7 +375,8 @@ class CompareConfig:
         "long-gap": {"hidden": 64, "layers": 1, "embed": 16, "max_steps": 1000},
     }
     # Options the long-gap task does not use (its sequences are G + 2 long, its rate constant).
-    CORPUS_ONLY: ClassVar[tuple[str, ...]] = ("seq_len", "schedule", "warmup")
+    CORPUS_ONLY: ClassVar[tuple[str, ...]] = ("seq_len", "schedule", "warmup", "min_lr_frac", "weight_decay", "beta2",
+                                              "clock", "eval_chars")
 
     def __post_init__(self) -> None:
         _check_finite(self)
