@@ -213,9 +213,9 @@ def test_a_missing_or_unreadable_file_is_one_line(work, make, message):
 
 
 def test_compare_variants_file_errors_name_the_key(work):
-    Path("cmp.toml").write_text('[train]\nweight_decay = 0.1\n', encoding="utf-8")
+    Path("cmp.toml").write_text('[train]\nsample_chars = 3\n', encoding="utf-8")
     r = invoke("compare-variants", "--config", "cmp.toml")
-    assert r.exit_code == 2 and r.stderr.startswith("error: cmp.toml: [train] weight_decay: unknown setting")
+    assert r.exit_code == 2 and r.stderr.startswith("error: cmp.toml: [train] sample_chars: unknown setting")
     Path("cmp.toml").write_text('seeds = ["one"]\n', encoding="utf-8")
     r = invoke("compare-variants", "--config", "cmp.toml")
     assert r.exit_code == 2 and r.stderr.startswith("error: cmp.toml: seeds must be a list of integers")
