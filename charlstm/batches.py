@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .corpus import release_pages
 from .errors import CharlstmError, UsageError
+from .tokencache import release_pages
 
 RELEASE_EVERY_BYTES = 32 * 1024 * 1024  # drop mapped corpus pages from the RSS after this much text read
 

@@ -19,13 +19,13 @@ import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, write_text_atomic
 from .console import note
-from .corpus import encode_text
 from .errors import CharlstmError, UsageError
 from .memory import check_fits, estimate_sampling_bytes
 from .runtime import check_threads, resolve_device, torch_threads
 from .sampling import SamplingOptions, gumbel_noise
 from .steppers import make_stepper, read_prime, stepping_threads
 from .textfiles import read_text
+from .vocab import encode_text
 
 CHUNK = 32               # characters generated between two streaming callbacks
 
