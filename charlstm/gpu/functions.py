@@ -247,7 +247,7 @@ class TritonPeepholeLSTM(torch.autograd.Function):
 # --------------------------------------------------------------------------- gru (nn.GRU's form)
 
 class TritonGRU(torch.autograd.Function):
-    """gru in nn.GRU's form over a window: fused._GRU's contract. x (T, B, E); h0 (B, H);
+    """gru in nn.GRU's form over a window: fused_gru._GRU's contract. x (T, B, E); h0 (B, H);
     w_ih (3H, E), w_hh (3H, H), b_ih and b_hh (3H,) or None, gates r, z, n. Returns h (T, B, H)."""
 
     @staticmethod
@@ -296,7 +296,7 @@ class TritonGRU(torch.autograd.Function):
 # --------------------------------------------------------------------------- gru (Cho et al.'s form)
 
 class TritonChoGRU(torch.autograd.Function):
-    """gru in Cho et al.'s form over a window: fused._ChoGRU's contract. x (T, B, E); h0 (B, H);
+    """gru in Cho et al.'s form over a window: fused_gru._ChoGRU's contract. x (T, B, E); h0 (B, H);
     w_ih (3H, E), w_hh (3H, H), b (3H,) or None, gates r, z, n. Returns h (T, B, H)."""
 
     @staticmethod
@@ -346,7 +346,7 @@ class TritonChoGRU(torch.autograd.Function):
 # --------------------------------------------------------------------------- rnn
 
 class TritonRNN(torch.autograd.Function):
-    """rnn (tanh) over a window: fused._RNN's contract. x (T, B, E); h0 (B, H); w_ih (H, E),
+    """rnn (tanh) over a window: fused_gru._RNN's contract. x (T, B, E); h0 (B, H); w_ih (H, E),
     w_hh (H, H), b (H,) (b_ih + b_hh) or None. Returns h (T, B, H)."""
 
     @staticmethod
