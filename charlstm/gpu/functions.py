@@ -1,17 +1,8 @@
-"""autograd Functions that run one layer over a window with the Triton step kernels.
-
-Same inputs, outputs and equations as ``fused.py``'s (``_LSTM``, ``_PeepholeLSTM``,
-``_CoupledLSTM``, ``_GRU``, ``_ChoGRU``, ``_RNN``). As there, the input projection
-is one matrix multiply before the loop and the weight gradients are one matrix
-multiply each after the backward loop; the loop itself is one kernel launch per
-step (two for the peephole's full form and the Cho gru) in each direction.
-
-Precision: ``x`` and the weights share one dtype (float32, float64, bfloat16 or
-float16); products accumulate, and gates, cell states and gradients of the
-pre-activations are kept, in float32 (float64 for float64). Outputs h are in
-the inputs' dtype, the final cell state in float32 for half inputs; every
-gradient comes back in its input's dtype. Imports triton (through ``kernels``).
-"""
+"""autograd Functions that run one layer over a window with the Triton step kernels: the inputs,
+outputs and equations of the torch loops' Functions (fused.py's ``_LSTM``, ``_PeepholeLSTM``,
+``_CoupledLSTM``, fused_gru.py's ``_GRU``, ``_ChoGRU``, ``_RNN``). Launches and precision (products
+and states in float32 for half inputs): docs/performance.md, "GPU: Triton kernels". Imports triton
+(through ``kernels``)."""
 
 from __future__ import annotations
 
