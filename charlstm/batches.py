@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .corpus import release_pages
 from .errors import CharlstmError, UsageError
+from .tokencache import release_pages
 
 RELEASE_EVERY_BYTES = 32 * 1024 * 1024  # drop mapped corpus pages from the RSS after this much text read
 
@@ -33,8 +33,8 @@ def _too_short(split: str, n: int, batch_size: int, seq_len: int) -> CharlstmErr
 def _gather(tokens: Tensor, idx: Tensor, token_map: Tensor | None = None) -> Tensor:
     """tokens[idx] as int64 (through ``token_map`` when given), touching only the indexed elements.
 
-    index_select on the flat index: advanced indexing (``tokens[idx]``) of a
-    (257, 64) window measured about 500x slower (24 ms vs 0.05 ms, torch 2.13 CPU).
+    index_select on the flat index: advanced indexing (``tokens[idx]``) is far slower
+    (docs/performance.md, "Measurements behind smaller choices").
     """
     ids = tokens.index_select(0, idx.reshape(-1)).long()
     if token_map is not None:

@@ -1,24 +1,8 @@
-"""The recurrent cells of ../shared/EQUATIONS.md, one small class each.
-
-Every cell maps one time step ``(x_proj_t, state) -> (h_t, state)``. The input
-half of every gate pre-activation, ``W_ih x_t + b``, is computed for all time
-steps at once by :meth:`project` (one matrix multiply over all T*B inputs, done
-by the layer before its time loop); the step itself only adds the recurrent
-product (the mogrifier's input is modulated by the state first: its ``project`` returns x and its
-step does the whole product). ``state`` is a tuple of tensors: ``(h, c)`` for the LSTM family,
-``(h,)`` for rnn and gru.
-
-:meth:`gates` is the equations themselves: it returns every activation of one
-step as a dict (the visualizer reads it); ``forward`` keeps ``h`` and the new
-state from it.
-
-Parameters are named as in ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` (``weight_ih``
-(G*H, E), ``weight_hh`` (G*H, H), gate order i, f, g, o for the LSTM family and
-r, z, n for the GRU) so that weights copy between the custom cells and the
-cuDNN-backed modules. The cells that have a cuDNN twin (lstm, gru in the
-``cudnn`` form, rnn) keep its two biases ``bias_ih`` and ``bias_hh``; the others
-have one bias per gate, ``bias``. Peephole weights are ``weight_ch``.
-"""
+"""The recurrent cells of ../shared/EQUATIONS.md, one small class each. A cell maps one time step
+``(x_proj_t, state) -> (h_t, state)``: ``project`` computes the input half of every gate for all
+steps at once (hoisted out of the time loop by the layer), ``gates`` returns every activation of a
+step. Parameters are named and ordered as torch.nn.LSTM / GRU / RNN's, so weights copy between the
+custom cells and the cuDNN-backed modules (docs/cells.md, "Composition" and "Parameters")."""
 
 from __future__ import annotations
 

@@ -241,8 +241,8 @@ class TrainConfig(_JsonConfig):
 # Named recipes: values below explicit options, above the dataclass defaults.
 PRESETS: dict[str, dict] = {
     # About two CPU minutes on two cores; recognisable Python on the built-in corpus. Small
-    # batches and a high rate: in two minutes more updates beat larger ones (measured against
-    # B 32, T 128, lr 3e-3 at equal time: val 2.27 vs 3.05 nats/char on a busy machine).
+    # batches and a high rate: in two minutes more updates beat larger ones (docs/performance.md,
+    # "Measurements behind smaller choices").
     "demo": {
         "data": "pystdlib",
         "variant": "lstm", "layers": 2, "hidden": 256, "embed": 64, "dropout": 0.0,
@@ -252,10 +252,9 @@ PRESETS: dict[str, dict] = {
     },
     # The README's 10-minute CPU quality recipe on tinyshakespeare (see docs/training.md): the
     # baseline script's model, window and batch, with lr 1e-2 cosine to 0, weight decay 0.3 on
-    # the weight matrices, gradient clipping at 5 rather than 1, no dropout (5 epochs in 10
-    # minutes; dropout between layers slows nn.LSTM by 13%, weight decay costs nothing) and
-    # forget bias 0. Measured on the quiet 2-core machine against the baseline script's 1.4690
-    # nats/char: see docs/training.md.
+    # the weight matrices, gradient clipping at 5 rather than 1, no dropout (dropout slows
+    # nn.LSTM, weight decay costs nothing) and forget bias 0. Why, and what it reaches: see
+    # docs/training.md.
     "shakespeare": {
         "data": "tinyshakespeare",
         "variant": "lstm", "layers": 2, "hidden": 384, "embed": 64, "dropout": 0.0, "forget_bias": 0.0,

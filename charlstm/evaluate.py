@@ -21,12 +21,14 @@ from . import datacache
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import DynamicConfig
 from .console import note
-from .corpus import encode_text, load_corpus, locate_data, map_tokens, tensor_bytes
+from .corpus import load_corpus, locate_data
 from .dynamic import dynamic_evaluate, gradient_rms
 from .errors import CharlstmError, UsageError
 from .evaluation import eval_slice, evaluate_loss
 from .runtime import resolve_device, torch_threads
 from .textfiles import check_regular, iter_text, read_text
+from .tokencache import map_tokens, tensor_bytes
+from .vocab import encode_text
 
 LN2 = math.log(2.0)
 SPLITS = ("train", "val", "test")

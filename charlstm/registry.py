@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import fused, fused_native, gpu
+from . import fused, fused_gru, fused_mogrifier, fused_native, gpu
 from .cells import Cell, ChoGRUCell, CoupledLSTMCell, GRUCell, LSTMCell, MogrifierLSTMCell, PeepholeLSTMCell, RNNCell
 from .fused import FastPath
 from .gpu import graphs
@@ -104,7 +104,7 @@ _LSTM_CHRONO = (("f", 1), ("i", -1))
 
 CELLS: tuple[CellSpec, ...] = (
     CellSpec("rnn", "rnn", RNNCell, gates=("h",), recorded=("h",), cudnn=nn.RNN,
-             fast_paths=fast_paths(fused.RNN, native=fused_native.rnn(_RNN_KERNEL), triton="rnn"),
+             fast_paths=fast_paths(fused_gru.RNN, native=fused_native.rnn(_RNN_KERNEL), triton="rnn"),
              kernel=_RNN_KERNEL, step="rnn"),
     CellSpec("lstm", "lstm", LSTMCell, gates=("i", "f", "g", "o"), recorded=("h", "c", "f", "i", "o"),
              forget_gate="f", chrono=_LSTM_CHRONO, cudnn=nn.LSTM,
@@ -129,16 +129,16 @@ CELLS: tuple[CellSpec, ...] = (
              kernel=_COUPLED_KERNEL, step="coupled"),
     CellSpec("gru:cudnn", "gru", GRUCell, gates=("r", "z", "n"), recorded=("h", "z", "r"), form="cudnn",
              form_field="gru_form", chrono=(("z", 1),), cudnn=nn.GRU,      # z keeps the old state
-             fast_paths=fast_paths(fused.GRU, native=fused_native.gru(_GRU_KERNEL), triton="gru"),
+             fast_paths=fast_paths(fused_gru.GRU, native=fused_native.gru(_GRU_KERNEL), triton="gru"),
              kernel=_GRU_KERNEL, step="gru"),
     CellSpec("gru:cho", "gru", ChoGRUCell, gates=("r", "z", "n"), recorded=("h", "z", "r"), form="cho",
              form_field="gru_form", chrono=(("z", -1),),                   # 1 - z keeps the old state
-             fast_paths=fast_paths(fused.CHO_GRU, native=fused_native.cho_gru(_CHO_KERNEL), triton="gru_cho"),
+             fast_paths=fast_paths(fused_gru.CHO_GRU, native=fused_native.cho_gru(_CHO_KERNEL), triton="gru_cho"),
              kernel=_CHO_KERNEL, step="gru_cho"),
     CellSpec("mogrifier", "mogrifier", MogrifierLSTMCell, gates=("i", "f", "g", "o"),
              recorded=("h", "c", "f", "i", "o", "x_mod", "h_mod"), saturating=("f", "i", "o"),
              options=_mogrifier_options, forget_gate="f", chrono=_LSTM_CHRONO,
-             fast_paths=fast_paths(fused.MOGRIFIER)),                 # samples through model.forward
+             fast_paths=fast_paths(fused_mogrifier.MOGRIFIER)),                 # samples through model.forward
 )
 
 VARIANTS: tuple[str, ...] = tuple(dict.fromkeys(s.variant for s in CELLS))

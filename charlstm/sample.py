@@ -19,13 +19,13 @@ import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, write_text_atomic
 from .console import note
-from .corpus import encode_text
 from .errors import CharlstmError, UsageError
 from .memory import check_fits, estimate_sampling_bytes
 from .runtime import check_threads, resolve_device, torch_threads
 from .sampling import SamplingOptions, gumbel_noise
 from .steppers import make_stepper, read_prime, stepping_threads
 from .textfiles import read_text
+from .vocab import Vocab, encode_text
 
 CHUNK = 32               # characters generated between two streaming callbacks
 
@@ -68,57 +68,86 @@ def generate(model, vocab, *, prime: str = "", length: int = 500, num_samples: i
     ``threads`` torch threads generate (None: `stepping_threads`' default).
     """
     options = options or SamplingOptions()
+    check_request(length, num_samples, unknown)
+    ids = encode_text(prime, vocab, unknown, hint=f"remove them from {prime_name} or pass --unknown skip")
+    skipped = vocab.unknown(prime) if ids.numel() < len(prime) else []
+    if seed is None:
+        seed = secrets.randbits(63)
+    device = model.head.weight.device
+    draws = _Draws(vocab, num_samples, options, torch.Generator(device=device).manual_seed(seed), device, on_text)
+    if prime:
+        draws.emit([prime] * num_samples)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            ids, lead = draws.start(ids.to(device), length)
+            logits, state = read_prime(model, ids, num_samples)
+            stepper = make_stepper(model, fast=fast, script=script, native=native, precision=precision,
+                                   options=options)
+            stepper.load_state(state)
+            with torch_threads(stepping_threads(stepper, threads)):
+                new = draws.run(stepper, logits, length - len(lead), chunk)
+    finally:
+        model.train(was_training)
+    name = stepper.name + (" (TorchScript)" if getattr(stepper, "scripted", False) else "")
+    return Generation(texts=[prime + lead + t for t in new], prime=prime, skipped=skipped, seed=seed, stepper=name,
+                      generated=length)
+
+
+def check_request(length: int, num_samples: int, unknown: str) -> None:
+    """UsageError for a negative --length, --num-samples below 1 or an --unknown other than error/skip."""
     if length < 0:
         raise UsageError(f"--length must be >= 0 (got {length})")
     if num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1 (got {num_samples})")
     if unknown not in ("error", "skip"):
         raise UsageError(f"--unknown must be error or skip (got {unknown!r})")
-    ids = encode_text(prime, vocab, unknown, hint=f"remove them from {prime_name} or pass --unknown skip")
-    skipped = vocab.unknown(prime) if ids.numel() < len(prime) else []
-    if seed is None:
-        seed = secrets.randbits(63)
-    device = model.head.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    B = num_samples
-    texts = [prime] * B
-    if on_text is not None and prime:
-        on_text([prime] * B)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            ids = ids.to(device)
-            left = length
-            if ids.numel() == 0:
-                first, shown = start_token(vocab, generator)
-                ids = torch.tensor([first], device=device)
-                if shown and left > 0:
-                    texts = [t + vocab.chars[first] for t in texts]
-                    left -= 1
-                    if on_text is not None:
-                        on_text([vocab.chars[first]] * B)
-            logits, state = read_prime(model, ids, B)
-            stepper = make_stepper(model, fast=fast, script=script, native=native, precision=precision,
-                                   options=options)
-            stepper.load_state(state)
-            pieces: list[list[str]] = [[] for _ in range(B)]
-            with torch_threads(stepping_threads(stepper, threads)):
-                while left > 0:
-                    n = min(chunk, left)
-                    noise = None if options.greedy else gumbel_noise(n, B, logits.size(1), generator, device)
-                    out, logits = stepper.generate(logits, n, options, noise)        # (n, B)
-                    new = [vocab.decode(col) for col in out.t().cpu().tolist()]
-                    for piece, text in zip(pieces, new):
-                        piece.append(text)
-                    if on_text is not None:
-                        on_text(new)
-                    left -= n
-    finally:
-        model.train(was_training)
-    texts = [t + "".join(p) for t, p in zip(texts, pieces)]
-    name = stepper.name + (" (TorchScript)" if getattr(stepper, "scripted", False) else "")
-    return Generation(texts=texts, prime=prime, skipped=skipped, seed=seed, stepper=name, generated=length)
+
+
+@dataclass
+class _Draws:
+    """The draws of one generation: ``num_samples`` streams under ``options``, the noise from
+    ``generator`` on ``device``, each piece of new text handed to ``on_text``."""
+
+    vocab: Vocab
+    num_samples: int
+    options: SamplingOptions
+    generator: torch.Generator
+    device: torch.device
+    on_text: Callable[[list[str]], None] | None
+
+    def emit(self, new: list[str]) -> None:
+        if self.on_text is not None:
+            self.on_text(new)
+
+    def start(self, ids: torch.Tensor, length: int) -> tuple[torch.Tensor, str]:
+        """The first input, the prime's ids (N,) or the hidden start token where there is no prime, and
+        the text it adds to every sample ('' or the start character when it is drawn and printed)."""
+        if ids.numel():
+            return ids, ""
+        first, shown = start_token(self.vocab, self.generator)
+        ids = torch.tensor([first], device=self.device)
+        if not (shown and length > 0):
+            return ids, ""
+        self.emit([self.vocab.chars[first]] * self.num_samples)
+        return ids, self.vocab.chars[first]
+
+    def run(self, stepper, logits: torch.Tensor, left: int, chunk: int) -> list[str]:
+        """``left`` characters per stream from the pending logits (B, V), ``chunk`` per stepper call;
+        the new text of each stream."""
+        B, opts = self.num_samples, self.options
+        pieces: list[list[str]] = [[] for _ in range(B)]
+        while left > 0:
+            n = min(chunk, left)
+            noise = None if opts.greedy else gumbel_noise(n, B, logits.size(1), self.generator, self.device)
+            out, logits = stepper.generate(logits, n, opts, noise)        # (n, B)
+            new = [self.vocab.decode(col) for col in out.t().cpu().tolist()]
+            for piece, text in zip(pieces, new):
+                piece.append(text)
+            self.emit(new)
+            left -= n
+        return ["".join(p) for p in pieces]
 
 
 # --------------------------------------------------------------------------- command line
@@ -213,12 +242,7 @@ def _sample_command(*, run, prime, prime_name, length, temperature, top_k, top_p
                     no_stream, unknown, device, threads, precision, checkpoints) -> Generation | None:
     check_top_k(top_k)
     options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
-    if length < 0:
-        raise UsageError(f"--length must be >= 0 (got {length})")
-    if num_samples < 1:
-        raise UsageError(f"--num-samples must be >= 1 (got {num_samples})")
-    if unknown not in ("error", "skip"):
-        raise UsageError(f"--unknown must be error or skip (got {unknown!r})")
+    check_request(length, num_samples, unknown)
     if output is not None and Path(output).is_dir():
         raise UsageError(f"--output {output} is a directory; give a file name")
     dev = resolve_device(device)
@@ -234,20 +258,8 @@ def _sample_command(*, run, prime, prime_name, length, temperature, top_k, top_p
         gen = generate(ckpt.model, ckpt.vocab, prime=prime, length=length, num_samples=num_samples, options=options,
                        seed=seed, unknown=unknown, on_text=stream, precision=precision, threads=threads,
                        prime_name=prime_name)
-        if output is not None:
-            write_output(Path(output), format_samples(gen.texts))
-            note(f"wrote {num_samples} sample(s), {sum(len(t) for t in gen.texts):,} characters, to {output}")
-        elif stream is not None:
-            stream.finish(gen.texts)
-        else:
-            sys.stdout.write(format_samples(gen.texts) + ("\n" if num_samples == 1 else ""))
-            sys.stdout.flush()
-        # the notes come after the text has ended its line, so that each starts a line of its own
-        if gen.skipped:
-            shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in gen.skipped)
-            note(f"left out of the prime {len(gen.skipped)} character(s) not in the vocabulary: {shown}")
-        if seed is None:
-            note(f"seed {gen.seed} (pass --seed {gen.seed} to get this text again)")
+        _deliver(gen, output, stream)
+        _closing_notes(gen, seed_given=seed is not None)
     except BrokenPipeError:
         # The reader went away (`charlstm sample | head`): stop quietly, as other Unix tools do.
         try:
@@ -256,3 +268,25 @@ def _sample_command(*, run, prime, prime_name, length, temperature, top_k, top_p
             pass
         return None
     return gen
+
+
+def _deliver(gen: Generation, output: Path | None, stream: _Stream | None) -> None:
+    """The samples to --output (with a note), or the end of the streamed text, or all of it to stdout."""
+    if output is not None:
+        write_output(Path(output), format_samples(gen.texts))
+        note(f"wrote {len(gen.texts)} sample(s), {sum(len(t) for t in gen.texts):,} characters, to {output}")
+    elif stream is not None:
+        stream.finish(gen.texts)
+    else:
+        sys.stdout.write(format_samples(gen.texts) + ("\n" if len(gen.texts) == 1 else ""))
+        sys.stdout.flush()
+
+
+def _closing_notes(gen: Generation, *, seed_given: bool) -> None:
+    """The notes after the text (each on a line of its own, the text's line ended): characters left
+    out of the prime, and the seed drawn where none was given."""
+    if gen.skipped:
+        shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in gen.skipped)
+        note(f"left out of the prime {len(gen.skipped)} character(s) not in the vocabulary: {shown}")
+    if not seed_given:
+        note(f"seed {gen.seed} (pass --seed {gen.seed} to get this text again)")

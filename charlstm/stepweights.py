@@ -1,20 +1,6 @@
-"""A model's weights laid out for one-character steps, shared by the torch and the C sampling steps.
-
-The hidden states of all layers live side by side in one buffer z (B, L*H), layer k's h in columns
-[kH, (k+1)H). A layer k >= 1 finds its input (the new h of layer k - 1) and its own previous h next
-to each other, so for the LSTMs and the RNN one product by the stacked [W_ih; W_hh]^T gives all its
-gates. The embedding is folded into layer 0 (a (V, G*H) table: one row lookup per character).
-``layers[k]`` holds the tensors of layer k:
-  [0] w_x  (in, G*H)    input weights, transposed; (in + H, G*H) [W_ih; W_hh]^T for a stacked layer
-                        (k >= 1 and not a GRU); empty for layer 0 (the table has them)
-  [1] b_x  (G*H,)       every bias that simply adds (zeros without biases)
-  [2] w_h  (H, G*H)     recurrent weights, transposed (empty for a stacked layer; gru cho: only the
-                        r and z blocks, (H, 2H))
-  [3] b_h  (G*H,)       gru (cudnn form): b_hh, which sits inside r * (...) for the n block
-  [4] w_hn (H, H)       gru cho: the n block's recurrent weights, applied to r * h
-  [4..6] p_i, p_f, p_o  peephole: (H,) diag, (H, H) full transposed, or empty without that peephole
-Gate blocks are reordered where it saves calls: lstm i,f,o,g; coupled f,o,g.
-"""
+"""A model's weights laid out for one-character steps (``step_weights``), shared by the torch and the
+C sampling steps: the states of all layers side by side in one buffer, the embedding folded into
+layer 0's table, stacked products where they save calls (docs/sampling.md, "The native step")."""
 
 from __future__ import annotations
 
@@ -23,21 +9,36 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# The step's gate order, as indices of the cell's blocks, where it differs from the cell's.
+# The step's gate order, as indices of the cell's blocks, where it differs from the cell's (it saves
+# calls): lstm i, f, o, g; coupled f, o, g.
 STEP_ORDER = {"lstm": (0, 1, 3, 2), "coupled": (0, 2, 1)}
 STACKED = ("lstm", "peephole", "coupled", "rnn")      # kinds whose layers k >= 1 do one stacked product
 
 
 @dataclass
 class StepWeights:
-    """Everything a sampling step reads, copied out of a model."""
+    """Everything a sampling step reads, copied out of a model.
+
+    The hidden states of all layers live side by side in one buffer z (B, L*H), layer k's h in
+    columns [kH, (k+1)H). A layer k >= 1 finds its input (the new h of layer k - 1) and its own
+    previous h next to each other, so for the LSTMs and the RNN one product by the stacked
+    [W_ih; W_hh]^T gives all its gates. ``layers[k]`` holds the tensors of layer k:
+      [0] w_x  (in, G*H)    input weights, transposed; (in + H, G*H) [W_ih; W_hh]^T for a stacked layer
+                            (k >= 1 and not a GRU); empty for layer 0 (the table has them)
+      [1] b_x  (G*H,)       every bias that simply adds (zeros without biases)
+      [2] w_h  (H, G*H)     recurrent weights, transposed (empty for a stacked layer; gru cho: only the
+                            r and z blocks, (H, 2H))
+      [3] b_h  (G*H,)       gru (cudnn form): b_hh, which sits inside r * (...) for the n block
+      [4] w_hn (H, H)       gru cho: the n block's recurrent weights, applied to r * h
+      [4..6] p_i, p_f, p_o  peephole: (H,) diag, (H, H) full transposed, or empty without that peephole
+    """
 
     kind: str                      # the registry's step kind: lstm, peephole, coupled, gru, gru_cho, rnn
     H: int
     L: int
     has_c: bool
     table: Tensor                  # (V, G*H) layer 0's input half of every gate per character
-    layers: list[list[Tensor]]     # see the module docstring
+    layers: list[list[Tensor]]     # per layer, see above
     head_w: Tensor                 # (H, V)
     head_b: Tensor                 # (V,)
 

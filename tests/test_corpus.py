@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_text
 
-from charlstm import corpus as corpus_mod
+from charlstm import sources, textstream, tokencache
 from charlstm.corpus import (
     TINYSHAKESPEARE_SHA256,
     TINYSHAKESPEARE_URL_ENV,
@@ -67,7 +67,7 @@ def test_chunk_boundaries_inside_multibyte_characters(tmp_path, monkeypatch):
     text = "日本語🙂é" * 50 + "abc\n" + "x" * 30
     path = tmp_path / "u.txt"
     path.write_bytes(text.encode("utf-8"))
-    monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 7)  # cuts inside 3- and 4-byte sequences
+    monkeypatch.setattr(textstream, "CHUNK_BYTES", 7)  # cuts inside 3- and 4-byte sequences
     c = load(path, tmp_path)
     assert decoded(c) == text
 
@@ -76,7 +76,7 @@ def test_long_text_in_utf32_slices(tmp_path, monkeypatch):
     text = "".join(chr(0x4E00 + (i * 37) % 500) for i in range(3000)) + "\nabc🙂\n"
     path = tmp_path / "u.txt"
     path.write_text(text, encoding="utf-8")
-    monkeypatch.setattr(corpus_mod, "UTF32_SLICE_CHARS", 64)  # bincount and encoding in slices
+    monkeypatch.setattr(tokencache, "UTF32_SLICE_CHARS", 64)  # bincount and encoding in slices
     c = load(path, tmp_path)
     assert decoded(c) == text and c.tokens.dtype == torch.int16
 
@@ -106,7 +106,7 @@ def test_invalid_utf8_offset_across_chunks(tmp_path, monkeypatch):
     path = tmp_path / "bad.txt"
     data = "é".encode() * 20 + b"\xe6\x97" + b"abc"  # truncated 3-byte sequence at byte 40
     path.write_bytes(data)
-    monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 5)
+    monkeypatch.setattr(textstream, "CHUNK_BYTES", 5)
     with pytest.raises(CharlstmError, match="byte offset 40"):
         load(path, tmp_path)
 
@@ -237,8 +237,8 @@ def test_pystdlib_real_interpreter(real_pystdlib):
     files = pystdlib_files()
     assert files and all(f.suffix == ".py" for f in files)
     assert not any(part in ("test", "tests", "site-packages") for f in files for part in f.parts)
-    assert sum(f.stat().st_size for f in files) <= corpus_mod.PYSTDLIB_CAP_BYTES
-    assert 2_000_000 < len(c.tokens) <= corpus_mod.PYSTDLIB_CAP_BYTES
+    assert sum(f.stat().st_size for f in files) <= sources.PYSTDLIB_CAP_BYTES
+    assert 2_000_000 < len(c.tokens) <= sources.PYSTDLIB_CAP_BYTES
     assert c.tokens.dtype == torch.uint8 or len(c.vocab) > 256
     again = load_corpus("pystdlib", data_dir=data_dir, progress=False)
     assert again.sha256 == c.sha256 and torch.equal(again.tokens, c.tokens)
@@ -339,7 +339,7 @@ def test_cache_reused_and_memory_mapped(tiny_corpus_file, tmp_path, monkeypatch)
     def no_rebuild(*a, **k):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(corpus_mod, "_build_cache", no_rebuild)
+    monkeypatch.setattr(tokencache, "build", no_rebuild)
     second = load(tiny_corpus_file, tmp_path)
     assert torch.equal(second.tokens, first.tokens) and second.vocab == first.vocab
 

@@ -185,7 +185,7 @@ def test_tokenising_reads_in_chunks_and_shows_progress(tmp_path, monkeypatch, ca
     """No read takes more than a chunk of the source; the three passes show tqdm bars on stderr."""
     import builtins
 
-    from charlstm import corpus as corpus_mod
+    from charlstm import sources, textstream
 
     (tmp_path / "d").mkdir()
     text = tiny_text(200)                                                     # about 50 KB, non-ASCII too
@@ -211,12 +211,13 @@ def test_tokenising_reads_in_chunks_and_shows_progress(tmp_path, monkeypatch, ca
         def __exit__(self, *exc):
             return self.f.__exit__(*exc)
 
-    monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(corpus_mod, "PROGRESS_MIN_BYTES", 1)
-    monkeypatch.setattr(corpus_mod, "open", lambda *a, **k: Spy(builtins.open(*a, **k)), raising=False)
+    monkeypatch.setattr(textstream, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(textstream, "PROGRESS_MIN_BYTES", 1)
+    for module in (textstream, sources):                                      # the passes, the binary sniff
+        monkeypatch.setattr(module, "open", lambda *a, **k: Spy(builtins.open(*a, **k)), raising=False)
     c = load_corpus(str(tmp_path / "d"), data_dir=tmp_path / "data", progress=True)
     # Every read is a chunk, or the 8 KiB binary sniff of a directory's files; three passes in all.
-    assert max(reads) <= max(4096, corpus_mod.BINARY_SNIFF_BYTES) and sum(reads) >= 3 * 3 * len(text.encode())
+    assert max(reads) <= max(4096, sources.BINARY_SNIFF_BYTES) and sum(reads) >= 3 * 3 * len(text.encode())
     assert c.vocab.decode(c.tokens) == text * 3
     out, err = capsys.readouterr()
     assert out == ""

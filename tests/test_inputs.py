@@ -19,8 +19,7 @@ from conftest import CASES, tiny_text
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
-from charlstm import corpus as corpus_mod
-from charlstm import datacache, memory, runtime, textfiles
+from charlstm import datacache, memory, runtime, sources, textfiles, tokencache
 from charlstm.cli import app
 from charlstm.config import DynamicConfig, ModelConfig, TrainConfig
 from charlstm.corpus import TINYSHAKESPEARE_URL_ENV, encode_text, load_corpus, locate_data, same_source, stored_path
@@ -99,7 +98,7 @@ def test_a_second_working_directory_reuses_the_download_and_the_token_cache(shar
         assert not (tmp_path / name / "data").exists()                    # nothing cached in the working directory
         # the second directory may not download or encode again: no network, no encoder
         monkeypatch.setenv(TINYSHAKESPEARE_URL_ENV, "http://127.0.0.1:9/unreachable")
-        monkeypatch.setattr(corpus_mod, "_build_cache", lambda *a, **k: pytest.fail("encoded again"))
+        monkeypatch.setattr(tokencache, "build", lambda *a, **k: pytest.fail("encoded again"))
     listing = json.loads(invoke("cache", "--json").stdout)
     assert listing["data_dir"] == str(tmp_path / "xdg" / "charlstm" / "data")
     assert [e["kind"] for e in listing["entries"]] == ["download", "tokens"]
@@ -187,7 +186,7 @@ def test_an_older_versions_data_download_is_copied_not_fetched(shared_data, tmp_
     shutil.copy(shared_data / "tinyshakespeare.txt", tmp_path / "data" / "tinyshakespeare.txt")
     monkeypatch.setenv(TINYSHAKESPEARE_URL_ENV, "http://127.0.0.1:9/unreachable")
     c = load_corpus("tinyshakespeare", progress=False)
-    assert c.sha256 == corpus_mod.TINYSHAKESPEARE_SHA256
+    assert c.sha256 == sources.TINYSHAKESPEARE_SHA256
     assert (datacache.data_dir() / "tinyshakespeare.txt").is_file()
     assert "no longer caches under ./data" in capsys.readouterr().err
 
@@ -212,7 +211,7 @@ def test_a_damaged_token_cache_is_found_and_rebuilt(tiny_corpus_file, tmp_path, 
     else:
         raw[5] = 255                                                           # no such character
     bin_path.write_bytes(bytes(raw))
-    corpus_mod._VERIFIED.clear()                                               # as a new process would
+    tokencache._VERIFIED.clear()                                               # as a new process would
     again = load_corpus(str(tiny_corpus_file), data_dir=data, progress=False)
     assert again.vocab.decode(again.tokens) == expected
     assert "does not match its stored sha256 (damaged); rebuilding it" in capsys.readouterr().err
@@ -224,11 +223,11 @@ def test_the_ids_are_hashed_once_per_process(tiny_corpus_file, tmp_path, monkeyp
     data = tmp_path / "d"
     load_corpus(str(tiny_corpus_file), data_dir=data, progress=False)          # written and known good
     calls = []
-    real = corpus_mod._ids_sha256
-    monkeypatch.setattr(corpus_mod, "_ids_sha256", lambda p: calls.append(p) or real(p))
+    real = tokencache._ids_sha256
+    monkeypatch.setattr(tokencache, "_ids_sha256", lambda p: calls.append(p) or real(p))
     load_corpus(str(tiny_corpus_file), data_dir=data, progress=False)
     assert calls == []
-    corpus_mod._VERIFIED.clear()
+    tokencache._VERIFIED.clear()
     load_corpus(str(tiny_corpus_file), data_dir=data, progress=False)
     load_corpus(str(tiny_corpus_file), data_dir=data, progress=False)
     assert len(calls) == 1
@@ -242,7 +241,7 @@ def test_eval_gives_the_same_figure_after_the_cache_is_damaged(trained, monkeypa
     raw = bytearray(bin_path.read_bytes())
     raw[-300:] = bytes(raw[-299:] + raw[-300:-299])                              # shifted by one: same size
     bin_path.write_bytes(bytes(raw))
-    corpus_mod._VERIFIED.clear()
+    tokencache._VERIFIED.clear()
     r = invoke("eval", "run", "--json")
     assert r.exit_code == 0 and "damaged" in r.stderr
     assert json.loads(r.stdout)["loss_nats"] == before["loss_nats"]

@@ -1,4 +1,4 @@
-"""The Mogrifier LSTM (cells.MogrifierLSTMCell, fused._Mogrifier, the registry entry 'mogrifier').
+"""The Mogrifier LSTM (cells.MogrifierLSTMCell, fused_mogrifier._Mogrifier, the registry entry 'mogrifier').
 
 Against a step-by-step reference written here from ../shared/EQUATIONS.md (section "Mogrifier"),
 full and low rank, r in {0, 1, 2, 5}; r = 0 against the lstm cell and nn.LSTM; the fused loop
@@ -17,7 +17,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
-from charlstm import fused
+from charlstm import fused, fused_mogrifier
 from charlstm.cells import LSTMCell, MogrifierLSTMCell
 from charlstm.cli import app
 from charlstm.config import ModelConfig
@@ -99,7 +99,7 @@ def run_stack(cells_, x, states, *, path):
         layer = Recurrent(cell, spec_named("mogrifier").fast_paths)
         layer.use_fused = path == "fused"
         if path == "fused":
-            assert layer.fast_path(x)[0] is fused.MOGRIFIER
+            assert layer.fast_path(x)[0] is fused_mogrifier.MOGRIFIER
         x, state = layer(x, state)
         finals.append(tuple(state))
     return x, finals
@@ -173,12 +173,12 @@ def test_the_fused_function_itself_runs_zero_rounds():
     (cell,) = cells(0, 0, L=1)
     x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
     h0, c0 = random_states([cell], 2, torch.float64)[0]
-    hs, c = fused._Mogrifier.apply(x, h0, c0, cell.weight_ih, cell.weight_hh, cell.input_bias(), 0)
+    hs, c = fused_mogrifier._Mogrifier.apply(x, h0, c0, cell.weight_ih, cell.weight_hh, cell.input_bias(), 0)
     ref_out, ref_finals = ref_stack([cell], x, [(h0, c0)])
     torch.testing.assert_close(hs, ref_out)
     torch.testing.assert_close(c, ref_finals[0][1])
     assert torch.autograd.gradcheck(
-        lambda x, h0, c0, w_ih, w_hh: fused._Mogrifier.apply(x, h0, c0, w_ih, w_hh, None, 0),
+        lambda x, h0, c0, w_ih, w_hh: fused_mogrifier._Mogrifier.apply(x, h0, c0, w_ih, w_hh, None, 0),
         (x, h0, c0, cell.weight_ih.detach().requires_grad_(), cell.weight_hh.detach().requires_grad_()))
 
 
@@ -341,7 +341,7 @@ def test_registry_entry_and_config():
     assert spec is spec_named("mogrifier")
     assert (spec.cell, spec.gates, spec.forget_gate, spec.cudnn, spec.kernel, spec.step) == (
         MogrifierLSTMCell, ("i", "f", "g", "o"), "f", None, None, None)
-    assert spec.fast_paths[-1] == fused.MOGRIFIER and spec.has_cell_state
+    assert spec.fast_paths[-1] == fused_mogrifier.MOGRIFIER and spec.has_cell_state
     assert (cfg.mogrify_rounds, cfg.mogrify_rank) == (5, 0)
     assert resolve_backend(cfg) == "custom"
     with pytest.raises(UsageError, match="--backend custom"):

@@ -22,7 +22,7 @@ if not CUDA and "TRITON_INTERPRET" not in os.environ:
 else:
     _SET_HERE = False
 
-from charlstm import cells, fused, gpu  # noqa: E402
+from charlstm import cells, fused, fused_gru, gpu  # noqa: E402
 from charlstm.gpu import graphs  # noqa: E402
 from charlstm.layers import Recurrent  # noqa: E402
 
@@ -140,14 +140,15 @@ def test_bf16_under_autocast_follows_the_float32_layer(kind):
 
 
 def _fused_args(kind, cell):
-    """fused.py's Function for ``kind`` and the arguments after x and the state, as the torch loop passes them."""
+    """The torch loop's Function (fused.py, fused_gru.py) for ``kind`` and the arguments after x and the
+    state, as the torch loop passes them."""
     bias = cell.input_bias()
     if kind in ("peephole", "peephole_full"):
         return fused._PeepholeLSTM, (cell.weight_ih, cell.weight_hh, bias, fused.peephole_weights(cell),
                                      kind == "peephole_full")
     if kind == "gru":
-        return fused._GRU, (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
-    table = {"lstm": fused._LSTM, "coupled": fused._CoupledLSTM, "gru_cho": fused._ChoGRU, "rnn": fused._RNN}
+        return fused_gru._GRU, (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    table = {"lstm": fused._LSTM, "coupled": fused._CoupledLSTM, "gru_cho": fused_gru._ChoGRU, "rnn": fused_gru._RNN}
     return table[kind], (cell.weight_ih, cell.weight_hh, bias)
 
 

@@ -1,26 +1,8 @@
-"""GPU fast paths for the custom cells: Triton step kernels, and CUDA-graph capture of a window.
-
-The Triton kernels (``kernels.py``, launched by the autograd Functions of
-``functions.py``) run one layer over a window with one launch per time step
-(two for the peephole's full form and the Cho gru) in each direction: the
-recurrent product and the gate pointwise fused. They are optional
-(``pip install 'charlstm[gpu]'``); triton is imported only when first needed.
-
-Contract (docs/performance.md, "GPU: Triton kernels"):
-
-- ``available(x=None) -> bool`` and ``why_unavailable(x=None) -> str | None``: whether the
-  kernels can run (for input ``x``): triton importable, and ``x`` on a CUDA device, or any
-  device under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported);
-  a dtype of float32, float64, bfloat16 or float16.
-- ``run_layer(kind, x, state, w_ih, w_hh, b=None, *, b_hh=None, peep=None)`` runs one layer
-  (``KINDS``) with fused.py's inputs and returns ``(h (T, B, H), state)`` as ``fused.run_layer``.
-- ``run_cell(kind, cell, x, state=None)``: the same for a ``cells.py`` cell; ``triton_loop(kind)``
-  is that as a FastPath, which the cell registry lists first for every cell.
-- ``enabled()``: the ``CHARLSTM_TRITON`` switch (``1`` on; off by default until the kernels
-  have been measured on a GPU).
-
-Where triton or a CUDA device is absent, nothing here runs and nothing else changes.
-"""
+"""GPU fast paths for the custom cells: Triton step kernels (kernels.py, launched by the autograd
+Functions of functions.py: one launch per time step, the recurrent product and the gate pointwise
+fused) and CUDA-graph capture of a window (graphs.py). Optional (``pip install 'charlstm[gpu]'``):
+triton is imported only when first needed, and where it or a CUDA device is absent nothing here
+runs. The contract and the switches: docs/performance.md, "GPU: Triton kernels"."""
 
 from __future__ import annotations
 

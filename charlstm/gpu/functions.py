@@ -1,17 +1,8 @@
-"""autograd Functions that run one layer over a window with the Triton step kernels.
-
-Same inputs, outputs and equations as ``fused.py``'s (``_LSTM``, ``_PeepholeLSTM``,
-``_CoupledLSTM``, ``_GRU``, ``_ChoGRU``, ``_RNN``). As there, the input projection
-is one matrix multiply before the loop and the weight gradients are one matrix
-multiply each after the backward loop; the loop itself is one kernel launch per
-step (two for the peephole's full form and the Cho gru) in each direction.
-
-Precision: ``x`` and the weights share one dtype (float32, float64, bfloat16 or
-float16); products accumulate, and gates, cell states and gradients of the
-pre-activations are kept, in float32 (float64 for float64). Outputs h are in
-the inputs' dtype, the final cell state in float32 for half inputs; every
-gradient comes back in its input's dtype. Imports triton (through ``kernels``).
-"""
+"""autograd Functions that run one layer over a window with the Triton step kernels: the inputs,
+outputs and equations of the torch loops' Functions (fused.py's ``_LSTM``, ``_PeepholeLSTM``,
+``_CoupledLSTM``, fused_gru.py's ``_GRU``, ``_ChoGRU``, ``_RNN``). Launches and precision (products
+and states in float32 for half inputs): docs/performance.md, "GPU: Triton kernels". Imports triton
+(through ``kernels``)."""
 
 from __future__ import annotations
 
@@ -247,7 +238,7 @@ class TritonPeepholeLSTM(torch.autograd.Function):
 # --------------------------------------------------------------------------- gru (nn.GRU's form)
 
 class TritonGRU(torch.autograd.Function):
-    """gru in nn.GRU's form over a window: fused._GRU's contract. x (T, B, E); h0 (B, H);
+    """gru in nn.GRU's form over a window: fused_gru._GRU's contract. x (T, B, E); h0 (B, H);
     w_ih (3H, E), w_hh (3H, H), b_ih and b_hh (3H,) or None, gates r, z, n. Returns h (T, B, H)."""
 
     @staticmethod
@@ -296,7 +287,7 @@ class TritonGRU(torch.autograd.Function):
 # --------------------------------------------------------------------------- gru (Cho et al.'s form)
 
 class TritonChoGRU(torch.autograd.Function):
-    """gru in Cho et al.'s form over a window: fused._ChoGRU's contract. x (T, B, E); h0 (B, H);
+    """gru in Cho et al.'s form over a window: fused_gru._ChoGRU's contract. x (T, B, E); h0 (B, H);
     w_ih (3H, E), w_hh (3H, H), b (3H,) or None, gates r, z, n. Returns h (T, B, H)."""
 
     @staticmethod
@@ -346,7 +337,7 @@ class TritonChoGRU(torch.autograd.Function):
 # --------------------------------------------------------------------------- rnn
 
 class TritonRNN(torch.autograd.Function):
-    """rnn (tanh) over a window: fused._RNN's contract. x (T, B, E); h0 (B, H); w_ih (H, E),
+    """rnn (tanh) over a window: fused_gru._RNN's contract. x (T, B, E); h0 (B, H); w_ih (H, E),
     w_hh (H, H), b (H,) (b_ih + b_hh) or None. Returns h (T, B, H)."""
 
     @staticmethod

@@ -1,23 +1,7 @@
-"""CUDA-graph capture of one layer's window: its per-step launches recorded once, then replayed.
-
-A layer run by fused.py's torch loops launches about ten kernels per step, and
-even the Triton path launches one or two from Python per step; on a GPU the
-launches, not the arithmetic, then set the pace. ``run_graphed(layer, x, state)``
-captures the layer's forward and backward for the window's shapes with
-``torch.cuda.make_graphed_callables`` on first use and replays the two graphs on
-every later window of those shapes (a graph reads the parameters where they
-live, so optimizer steps in place are seen). It runs only on CUDA with autograd
-on; everywhere else it calls the layer as it is. ``run_cell_graphed(cell, run, x,
-state)`` does the same for a cell and a window runner (``fused.run_layer``,
-``gpu.run_cell``), keeping one module per cell so that later calls find the graphs.
-
-Rules for the caller: ``layer(x, state) -> (h (T, B, H), state)`` must not itself
-call run_graphed, and must have static control flow for given shapes (fused.py's
-Functions and the Triton Functions do). One call per layer per backward: a second
-forward of the same layer before the backward would overwrite the first's saved
-activations. Outputs are copied out of the graph's buffers, so they stay valid.
-The ``CHARLSTM_CUDA_GRAPHS`` switch (``1`` on) is for the caller to consult.
-"""
+"""CUDA-graph capture of one layer's window: its per-step launches recorded once, then replayed
+(``run_graphed``, ``run_cell_graphed``, ``graphed`` as a FastPath; the ``CHARLSTM_CUDA_GRAPHS``
+switch). On CUDA with autograd on only; everywhere else the layer is called as it is. Why:
+docs/performance.md, "GPU: Triton kernels"."""
 
 from __future__ import annotations
 
@@ -47,8 +31,8 @@ def capturable(x: Tensor) -> bool:
 
 
 class Window(nn.Module):
-    """A cell and a window runner as one module: ``run(cell, x, state) -> (h, state)``
-    (``fused.run_layer``, ``gpu.run_cell``), for capture."""
+    """A cell and a window runner as one module: ``run(cell, x, state) -> (h, state)`` (a FastPath's
+    ``run``), for capture."""
 
     def __init__(self, cell: nn.Module, run: Callable):
         super().__init__()
@@ -86,7 +70,14 @@ def _key(layer: nn.Module, args: tuple) -> tuple:
 
 def run_graphed(layer: nn.Module, x: Tensor, state: tuple | None) -> tuple[Tensor, tuple]:
     """``layer(x, state)``, replayed from CUDA graphs captured on first use for these shapes
-    (a plain call where ``capturable(x)`` is false or ``state`` is None)."""
+    (a plain call where ``capturable(x)`` is false or ``state`` is None).
+
+    The graphs read the parameters where they live, so optimizer steps in place are seen; outputs
+    are copied out of the graphs' buffers, so they stay valid. Rules for the caller:
+    ``layer(x, state) -> (h (T, B, H), state)`` must not itself call run_graphed and must have
+    static control flow for given shapes (the torch loops' and the Triton Functions do); one call
+    per layer per backward (a second forward of the same layer before the backward would
+    overwrite the first's saved activations)."""
     if not capturable(x) or state is None:
         return layer(x, state)
     args = (x, *state)
@@ -101,7 +92,7 @@ def run_graphed(layer: nn.Module, x: Tensor, state: tuple | None) -> tuple[Tenso
 
 
 def run_cell_graphed(cell: nn.Module, run: Callable, x: Tensor, state: tuple | None) -> tuple[Tensor, tuple]:
-    """``run(cell, x, state)`` (``fused.run_layer``, ``gpu.run_cell``) through ``run_graphed``, with
+    """``run(cell, x, state)`` (a FastPath's ``run``) through ``run_graphed``, with
     one ``Window`` per cell and runner kept here, so that every call finds its captured graphs."""
     key = (id(cell), run)
     if key not in _WINDOWS:

@@ -1,20 +1,12 @@
-"""Triton kernels for one time step of one recurrent layer, forward and backward.
+"""Triton kernels for one time step of one recurrent layer, forward and backward: each computes a
+tile of BB batch rows by BH hidden units (the recurrent product of their gates and the gate
+pointwise); the peephole's full form and the Cho gru take a second launch (docs/performance.md,
+"GPU: Triton kernels"). functions.py launches them and says what every buffer holds.
 
-Each kernel computes a tile of BB batch rows by BH hidden units: the recurrent
-product for the gates of those units (``h_{t-1} @ W_hh^T`` forward, the
-gradient ``dpre_{t+1} @ W_hh`` backward) and the gate pointwise, in one launch.
-The peephole (full form) and Cho-form gru need a second launch per step: a
-second product reads what every unit computed in the first (``U_o c_t``,
-``W_n (r * h)``). Shapes and the meaning of every buffer are in
-``functions.py``, which launches these; this module imports triton at the top
-and is only imported where triton is installed.
-
-Conventions: a step's gate rows are contiguous (B, G*H) slices in gate order
-(i, f, g, o / f, g, o / r, z, n); h-like rows are (B, H). ``ACC`` is the
-accumulation and pointwise dtype (float32, or float64 for float64 inputs);
-``DOT`` the dtype both operands of ``tl.dot`` are cast to (the weights' dtype;
-float32 for half weights under the interpreter, whose bfloat16 dot is wrong).
-"""
+Conventions: a step's gate rows are contiguous (B, G*H) slices in gate order (i, f, g, o / f, g, o /
+r, z, n); h-like rows are (B, H). ``ACC`` is the accumulation and pointwise dtype (float32, or
+float64 for float64 inputs); ``DOT`` the dtype both operands of ``tl.dot`` are cast to (the
+weights'; float32 for half weights under the interpreter, whose bfloat16 dot is wrong)."""
 
 from __future__ import annotations
 

@@ -65,47 +65,60 @@ class _Packed:
 
     def __init__(self, sw: StepWeights, kind: str, precision: str):
         H, L, lay = sw.H, sw.L, sw.layers
-        pk = Packed(precision)
-        self.pk = pk
+        self.pk = Packed(precision)
         self.table, self.table2 = panels(sw.table, H).contiguous(), None                 # (V, H/8, 8G)
         self.f: dict = dict(w=None, wh=None, w2=None, wh2=None, pif=None, po=None, bh=None, b2=None, peep=None)
-        keep = []
-        if kind == "gru_cho":      # r, z apart from n (U_n multiplies r * h): two products a layer
-            rz, nb = slice(0, 2 * H), slice(2 * H, 3 * H)
-            self.table, self.table2 = (panels(sw.table[:, c], H).contiguous() for c in (rz, nb))
-            self.f["w"] = pk.mats([None] + [lay[k][0][:, rz] for k in range(1, L)], H)
-            self.f["w2"] = pk.mats([None] + [lay[k][0][:, nb] for k in range(1, L)], H)
-            self.f["wh"] = pk.mats([lay[k][2] for k in range(L)], H)                  # U_rz^T (H, 2H)
-            self.f["wh2"] = pk.mats([lay[k][4] for k in range(L)], H)                 # U_n^T (H, H)
-            keep.append([None] + [panels(lay[k][1][nb], H).contiguous() for k in range(1, L)])
-            self.f["b2"] = pointers(keep[-1])
-        elif kind == "gru":        # input and recurrent weights apart; layer 0's input part is the table
-            self.f["w"] = pk.mats([None] + [lay[k][0] for k in range(1, L)], H)
-            self.f["wh"] = pk.mats([lay[k][2] for k in range(L)], H)
-            if lay[0][3].numel():
-                keep.append([panels(lay[k][3], H).contiguous() for k in range(L)])
-                self.f["bh"] = pointers(keep[-1])
+        self.keep: list = []
+        if kind == "gru_cho":
+            self._cho_gru(sw)
+        elif kind == "gru":
+            self._gru(sw)
         else:                      # layer 0: U; above: the stacked [W; U]
-            self.f["w"] = pk.mats([lay[0][2]] + [lay[k][0] for k in range(1, L)], H)
+            self.f["w"] = self.pk.mats([lay[0][2]] + [lay[k][0] for k in range(1, L)], H)
         cut = slice(0, 2 * H) if kind == "gru_cho" else slice(None)
-        keep.append([None] + [panels(lay[k][1][cut], H).contiguous() for k in range(1, L)])
-        self.b = pointers(keep[-1])
+        self.b = self._kept([None] + [panels(lay[k][1][cut], H).contiguous() for k in range(1, L)])
         if kind == "peephole":     # (3, H) p_i, p_f, p_o per layer, zeros for a gate without one
-            keep.append([torch.stack([t if t.numel() else torch.zeros(H) for t in lay[k][4:7]]).contiguous()
-                         for k in range(L)])
-            self.f["peep"] = pointers(keep[-1])
+            diag = [torch.stack([t if t.numel() else torch.zeros(H) for t in lay[k][4:7]]) for k in range(L)]
+            self.f["peep"] = self._kept([p.contiguous() for p in diag])
         if kind == "peephole_full":  # P_if^T (H, 2H) and P_o^T (H, H), zeros for a gate without one
             full = [[t if t.numel() else torch.zeros(H, H) for t in lay[k][4:7]] for k in range(L)]
-            self.f["pif"] = pk.mats([torch.cat(p[:2], 1) for p in full], H)
-            self.f["po"] = pk.mats([p[2] for p in full], H)
-        V = sw.head_w.shape[1]
+            self.f["pif"] = self.pk.mats([torch.cat(p[:2], 1) for p in full], H)
+            self.f["po"] = self.pk.mats([p[2] for p in full], H)
+        self._head(sw)
+
+    def _kept(self, tensors: list) -> ctypes.Array:
+        """The C array of pointers to ``tensors`` (None: a null pointer), the tensors kept alive."""
+        self.keep.append(tensors)
+        return pointers(tensors)
+
+    def _cho_gru(self, sw: StepWeights) -> None:
+        """r, z apart from n (U_n multiplies r * h): two products a layer, two tables."""
+        H, L, lay, pk = sw.H, sw.L, sw.layers, self.pk
+        rz, nb = slice(0, 2 * H), slice(2 * H, 3 * H)
+        self.table, self.table2 = (panels(sw.table[:, c], H).contiguous() for c in (rz, nb))
+        self.f["w"] = pk.mats([None] + [lay[k][0][:, rz] for k in range(1, L)], H)
+        self.f["w2"] = pk.mats([None] + [lay[k][0][:, nb] for k in range(1, L)], H)
+        self.f["wh"] = pk.mats([lay[k][2] for k in range(L)], H)                  # U_rz^T (H, 2H)
+        self.f["wh2"] = pk.mats([lay[k][4] for k in range(L)], H)                 # U_n^T (H, H)
+        self.f["b2"] = self._kept([None] + [panels(lay[k][1][nb], H).contiguous() for k in range(1, L)])
+
+    def _gru(self, sw: StepWeights) -> None:
+        """Input and recurrent weights apart; layer 0's input part is the table."""
+        H, L, lay, pk = sw.H, sw.L, sw.layers, self.pk
+        self.f["w"] = pk.mats([None] + [lay[k][0] for k in range(1, L)], H)
+        self.f["wh"] = pk.mats([lay[k][2] for k in range(L)], H)
+        if lay[0][3].numel():
+            self.f["bh"] = self._kept([panels(lay[k][3], H).contiguous() for k in range(L)])
+
+    def _head(self, sw: StepWeights) -> None:
+        """The head's weights in columns of 32 and its bias, V padded to a multiple of 32 with zeros."""
+        H, V = sw.H, sw.head_w.shape[1]
         Vp = -(-V // 32) * 32
         head_w = torch.zeros(H, Vp)
         head_w[:, :V] = sw.head_w
-        self.head = pk.columns(head_w)                                                   # (Vp/32, H, 32)
+        self.head = self.pk.columns(head_w)                                              # (Vp/32, H, 32)
         self.head_b = torch.zeros(Vp)
         self.head_b[:V] = sw.head_b
-        self.keep = keep
 
 
 def _check(t: Tensor, name: str, shape: tuple, dtypes: tuple) -> None:

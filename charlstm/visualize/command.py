@@ -17,11 +17,11 @@ from torch import Tensor
 
 from ..checkpoint import load_checkpoint, resolve_checkpoint
 from ..console import note
-from ..corpus import encode_text
 from ..errors import CharlstmError, UsageError
 from ..plots import PlottingUnavailable, have_matplotlib
 from ..runtime import resolve_device
 from ..textfiles import read_text
+from ..vocab import encode_text
 from .analysis import SATURATION_HIGH, SATURATION_LOW, colour_value, plot_saturation, rank_units, rgb, saturation
 from .page import build_page
 from .quantities import QUANTITY_HELP, quantities_for
