@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import datacache
+from . import console, datacache
 from .config import TrainConfig
 from .console import note
 from .errors import CharlstmError, UsageError
@@ -332,11 +332,8 @@ def download_tinyshakespeare(data_dir: Path | None = None, *, progress: bool = T
         try:
             with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as out:
                 total = response.headers.get("Content-Length") if hasattr(response, "headers") else None
-                from tqdm import tqdm
-
-                with tqdm(total=int(total) if total and total.isdigit() else None, unit="B", unit_scale=True,
-                          desc="downloading tinyshakespeare", file=sys.stderr, leave=False,
-                          disable=not progress) as bar:
+                with console.progress(int(total) if total and total.isdigit() else None, unit="B", unit_scale=True,
+                                      desc="downloading tinyshakespeare", enabled=progress) as bar:
                     for block in iter(lambda: response.read(64 * 1024), b""):
                         out.write(block)
                         h.update(block)
@@ -516,14 +513,12 @@ def _stream_sha256(files: list[Path], on_bytes=None) -> str:
 
 
 class _Progress:
-    """A tqdm byte counter on stderr, or nothing when disabled or the work is small."""
+    """A byte counter on stderr (console.progress), or nothing when disabled or the work is small."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
         self.bar = None
         if enabled and total >= PROGRESS_MIN_BYTES:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
+            self.bar = console.progress(total, unit="B", unit_scale=True, desc=desc)
 
     def update(self, n: int) -> None:
         if self.bar is not None:

@@ -1,5 +1,5 @@
-"""The observers `charlstm train` hangs on its Trainer: the progress bar, the evaluation notes on
-stderr and metrics.jsonl (the summary table is the command's, in train.py)."""
+"""The observers `charlstm train` hangs on its Trainer: progress (a bar, or plain lines in a log),
+the evaluation notes on stderr and metrics.jsonl (the summary table is the command's, in train.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,34 @@ import sys
 
 from tqdm import tqdm
 
-from . import rundir
-from .console import note
+from . import console, rundir
+from .console import format_time, note
 from .trainer import Evaluation, Observer, Trainer, TrainResult
 from .trainer_state import LN2
+
+
+def progress_observer() -> Observer:
+    """The training's progress on stderr: a bar on a terminal, a plain line every --log-every steps
+    in a file or a pipe (a log gets lines, not redrawn frames)."""
+    return ProgressBar() if console.stderr_is_terminal() else LogLines()
+
+
+class _Eta:
+    """The time left, from the budget fraction used since this invocation started (so that its
+    figure means the same for a step, an epoch or a time budget)."""
+
+    def __init__(self, trainer: Trainer):
+        self.start_time, self.start_frac = trainer.train_time, trainer.budget_used()
+
+    def done_and_left(self, trainer: Trainer) -> tuple[float, str]:
+        done = min(trainer.budget_used(), 1.0)
+        rate = (done - self.start_frac) / max(trainer.train_time - self.start_time, 1e-9)
+        eta = (1.0 - done) / rate if rate > 0 else float("nan")
+        return done, format_time(eta) if math.isfinite(eta) else "?"
+
+
+def _speed(trainer: Trainer) -> str:
+    return f"{trainer.chars_seen / max(trainer.train_time, 1e-9):,.0f} chars/s"
 
 
 class ProgressBar(Observer):
@@ -19,21 +43,37 @@ class ProgressBar(Observer):
     its percentage and ETA mean the same for every budget): step, smoothed loss, chars/s, ETA."""
 
     def on_start(self, trainer: Trainer) -> None:
-        self.start_time, self.start_frac = trainer.train_time, trainer.budget_used()
-        self.bar = tqdm(total=1.0, initial=self.start_frac, file=sys.stderr, dynamic_ncols=True,
+        self.eta = _Eta(trainer)
+        self.bar = tqdm(total=1.0, initial=self.eta.start_frac, file=sys.stderr, dynamic_ncols=True,
                         desc=trainer.run_dir.name, leave=True, bar_format="{percentage:3.0f}%|{bar}| {desc}")
 
     def on_step(self, trainer: Trainer) -> None:
-        done = min(trainer.budget_used(), 1.0)
-        rate = (done - self.start_frac) / max(trainer.train_time - self.start_time, 1e-9)
-        eta = (1.0 - done) / rate if rate > 0 else float("nan")
+        done, left = self.eta.done_and_left(trainer)
         self.bar.update(done - self.bar.n)
         self.bar.set_description_str(f"{trainer.run_dir.name}: step {trainer.steps_done}, loss {trainer.loss_ema:.3f}, "
-                                     f"{trainer.chars_seen / max(trainer.train_time, 1e-9):,.0f} chars/s, "
-                                     f"ETA {format_time(eta) if math.isfinite(eta) else '?'}", refresh=False)
+                                     f"{_speed(trainer)}, ETA {left}", refresh=False)
 
     def on_loop_end(self, trainer: Trainer) -> None:
         self.bar.close()
+
+
+class LogLines(Observer):
+    """Progress for a log (stderr is a file or a pipe): one plain line every --log-every steps,
+    ``lstm-pystdlib: step 200 (20%), loss 2.1345, 45,210 chars/s, ETA 1:23``; the loss is the mean
+    training loss of those steps (metrics.jsonl's train_loss at that step)."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.eta = _Eta(trainer)
+        self.window: list[float] = []
+
+    def on_step(self, trainer: Trainer) -> None:
+        self.window.append(trainer.last_loss)
+        if trainer.steps_done % trainer.train_cfg.log_every:
+            return
+        done, left = self.eta.done_and_left(trainer)
+        note(f"{trainer.run_dir.name}: step {trainer.steps_done} ({100 * done:.0f}%), "
+             f"loss {sum(self.window) / len(self.window):.4f}, {_speed(trainer)}, ETA {left}")
+        self.window = []
 
 
 class EvalNotes(Observer):
@@ -75,10 +115,3 @@ class MetricsFile(Observer):
         self.log.write({"step": trainer.steps_done, "epoch": round(trainer.epochs_done, 4), "lr": trainer.lr,
                         "chars_per_sec": trainer.chars_per_sec, "elapsed": round(trainer.train_time, 3), **record})
 
-
-def format_time(seconds: float) -> str:
-    """H:MM:SS, or M:SS under an hour."""
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -14,7 +14,7 @@ from . import distributed as dist_mod
 from .config import PRESETS, ModelConfig, TrainConfig, parse_duration
 from .corpus import locate_data, same_source
 from .errors import UsageError
-from .observers import EvalNotes, MetricsFile, ProgressBar, format_time
+from .observers import EvalNotes, MetricsFile, format_time, progress_observer
 from .trainer import Observer, Trainer, TrainResult
 from .trainer_state import LN2
 
@@ -45,7 +45,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
                       preset=preset, progress=progress)
     if trainer.ctx.is_main:   # rank 0 alone shows and logs
         if progress:
-            trainer.add_observer(ProgressBar())
+            trainer.add_observer(progress_observer())
         for observer in (EvalNotes(), MetricsFile(), Summary(next_steps=next_steps)):
             trainer.add_observer(observer)
     return trainer.run()

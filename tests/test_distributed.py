@@ -213,6 +213,7 @@ def test_tokenising_reads_in_chunks_and_shows_progress(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(corpus_mod, "CHUNK_BYTES", 4096)
     monkeypatch.setattr(corpus_mod, "PROGRESS_MIN_BYTES", 1)
+    monkeypatch.setattr(corpus_mod.console, "stderr_is_terminal", lambda: True)   # bars (a log gets lines)
     monkeypatch.setattr(corpus_mod, "open", lambda *a, **k: Spy(builtins.open(*a, **k)), raising=False)
     c = load_corpus(str(tmp_path / "d"), data_dir=tmp_path / "data", progress=True)
     # Every read is a chunk, or the 8 KiB binary sniff of a directory's files; three passes in all.

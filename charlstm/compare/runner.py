@@ -22,9 +22,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt_mod
+from .. import console
 from .. import train as train_mod
 from ..config import CompareConfig, ModelConfig, TrainConfig
 from ..console import note
@@ -413,7 +413,9 @@ def run_all(specs: list[dict], settings: CompareConfig, *, progress: bool = True
 
 def _run_parallel(todo: list[dict], jobs: int, results: dict, progress: bool) -> None:
     ctx = multiprocessing.get_context("spawn")
-    bar = tqdm(total=len(todo), desc=f"runs ({jobs} at a time)", unit="run", disable=not progress, file=sys.stderr)
+    # A log gets a line per finished run (interval 0); a terminal, a bar that stays.
+    bar = console.progress(len(todo), desc=f"runs ({jobs} at a time)", unit="runs", enabled=progress, leave=True,
+                           interval=0)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
     try:
         pending = {pool.submit(execute_run, spec, False): spec for spec in todo}
