@@ -1,15 +1,20 @@
 """The observers `charlstm train` hangs on its Trainer: progress (a bar, or plain lines in a log),
-the evaluation notes on stderr and metrics.jsonl (the summary table is the command's, in train.py)."""
+the evaluation notes on stderr, metrics.jsonl and the curves drawn from it (the summary table is
+the command's, in train.py)."""
 
 from __future__ import annotations
 
 import math
 import sys
+import time
 
 from tqdm import tqdm
 
-from . import console, rundir
+from . import console, plots, rundir
+from .config import ModelConfig
 from .console import format_time, note
+from .curves import draw_run, read_curve
+from .errors import CharlstmError
 from .trainer import Evaluation, Observer, Trainer, TrainResult
 from .trainer_state import LN2
 
@@ -114,4 +119,57 @@ class MetricsFile(Observer):
     def _write(self, trainer: Trainer, record: dict) -> None:
         self.log.write({"step": trainer.steps_done, "epoch": round(trainer.epochs_done, 4), "lr": trainer.lr,
                         "chars_per_sec": trainer.chars_per_sec, "elapsed": round(trainer.train_time, 3), **record})
+
+
+def describe_model(cfg: ModelConfig, params: int | None = None) -> str:
+    """'lstm 2 \u00d7 256 (layers \u00d7 hidden), embedding 64, 1,234,567 parameters' (for titles)."""
+    text = f"{cfg.variant} {cfg.layers} \u00d7 {cfg.hidden} (layers \u00d7 hidden), embedding {cfg.embed}"
+    return text + (f", {params:,} parameters" if params else "")
+
+
+class Curves(Observer):
+    """curves.png and curves.svg in the run directory, drawn from its metrics.jsonl (a resumed run's
+    history included) at every evaluation and at the end; where matplotlib is missing, one note.
+
+    A draw at an evaluation is skipped when drawing would take more than a tenth of
+    the time since the last one (a draw takes about half a second: evaluations less
+    than five seconds apart, as in a tiny run, are drawn at the end); the end always
+    draws. Drawing never stops training: a failure is one note and no more curves.
+    """
+
+    SHARE = 0.1        # drawing may take at most this fraction of the time between draws
+    FIRST_COST = 0.5   # seconds a draw is taken to cost until one is timed
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.enabled = plots.have_matplotlib()
+        self.drawn_size, self.cost, self.last = -1, self.FIRST_COST, time.perf_counter()
+        if not self.enabled:
+            note(f"note: no {rundir.CURVES}.png: drawing needs matplotlib, an optional extra: "
+                 f"pip install 'charlstm[plot]' (metrics.jsonl has the numbers)")
+
+    def on_eval(self, trainer: Trainer, ev: Evaluation) -> None:
+        if time.perf_counter() - self.last >= self.cost / self.SHARE:
+            self.draw(trainer)
+
+    def on_end(self, trainer: Trainer, result: TrainResult | None) -> None:
+        self.draw(trainer)
+
+    def draw(self, trainer: Trainer) -> None:
+        """Draw now, unless matplotlib is missing or metrics.jsonl has not changed since the last draw."""
+        metrics = trainer.run_dir / rundir.METRICS
+        if not self.enabled or not metrics.is_file() or metrics.stat().st_size == self.drawn_size:
+            return
+        started = time.perf_counter()
+        try:
+            size = metrics.stat().st_size
+            curve = read_curve(trainer.run_dir)
+            if not curve.empty:
+                draw_run(curve, trainer.run_dir / rundir.CURVES, title=trainer.run_dir.name,
+                         subtitle=f"{describe_model(trainer.model_cfg, trainer.params)}; corpus {trainer.corpus.name}")
+        except (CharlstmError, OSError, ValueError, RuntimeError) as e:
+            self.enabled = False
+            note(f"note: could not draw {trainer.run_dir / rundir.CURVES}.png ({e}); training goes on without it")
+            return
+        self.drawn_size, self.last = size, time.perf_counter()
+        self.cost = self.last - started
 

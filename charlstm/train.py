@@ -11,10 +11,11 @@ from rich.table import Table
 
 from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
+from . import rundir
 from .config import PRESETS, ModelConfig, TrainConfig, parse_duration
 from .corpus import locate_data, same_source
 from .errors import UsageError
-from .observers import EvalNotes, MetricsFile, format_time, progress_observer
+from .observers import Curves, EvalNotes, MetricsFile, format_time, progress_observer
 from .trainer import Observer, Trainer, TrainResult
 from .trainer_state import LN2
 
@@ -46,7 +47,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
     if trainer.ctx.is_main:   # rank 0 alone shows and logs
         if progress:
             trainer.add_observer(progress_observer())
-        for observer in (EvalNotes(), MetricsFile(), Summary(next_steps=next_steps)):
+        for observer in (EvalNotes(), MetricsFile(), Curves(), Summary(next_steps=next_steps)):
             trainer.add_observer(observer)
     return trainer.run()
 
@@ -89,6 +90,9 @@ def print_summary(result: TrainResult, model_cfg: ModelConfig, next_steps: bool 
         table.add_row("best checkpoint", str(result.best_checkpoint))
     if result.last_checkpoint is not None:
         table.add_row("latest checkpoint", str(result.last_checkpoint))
+    curves = result.run_dir / f"{rundir.CURVES}.png"
+    if curves.is_file():
+        table.add_row("curves", f"{curves} (and .svg)")
     console.print(table)
     if not next_steps:
         return
