@@ -136,3 +136,81 @@ def test_a_drawing_failure_is_one_note_not_a_failed_run(work, monkeypatch):
     r = train("--max-steps", "12", "--eval-every", "3", "--out", "run")
     assert r.stderr.count("could not draw") == 1 and "No space left on device" in r.stderr
     assert (work / "run" / "latest").is_file()
+
+
+# --------------------------------------------------------------------------- charlstm plot
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs (one named without its variant) and a corpus comparison of two variants."""
+    root = tmp_path_factory.mktemp("plot")
+    (root / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
+    tiny = [a if a != "tiny.txt" else str(root / "tiny.txt") for a in TINY]
+    for name, variant in (("mine", "gru"), ("lstm-a", "lstm")):
+        r = invoke("train", *tiny, "--variant", variant, "--max-steps", "8", "--eval-every", "4", "--log-every", "2",
+                   "--out", root / name, "--data-dir", root / "data")
+        assert r.exit_code == 0, r.output
+    r = invoke("compare-variants", "--variants", "rnn,lstm", "--data", root / "tiny.txt", "--hidden", "4", "--embed",
+               "2", "--seq-len", "16", "--batch-size", "4", "--max-steps", "4", "--threads", "1", "--no-plot",
+               "--no-progress", "--out", root / "cmp", "--data-dir", root / "data")
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def test_plot_overlays_runs_and_a_comparison(runs, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    real = curves.draw_overlay
+    monkeypatch.setattr("charlstm.plot.draw_overlay", lambda cs, stem, **kw: seen.append(cs) or real(cs, stem, **kw))
+    r = invoke("plot", runs / "mine", runs / "lstm-a" / "best", runs / "cmp")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == ["curves-by-step.png", "curves-by-step.svg"]
+    assert (tmp_path / "curves-by-step.png").read_bytes()[:8] == PNG
+    assert [c.label for c in seen[0]] == ["mine (gru)", "lstm-a", "lstm-seed1", "rnn-seed1"]
+    assert [p["step"] for p in seen[0][0].val] == [4, 8]
+    r = invoke("plot", runs / "mine", runs / "cmp" / "rnn-seed1", "--x", "time", "--out", "figs.png",
+               "--title", "GRU against RNN")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == ["figs.png", "figs.svg"] and (tmp_path / "figs.svg").is_file()
+    r = invoke("plot", runs / "mine", "--out", tmp_path / "stem")
+    assert r.exit_code == 0 and (tmp_path / "stem.png").is_file() and (tmp_path / "stem.svg").is_file()
+
+
+def test_plot_labels_clashing_names_by_their_parent(tmp_path):
+    from charlstm import plot as plot_mod
+
+    for parent in ("a", "b"):
+        (tmp_path / parent / "lstm-seed1").mkdir(parents=True)
+    assert plot_mod.labels_of([tmp_path / "a" / "lstm-seed1", tmp_path / "b" / "lstm-seed1"]) == \
+        ["a/lstm-seed1", "b/lstm-seed1"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nowhere"], "nowhere does not exist"),
+    (["empty"], "empty is not a run directory (no metrics.jsonl) nor a comparison of runs"),
+    (["tiny.txt"], "tiny.txt is a file, not a run directory"),
+    (["longgap"], "longgap is a long-gap comparison"),
+    (["RUN", "--x", "epoch"], "--x must be one of step, time (got 'epoch')"),
+    (["RUN", "--out", "fig.pdf"], "--out fig.pdf: charlstm plot writes PNG and SVG"),
+    (["RUN", "--out", "missing/fig.png"], "--out missing/fig.png: the directory missing does not exist"),
+])
+def test_plot_usage_errors_are_one_line_and_exit_2(runs, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "tiny.txt").write_text("x", encoding="utf-8")
+    (tmp_path / "longgap").mkdir()
+    (tmp_path / "longgap" / "summary.json").write_text('{"task": "long-gap"}', encoding="utf-8")
+    r = invoke("plot", *[str(runs / "mine") if a == "RUN" else a for a in args])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith(f"error: {message}") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_plot_without_matplotlib_is_one_line_and_exit_1(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
+    r = invoke("plot", runs / "mine")
+    assert r.exit_code == 1
+    assert r.stderr == f"error: charlstm plot needs matplotlib, an optional extra: {INSTALL}\n"
+    assert invoke("plot").exit_code == 2                                       # no RUN: a usage error
