@@ -1,6 +1,6 @@
 """The observers `charlstm train` hangs on its Trainer: progress (a bar, or plain lines in a log),
-the evaluation notes on stderr, metrics.jsonl and the curves drawn from it (the summary table is
-the command's, in train.py)."""
+the evaluation notes on stderr, metrics.jsonl, the curves drawn from it and TensorBoard's event
+files (the summary table is the command's, in train.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import time
 
 from tqdm import tqdm
 
-from . import console, plots, rundir
+from . import configfile, console, plots, rundir
 from .config import ModelConfig
 from .console import format_time, note
 from .curves import draw_run, read_curve
 from .errors import CharlstmError
 from .trainer import Evaluation, Observer, Trainer, TrainResult
 from .trainer_state import LN2
+
+TENSORBOARD_HINT = "pip install 'charlstm[tensorboard]'"
 
 
 def progress_observer() -> Observer:
@@ -173,3 +175,64 @@ class Curves(Observer):
         self.drawn_size, self.last = size, time.perf_counter()
         self.cost = self.last - started
 
+
+def summary_writer_class():
+    """torch.utils.tensorboard's SummaryWriter; CharlstmError with the install hint where the
+    tensorboard package is missing (--tensorboard fails at once, before any work)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise CharlstmError(f"--tensorboard needs the tensorboard package, an optional extra: {TENSORBOARD_HINT}"
+                            ) from None
+    return SummaryWriter
+
+
+def _preformatted(text: str) -> str:
+    """Text as a Markdown code block (TensorBoard's text tab renders Markdown): whitespace kept."""
+    return "\n".join("    " + line for line in text.split("\n"))
+
+
+class TensorBoard(Observer):
+    """--tensorboard: event files under RUN/tensorboard/ for `tensorboard --logdir`: the scalars of
+    metrics.jsonl (loss/train every --log-every steps, loss/val and bpc/val at each evaluation, lr,
+    chars_per_sec), the sample printed at each evaluation and the run's settings as text. A resumed
+    run drops the events after its checkpoint's step (as metrics.jsonl does)."""
+
+    def __init__(self) -> None:
+        self.writer_class = summary_writer_class()
+        self.writer = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.window: list[float] = []
+        self.writer = self.writer_class(log_dir=str(trainer.run_dir / rundir.TENSORBOARD),
+                                        purge_step=trainer.steps_done or None)
+        if trainer.steps_done == 0:
+            settings = configfile.train_toml(trainer.model_cfg, trainer.train_cfg, trainer.extra_config["preset"])
+            self.writer.add_text("settings", _preformatted(settings), 0)
+
+    def on_step(self, trainer: Trainer) -> None:
+        self.window.append(trainer.last_loss)
+        if trainer.steps_done % trainer.train_cfg.log_every == 0:
+            self._flush(trainer)
+
+    def on_eval(self, trainer: Trainer, ev: Evaluation) -> None:
+        self.writer.add_scalar("loss/val", ev.loss, ev.step)
+        self.writer.add_scalar("bpc/val", ev.loss / LN2, ev.step)
+        if ev.sample:
+            self.writer.add_text("sample", _preformatted(ev.sample), ev.step)
+        self.writer.flush()
+
+    def on_end(self, trainer: Trainer, result: TrainResult | None) -> None:
+        if self.writer is None:
+            return
+        if result is not None and self.window:
+            self._flush(trainer)
+        self.writer.close()
+
+    def _flush(self, trainer: Trainer) -> None:
+        step = trainer.steps_done
+        self.writer.add_scalar("loss/train", sum(self.window) / len(self.window), step)
+        self.writer.add_scalar("lr", trainer.lr, step)
+        if trainer.chars_per_sec:
+            self.writer.add_scalar("chars_per_sec", trainer.chars_per_sec, step)
+        self.window = []

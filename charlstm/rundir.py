@@ -13,9 +13,10 @@ from .errors import UsageError
 
 METRICS = "metrics.jsonl"
 CURVES = "curves"                 # curves.png and curves.svg, drawn from metrics.jsonl
+TENSORBOARD = "tensorboard"       # --tensorboard's event files
 _RUN_ENTRIES = ("best", "latest", METRICS)
 # Written beside the run's checkpoints (charlstm's own, not a run by themselves).
-_SETTINGS = (RUN_CONFIG, f"{CURVES}.png", f"{CURVES}.svg")
+_SETTINGS = (RUN_CONFIG, f"{CURVES}.png", f"{CURVES}.svg", TENSORBOARD)
 _TEMPORARY = (".tmp-ckpt-", ".old-ckpt-", ".best.tmp", ".latest.tmp", ".metrics.jsonl.tmp", f".{RUN_CONFIG}.tmp-",
               f".{CURVES}.png.tmp-", f".{CURVES}.svg.tmp-")
 

@@ -87,7 +87,7 @@ def flag_of(f: dataclasses.Field) -> str:
 def parsed(text: str, example):
     """A default as --help shows it, read back as the type of ``example``."""
     if isinstance(example, bool):
-        return {"--bf16": True, "--no-bf16": False}.get(text, text)
+        return not text.startswith("--no-") if text.startswith("--") else text   # --bf16 / --no-tensorboard
     if isinstance(example, list):
         return [type(example[0])(x) for x in text.split(",")]
     return type(example)(text) if example is not None else text
