@@ -16,14 +16,15 @@ $(VENV)/.stamp-install: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP_INSTALL) -e .
 	touch $@
 
-# Tests run with the optional plotting extra too, so the PNG/SVG paths are exercised.
+# Tests run with the optional plotting and TensorBoard extras too, so the PNG/SVG and event-file
+# paths are exercised (tests/test_tensorboard.py also runs a fake writer where tensorboard is absent).
 $(VENV)/.stamp-test: $(VENV)/.stamp-install
-	$(PIP_INSTALL) -e '.[test,plot]'
+	$(PIP_INSTALL) -e '.[test,plot,tensorboard]'
 	touch $@
 
 # The gpu extra (triton) on top of the test extras, for `make gpu-check`.
 $(VENV)/.stamp-gpu: $(VENV)/.stamp-test
-	$(PIP_INSTALL) -e '.[test,plot,gpu]'
+	$(PIP_INSTALL) -e '.[test,plot,tensorboard,gpu]'
 	touch $@
 
 install: $(VENV)/.stamp-install

@@ -23,14 +23,13 @@ import itertools
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
+from . import console
 from .config import BenchConfig, ModelConfig, TrainConfig
 from .errors import UsageError
 from .layers import Recurrent
@@ -206,8 +205,7 @@ def run_rounds(jobs: dict, warmup: int, repeats: int, progress: bool) -> dict:
     """Run every job once per round (warm-up rounds untimed); {key: [seconds per timed round]}."""
     times = {key: [] for key in jobs}
     total = (warmup + repeats) * len(jobs)
-    with tqdm(total=total, desc="measuring", unit="run", file=sys.stderr, disable=not progress, leave=False,
-              mininterval=0.5) as bar:
+    with console.progress(total, desc="measuring", unit="runs", enabled=progress, mininterval=0.5) as bar:
         for r in range(warmup + repeats):
             bar.set_postfix_str("warm-up" if r < warmup else f"round {r - warmup + 1}/{repeats}")
             for key, job in jobs.items():

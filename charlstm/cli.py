@@ -33,6 +33,7 @@ from . import cache as cache_mod
 from . import compare as compare_mod
 from . import evaluate as eval_mod
 from . import info as info_mod
+from . import plot as plot_mod
 from . import sample as sample_mod
 from . import train as train_mod
 from . import visualize as vis_mod
@@ -564,6 +565,23 @@ def visualize(
     vis_mod.run_from_cli(run=run, text=text, text_file=text_file, html=html, unit=unit, quantity=quantity,
                          scale=scale, find_units=find_units, top=top, saturation_table=saturation, plot=plot,
                          json_out=json_out, unknown=unknown, max_chars=max_chars, device=device)
+
+
+# --------------------------------------------------------------------------- plot
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run directories (or a checkpoint inside one); a compare-variants "
+                                      "directory stands for its runs.", show_default=False, metavar="RUN"),
+    out: Path | None = opt(None, "--out", help="The figure: NAME.png, NAME.svg or NAME; both NAME.png and NAME.svg "
+                           "are written (replaced if there).", show="curves-by-step or curves-by-time, here"),
+    x: str = opt("step", "--x", help="What the horizontal axis shows: step (optimizer steps) or time (training "
+                 "time, evaluation and saving excluded)."),
+    title: str | None = opt(None, "--title", help="The figure's title.", show="Training curves of N runs"),
+) -> None:
+    """Training curves of one or more runs, overlaid: validation loss (markers) and training loss (thin
+    lines) in nats/char, from each run's metrics.jsonl. Prints the files written."""
+    plot_mod.run_from_cli(runs, out=out, x=x, title=title)
 
 
 # --------------------------------------------------------------------------- cache

@@ -205,8 +205,12 @@ class TrainConfig(_JsonConfig):
                                  "(the same ones every time); 0: the whole split.")
     checkpoint_every: int = setting(500, "Save a checkpoint every N steps (and at the end).")
     keep: int = setting(3, "Keep the N latest checkpoints plus the best.")
-    log_every: int = setting(10, "Write a metrics.jsonl line every N steps (mean train loss since the last).")
+    log_every: int = setting(10, "Write a metrics.jsonl line every N steps (mean train loss since the last); "
+                                 "where stderr is not a terminal, a plain progress line too.")
     sample_chars: int = setting(200, "Length of the sample printed at each evaluation (0: none).")
+    tensorboard: bool = setting(False, "Also write the scalars and samples for `tensorboard --logdir` under "
+                                       "RUN/tensorboard/ (an optional extra: pip install 'charlstm[tensorboard]').",
+                                flag="--tensorboard/--no-tensorboard")
     seed: int = setting(1337, "Random seed (same seed, same run on the same machine).")
     device: str = setting("auto", "auto, cpu or cuda.")
     threads: int | None = setting(None, "CPU threads for torch.", shown="torch's")

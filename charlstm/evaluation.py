@@ -3,12 +3,10 @@ short samples the trainer prints at each evaluation."""
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from . import console
 from .batches import eval_windows
 from .errors import CharlstmError
 from .model import detach_state
@@ -38,10 +36,10 @@ def slow_eval_note(seconds: float, chars: int, eval_chars: int) -> str | None:
 
 
 def _progress_bar(tokens: torch.Tensor, enabled: bool, desc: str):
-    """A tqdm bar over the characters scored, on a terminal and for long evaluations only."""
+    """Progress over the characters scored (console.progress: a bar, or plain lines in a log), for long
+    evaluations only."""
     n = tokens.numel() - 1
-    on = enabled and n >= PROGRESS_MIN_CHARS and sys.stderr.isatty()
-    return tqdm(total=n, disable=not on, unit="char", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
+    return console.progress(n, desc=desc, unit="chars", unit_scale=True, enabled=enabled and n >= PROGRESS_MIN_CHARS)
 
 
 def evaluate_loss(model, tokens: torch.Tensor, *, batch_size: int, seq_len: int, device,
@@ -53,8 +51,8 @@ def evaluate_loss(model, tokens: torch.Tensor, *, batch_size: int, seq_len: int,
     previous window's final state (``carry_state=False`` starts every window
     from zeros instead: the windowed protocol). ``token_map`` (V_corpus,) long
     translates the ids into the model's vocabulary (a run --init-from another
-    model). ``progress``: a bar on stderr when it is a terminal and the text is
-    long. The model's training mode and the global RNG are left as they were.
+    model). ``progress``: progress on stderr when the text is long (a bar on a
+    terminal, plain lines in a log). The model's training mode and the global RNG are left as they were.
     """
     was_training = model.training
     model.eval()

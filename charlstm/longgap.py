@@ -5,14 +5,13 @@ See docs/compare.md, "The long-gap task".
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from . import console
 from .config import ModelConfig
 from .errors import UsageError
 from .model import build_model
@@ -187,8 +186,8 @@ def train_long_gap(task: LongGapTask, model_cfg: ModelConfig, *, seed: int = 1, 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     gen = task.train_generator(seed)
     x_eval, y_eval = task.eval_set(seed, eval_size)
-    bar = tqdm(total=max_steps, desc=desc or f"{model_cfg.variant} gap {task.gap}", unit="step", leave=False,
-               file=sys.stderr, dynamic_ncols=True) if progress else None
+    bar = console.progress(max_steps, desc=desc or f"{model_cfg.variant} gap {task.gap}", unit="steps",
+                           enabled=progress) if progress else None
     curve: list[dict] = []
     step = 0
     start = time.perf_counter()

@@ -11,6 +11,7 @@ window.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,14 +113,28 @@ def plot_lines(
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
+    return save_figure(fig, stem)
+
+
+def save_figure(fig, stem: Path) -> list[Path]:
+    """Save ``fig`` as ``stem.png`` and ``stem.svg`` (the parent directory created); the paths written.
+
+    Each file is written beside itself and renamed into place, so that a reader
+    (or a crash mid-save) never sees half a figure.
+    """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in FORMATS:
         path = stem.with_name(stem.name + "." + fmt)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         # Metadata without dates, so the same data gives the same file.
         metadata = {"Date": None} if fmt == "svg" else {"Software": None}
-        fig.savefig(path, format=fmt, metadata=metadata)
+        try:
+            fig.savefig(tmp, format=fmt, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         written.append(path)
     return written
 

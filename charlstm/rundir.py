@@ -12,9 +12,13 @@ from .configfile import RUN_CONFIG
 from .errors import UsageError
 
 METRICS = "metrics.jsonl"
+CURVES = "curves"                 # curves.png and curves.svg, drawn from metrics.jsonl
+TENSORBOARD = "tensorboard"       # --tensorboard's event files
 _RUN_ENTRIES = ("best", "latest", METRICS)
-_SETTINGS = (RUN_CONFIG,)         # written beside the run's checkpoints (charlstm's own, not a run by itself)
-_TEMPORARY = (".tmp-ckpt-", ".old-ckpt-", ".best.tmp", ".latest.tmp", ".metrics.jsonl.tmp", f".{RUN_CONFIG}.tmp-")
+# Written beside the run's checkpoints (charlstm's own, not a run by themselves).
+_SETTINGS = (RUN_CONFIG, f"{CURVES}.png", f"{CURVES}.svg", TENSORBOARD)
+_TEMPORARY = (".tmp-ckpt-", ".old-ckpt-", ".best.tmp", ".latest.tmp", ".metrics.jsonl.tmp", f".{RUN_CONFIG}.tmp-",
+              f".{CURVES}.png.tmp-", f".{CURVES}.svg.tmp-")
 
 
 def default_run_name(model_cfg: ModelConfig, data: str) -> str:

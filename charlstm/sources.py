@@ -8,16 +8,13 @@ import hashlib
 import os
 import platform
 import shutil
-import sys
 import sysconfig
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
-from . import datacache
+from . import console, datacache
 from .console import note
 from .errors import CharlstmError
 from .textfiles import check_regular
@@ -187,9 +184,8 @@ def _fetch(url: str, part: Path, progress: bool) -> str:
     try:
         with urllib.request.urlopen(url, timeout=30) as response, open(part, "wb") as out:
             total = response.headers.get("Content-Length") if hasattr(response, "headers") else None
-            with tqdm(total=int(total) if total and total.isdigit() else None, unit="B", unit_scale=True,
-                      desc="downloading tinyshakespeare", file=sys.stderr, leave=False,
-                      disable=not progress) as bar:
+            with console.progress(int(total) if total and total.isdigit() else None, unit="B", unit_scale=True,
+                                  desc="downloading tinyshakespeare", enabled=progress) as bar:
                 for block in iter(lambda: response.read(64 * 1024), b""):
                     out.write(block)
                     h.update(block)

@@ -5,12 +5,10 @@ progress bar of each pass over it (``Progress``)."""
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tqdm import tqdm
-
+from . import console
 from .errors import CharlstmError
 
 CHUNK_BYTES = 4 * 1024 * 1024     # bytes read, decoded and encoded at a time (bounds memory)
@@ -130,12 +128,12 @@ def stream_sha256(files: list[Path], on_bytes=None) -> str:
 
 
 class Progress:
-    """A tqdm byte counter on stderr, or nothing when disabled or the work is small."""
+    """A byte counter on stderr (console.progress), or nothing when disabled or the work is small."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
         self.bar = None
         if enabled and total >= PROGRESS_MIN_BYTES:
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
+            self.bar = console.progress(total, unit="B", unit_scale=True, desc=desc)
 
     def update(self, n: int) -> None:
         if self.bar is not None:

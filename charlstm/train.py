@@ -11,17 +11,18 @@ from rich.table import Table
 
 from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
+from . import rundir
 from .config import PRESETS, ModelConfig, TrainConfig, parse_duration
 from .corpus import locate_data, same_source
 from .errors import UsageError
-from .observers import EvalNotes, MetricsFile, ProgressBar, format_time
+from .observers import Curves, EvalNotes, MetricsFile, TensorBoard, format_time, progress_observer
 from .trainer import Observer, Trainer, TrainResult
 from .trainer_state import LN2
 
 # Options that may differ from the stored run when resuming (they do not change what a step computes).
 RESUMABLE_OPTIONS = frozenset({
     "max_steps", "max_epochs", "max_time", "eval_every", "checkpoint_every", "keep",
-    "device", "threads", "sample_chars", "log_every", "eval_chars",
+    "device", "threads", "sample_chars", "log_every", "eval_chars", "tensorboard",
 })
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -41,13 +42,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
     CharlstmError when the loss becomes NaN or infinite (the last good
     checkpoint is kept).
     """
+    tensorboard = TensorBoard() if train_cfg.tensorboard else None   # without the package: an error now
     trainer = Trainer(model_cfg, train_cfg, resume=resume, init_from=init_from, overwrite=overwrite,
                       preset=preset, progress=progress)
     if trainer.ctx.is_main:   # rank 0 alone shows and logs
         if progress:
-            trainer.add_observer(ProgressBar())
-        for observer in (EvalNotes(), MetricsFile(), Summary(next_steps=next_steps)):
-            trainer.add_observer(observer)
+            trainer.add_observer(progress_observer())
+        for observer in (EvalNotes(), MetricsFile(), Curves(), tensorboard, Summary(next_steps=next_steps)):
+            if observer is not None:
+                trainer.add_observer(observer)
     return trainer.run()
 
 
@@ -89,6 +92,11 @@ def print_summary(result: TrainResult, model_cfg: ModelConfig, next_steps: bool 
         table.add_row("best checkpoint", str(result.best_checkpoint))
     if result.last_checkpoint is not None:
         table.add_row("latest checkpoint", str(result.last_checkpoint))
+    curves = result.run_dir / f"{rundir.CURVES}.png"
+    if curves.is_file():
+        table.add_row("curves", f"{curves} (and .svg)")
+    if (result.run_dir / rundir.TENSORBOARD).is_dir():
+        table.add_row("tensorboard", f"tensorboard --logdir {result.run_dir / rundir.TENSORBOARD}")
     console.print(table)
     if not next_steps:
         return

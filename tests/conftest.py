@@ -180,3 +180,13 @@ def pytest_unconfigure(config):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = before
+
+
+@pytest.fixture(autouse=True)
+def _curves_only_where_tested(request, monkeypatch):
+    """Drawing a run's curves takes about half a second per run: the tests that look at them
+    (test_curves, test_train) draw them, the others' runs skip the drawing."""
+    if request.module.__name__ not in ("test_curves", "test_train"):
+        from charlstm.observers import Curves
+
+        monkeypatch.setattr(Curves, "draw", lambda self, trainer: None)

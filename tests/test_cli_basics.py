@@ -20,8 +20,8 @@ from charlstm.errors import UsageError
 CLI_MD = Path(__file__).resolve().parents[1].parent / "shared" / "CLI.md"
 # The commands of ../shared/CLI.md, for machines where that file is absent.
 CONTRACT_COMMANDS = ["train", "sample", "eval", "info", "compare-variants", "bench"]
-# Commands of CLI.md that issue 19 adds; until then their absence is expected.
-LATER = {"plot": "issue 19"}
+# Commands of CLI.md that are still to come; until then their absence is expected.
+LATER: dict[str, str] = {}
 
 runner = CliRunner()
 
@@ -87,7 +87,7 @@ def flag_of(f: dataclasses.Field) -> str:
 def parsed(text: str, example):
     """A default as --help shows it, read back as the type of ``example``."""
     if isinstance(example, bool):
-        return {"--bf16": True, "--no-bf16": False}.get(text, text)
+        return not text.startswith("--no-") if text.startswith("--") else text   # --bf16 / --no-tensorboard
     if isinstance(example, list):
         return [type(example[0])(x) for x in text.split(",")]
     return type(example)(text) if example is not None else text

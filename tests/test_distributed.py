@@ -213,6 +213,7 @@ def test_tokenising_reads_in_chunks_and_shows_progress(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(textstream, "CHUNK_BYTES", 4096)
     monkeypatch.setattr(textstream, "PROGRESS_MIN_BYTES", 1)
+    monkeypatch.setattr(textstream.console, "stderr_is_terminal", lambda: True)     # bars (a log gets lines)
     for module in (textstream, sources):                                      # the passes, the binary sniff
         monkeypatch.setattr(module, "open", lambda *a, **k: Spy(builtins.open(*a, **k)), raising=False)
     c = load_corpus(str(tmp_path / "d"), data_dir=tmp_path / "data", progress=True)

@@ -14,7 +14,7 @@ from conftest import tiny_text
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
-from charlstm import optim
+from charlstm import optim, plots
 from charlstm import train as train_mod
 from charlstm import trainer as trainer_mod
 from charlstm.batches import StreamBatcher
@@ -63,8 +63,9 @@ def test_train_writes_a_run_and_the_loss_falls(work):
                "--checkpoint-every", "20", "--keep", "2", "--log-every", "5", "--out", "run")
     assert r.exit_code == 0, r.output
     run = work / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["best", "ckpt-000040", "ckpt-000060", "config.toml", "latest",
-                                                      "metrics.jsonl"]
+    curves = ["curves.png", "curves.svg"] if plots.have_matplotlib() else []          # drawn from metrics.jsonl
+    assert sorted(p.name for p in run.iterdir()) == sorted(["best", "ckpt-000040", "ckpt-000060", "config.toml",
+                                                             "latest", "metrics.jsonl", *curves])
     config = json.loads((run / "ckpt-000060" / "config.json").read_text())
     assert config["format"] == "charlstm-checkpoint" and config["step"] == 60
     assert config["train"]["max_steps"] == 60 and config["train"]["lr"] == 1e-2 and config["model"]["hidden"] == 24

@@ -22,9 +22,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt_mod
+from .. import console
 from .. import train as train_mod
 from ..config import CompareConfig, ModelConfig, TrainConfig
 from ..console import note
@@ -38,6 +38,8 @@ from .report import LN2, corpus_summary, long_gap_summary, write_corpus_files, w
 from .settings import match_parameters, reference_parameters, threads_per_job
 
 RESULT_FILE = "result.json"
+# TrainConfig fields that do not change a run's result (tensorboard: added later, absent from older results).
+FINGERPRINT_IGNORES = ("device", "threads", "out", "name", "tensorboard")
 
 
 def run_comparison(settings: CompareConfig, *, progress: bool = True, plot: bool = True) -> dict:
@@ -181,7 +183,7 @@ def _plan_corpus(settings: CompareConfig, vocab_size: int, hidden_sizes: dict) -
             train_cfg.name = run_dir.name
             fp = _fingerprint(
                 "corpus", model=model_cfg.to_dict(),
-                train={k: v for k, v in train_cfg.to_dict().items() if k not in ("device", "threads", "out", "name")},
+                train={k: v for k, v in train_cfg.to_dict().items() if k not in FINGERPRINT_IGNORES},
             )
             specs.append({
                 "kind": "corpus", "variant": variant, "seed": seed, "gap": None,
@@ -351,7 +353,7 @@ def check_stored_run(run_dir: Path, spec: dict, stored_model: ModelConfig, store
         planned.chrono_tmax = spec["train_cfg"]["seq_len"]
     stored = stored_model.to_dict()
     diffs = [k for k, v in planned.to_dict().items() if k != "vocab_size" and stored.get(k) != v]
-    ignore = {"device", "threads", "out", "name"}
+    ignore = set(FINGERPRINT_IGNORES)
     stored_t = stored_train.to_dict()
     diffs += [k for k, v in spec["train_cfg"].items() if k not in ignore and stored_t.get(k) != v]
     if diffs:
@@ -413,7 +415,9 @@ def run_all(specs: list[dict], settings: CompareConfig, *, progress: bool = True
 
 def _run_parallel(todo: list[dict], jobs: int, results: dict, progress: bool) -> None:
     ctx = multiprocessing.get_context("spawn")
-    bar = tqdm(total=len(todo), desc=f"runs ({jobs} at a time)", unit="run", disable=not progress, file=sys.stderr)
+    # A log gets a line per finished run (interval 0); a terminal, a bar that stays.
+    bar = console.progress(len(todo), desc=f"runs ({jobs} at a time)", unit="runs", enabled=progress, leave=True,
+                           interval=0)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
     try:
         pending = {pool.submit(execute_run, spec, False): spec for spec in todo}

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
+from .. import console
 from ..model import CharModel
 from .quantities import quantities_for, quantity_notes
 
@@ -110,7 +109,7 @@ def _run_chunks(model, twin, ids: Tensor, progress: bool) -> tuple[Tensor, Tenso
     chunks = [ids[s:s + CHUNK] for s in range(0, T, CHUNK)]
     bar = None
     if progress and len(chunks) > 1:
-        bar = tqdm(total=T, desc="recording", unit="char", file=sys.stderr, leave=False)
+        bar = console.progress(T, desc="recording", unit="chars")
     own_state = gate_state = None
     logits_all, twin_logits_all, per_layer = [], [], [[] for _ in range(model.cfg.layers)]
     for chunk in chunks:
