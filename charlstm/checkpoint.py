@@ -28,12 +28,11 @@ import os
 import platform
 import re
 import shutil
-import struct
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors
 import torch
 
 from .errors import CharlstmError
@@ -53,99 +52,53 @@ CKPT_FILES = (
 )
 
 
-# --------------------------------------------------------------------------- safetensors without numpy
+# --------------------------------------------------------------------------- safetensors files
 #
-# safetensors' torch helpers need numpy to *write*; charlstm does not depend on
-# numpy, so the (simple, documented) format is written here directly: an
-# 8-byte little-endian header length, a JSON header, then the raw tensor bytes.
-# Files written this way load with ``safetensors.safe_open`` (a test checks).
+# The safetensors library writes and reads the files: ``serialize_file`` from each tensor's memory
+# (``safetensors.torch.save_file`` would need NumPy, which charlstm does not depend on) and
+# ``safe_open``. A file is written inside a checkpoint's temporary directory and fsync'ed there.
 
-_DTYPE_CODES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_TensorSpec = getattr(safetensors, "TensorSpec", None)   # safetensors >= 0.8; before, the bytes themselves
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
-def _check_little_endian() -> None:
-    if sys.byteorder != "little":  # pragma: no cover - no big-endian machines here
-        raise CharlstmError("charlstm checkpoints are written on little-endian machines only")
+def _tensor_spec(t: torch.Tensor):
+    """What ``safetensors.serialize_file`` takes for one contiguous CPU tensor."""
+    dtype, nbytes = str(t.dtype).removeprefix("torch."), t.numel() * t.element_size()
+    if _TensorSpec is None:
+        data = ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b""
+        return {"dtype": dtype, "shape": list(t.shape), "data": data}
+    return _TensorSpec(dtype=dtype, shape=list(t.shape), data_ptr=t.data_ptr(), data_len=nbytes)
 
 
 def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write a dict of named tensors to ``path`` in the safetensors format and fsync it."""
-    _check_little_endian()
-    header: dict = {}
-    blobs: list[bytes] = []
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        if t.dtype not in _DTYPE_CODES:
-            raise TypeError(f"cannot store tensor {name!r} of dtype {t.dtype}")
-        nbytes = t.numel() * t.element_size()
-        blobs.append(ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b"")
-        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for blob in blobs:
-            f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write a dict of named tensors to ``path`` in the safetensors format and fsync it.
+
+    An I/O failure (a full disk, a read-only directory) is an OSError with its errno."""
+    kept = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}  # alive while written
+    meta = {str(k): str(v) for k, v in metadata.items()} if metadata else None
+    try:
+        safetensors.serialize_file({name: _tensor_spec(t) for name, t in kept.items()}, str(path), metadata=meta)
+    except safetensors.SafetensorError as e:
+        found = _OS_ERROR.search(str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+    _fsync_file(path)
 
 
 def load_tensors(path: Path) -> tuple[dict, dict]:
     """Read a safetensors file into ({name: CPU tensor}, metadata); CharlstmError if it is malformed."""
-    _check_little_endian()
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except safetensors.SafetensorError as e:
+        raise CharlstmError(f"{path} is not a valid safetensors file ({e})") from e
     except OSError as e:
         raise CharlstmError(f"cannot read {path}: {e.strerror or e}") from e
-    bad = f"{path} is not a valid safetensors file"
-    if len(data) < 8:
-        raise CharlstmError(f"{bad} (only {len(data)} bytes)")
-    (hlen,) = struct.unpack("<Q", data[:8])
-    if hlen > len(data) - 8:
-        raise CharlstmError(f"{bad} (truncated header)")
-    try:
-        header = json.loads(data[8 : 8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CharlstmError(f"{bad} (unreadable header)") from e
-    if not isinstance(header, dict):
-        raise CharlstmError(f"{bad} (header is not an object)")
-    metadata = header.pop("__metadata__", None) or {}
-    body = memoryview(data)[8 + hlen :]
-    tensors = {}
-    for name, spec in header.items():
-        try:
-            dtype = _CODE_DTYPES[spec["dtype"]]
-            shape = [int(s) for s in spec["shape"]]
-            start, end = (int(o) for o in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CharlstmError(f"{bad} (entry {name!r} is malformed)") from e
-        numel = 1
-        for s in shape:
-            numel *= s
-        if not 0 <= start <= end <= len(body) or end - start != numel * torch.empty((), dtype=dtype).element_size():
-            raise CharlstmError(f"{bad} (tensor {name!r} lies outside the file: truncated?)")
-        buf = bytearray(body[start:end])
-        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-        tensors[name] = t.reshape(shape)
     return tensors, metadata
 
 
@@ -161,6 +114,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     except OSError:  # pragma: no cover
         pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a file written by another writer (the safetensors library) to disk."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -205,17 +167,11 @@ def versions() -> dict:
     """Versions of the software that wrote a checkpoint (stored in config.json)."""
     from . import __version__
 
-    try:
-        import safetensors
-
-        st_version = safetensors.__version__
-    except Exception:  # pragma: no cover
-        st_version = None
     return {
         "charlstm": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "safetensors": st_version,
+        "safetensors": safetensors.__version__,
     }
 
 
