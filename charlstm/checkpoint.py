@@ -22,6 +22,7 @@ crash during a save leaves the previous checkpoints and pointers untouched.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ from pathlib import Path
 import safetensors
 import torch
 
+from .console import note
+from .datacache import format_bytes
 from .errors import CharlstmError
 
 FORMAT_NAME = "charlstm-checkpoint"
@@ -74,7 +77,8 @@ def _tensor_spec(t: torch.Tensor):
 def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     """Write a dict of named tensors to ``path`` in the safetensors format and fsync it.
 
-    An I/O failure (a full disk, a read-only directory) is an OSError with its errno."""
+    An I/O failure (a full disk, a read-only directory) is an OSError with its errno. Several
+    ``metadata`` keys are written in no fixed order (the same tensors give the same bytes with one)."""
     kept = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}  # alive while written
     meta = {str(k): str(v) for k, v in metadata.items()} if metadata else None
     try:
@@ -99,6 +103,10 @@ def load_tensors(path: Path) -> tuple[dict, dict]:
         raise CharlstmError(f"{path} is not a valid safetensors file ({e})") from e
     except OSError as e:
         raise CharlstmError(f"cannot read {path}: {e.strerror or e}") from e
+    except RuntimeError as e:   # torch maps the tensors from the file: it can vanish in between (a run's retention)
+        if path.is_file():
+            raise
+        raise CharlstmError(f"cannot read {path}: it was removed while it was read") from e
     return tensors, metadata
 
 
@@ -276,6 +284,13 @@ def read_pointer(run_dir: Path, which: str) -> Path | None:
     return path if (path / MANIFEST).is_file() else None
 
 
+class NoSpaceError(CharlstmError):
+    """A checkpoint did not fit on its disk (the partial one is removed, the earlier ones are intact)."""
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
 def save_checkpoint(
     run_dir: Path,
     *,
@@ -295,42 +310,72 @@ def save_checkpoint(
 
     ``trainer_state`` is a JSON-safe dict that may hold tensors anywhere inside
     (carried hidden state, RNG states): those go to trainer_state.safetensors.
-    Returns the checkpoint directory.
+    An existing checkpoint is never replaced (CharlstmError); NoSpaceError when
+    the disk is full, with the space it needed. Returns the checkpoint directory.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     final = run_dir / name
+    _clear_the_way(final)
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model_cfg.to_dict(),
+        "train": train_cfg.to_dict(),
+        "vocab": vocab.to_json(),
+        "corpus": corpus_meta,
+        "versions": versions(),
+        **(extra_config or {}),
+    }
+    if optimizer is not None:
+        opt_tensors, opt_structure = optimizer_to_files(optimizer)
+    else:
+        opt_tensors, opt_structure = {}, {"class": None, "param_groups": [], "scalars": {}}
+    opt_structure["param_names"] = [n for n, p in model.named_parameters() if p.requires_grad]
+    state_tensors: dict = {}
+    state_json = _split_tensors(trainer_state, "", state_tensors)
+    files = {
+        "config.json": config,
+        # One metadata key: the library writes them in no fixed order, and a state's files stay byte-identical.
+        "model.safetensors": (dict(model.state_dict()), {"format": FORMAT_NAME}),
+        "optimizer.safetensors": (opt_tensors, None),
+        "optimizer.json": opt_structure,
+        "trainer_state.safetensors": (state_tensors, None),
+        "trainer_state.json": state_json,
+    }
+    _write_checkpoint_dir(run_dir, name, files)
+    _write_pointers(run_dir, name, is_best)
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def _clear_the_way(final: Path) -> None:
+    """Refuse to replace checkpoint ``final``; remove what a deletion interrupted there left (a ckpt-*
+    directory without MANIFEST.json is never a checkpoint)."""
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise CharlstmError(f"cannot write checkpoint {final}: something that is not a checkpoint directory "
+                            "has its name; move it away")
+    if not final.exists():
+        return
+    if (final / MANIFEST).exists():
+        raise CharlstmError(f"checkpoint {final} exists already and is never overwritten; continue the run from "
+                            f"its latest checkpoint, or fork it into a new run with --out NEW")
+    remove_checkpoint(final)
+
+
+def _write_checkpoint_dir(run_dir: Path, name: str, files: dict) -> None:
+    """Write the files into a hidden directory, MANIFEST.json last, fsync, rename it to ``name``."""
     tmp = run_dir / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
     try:
-        config = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "step": int(step),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model": model_cfg.to_dict(),
-            "train": train_cfg.to_dict(),
-            "vocab": vocab.to_json(),
-            "corpus": corpus_meta,
-            "versions": versions(),
-        }
-        if extra_config:
-            config.update(extra_config)
-        _write_json(tmp / "config.json", config)
-        weights = {k: v for k, v in model.state_dict().items()}
-        save_tensors(tmp / "model.safetensors", weights, {"format": FORMAT_NAME, "step": str(step)})
-        if optimizer is not None:
-            opt_tensors, opt_structure = optimizer_to_files(optimizer)
-        else:
-            opt_tensors, opt_structure = {}, {"class": None, "param_groups": [], "scalars": {}}
-        opt_structure["param_names"] = [n for n, p in model.named_parameters() if p.requires_grad]
-        save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-        _write_json(tmp / "optimizer.json", opt_structure)
-        state_tensors: dict = {}
-        state_json = _split_tensors(trainer_state, "", state_tensors)
-        save_tensors(tmp / "trainer_state.safetensors", state_tensors)
-        _write_json(tmp / "trainer_state.json", state_json)
+        tmp.mkdir()
+        for fname, content in files.items():
+            if fname.endswith(".safetensors"):
+                save_tensors(tmp / fname, *content)
+            else:
+                _write_json(tmp / fname, content)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -338,40 +383,82 @@ def save_checkpoint(
         }
         _write_json(tmp / MANIFEST, manifest)
         _fsync_dir(tmp)
-        if final.exists():
-            # Re-saving a step (a run resumed from an older checkpoint): swap atomically.
-            trash = run_dir / f".old-{name}-{os.getpid()}-{time.monotonic_ns()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        os.rename(tmp, run_dir / name)
         _fsync_dir(run_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise NoSpaceError(f"no space left in {run_dir} for checkpoint {name}: it needs about "
+                               f"{format_bytes(_checkpoint_bytes(files))}, {format_bytes(_free_bytes(run_dir))} "
+                               "are free (the partial checkpoint was removed, the earlier ones are intact)") from None
         raise
-    write_text_atomic(run_dir / "latest", name + "\n")
-    if is_best:
-        write_text_atomic(run_dir / "best", name + "\n")
-    prune_checkpoints(run_dir, keep)
-    return final
+
+
+def _write_pointers(run_dir: Path, name: str, is_best: bool) -> None:
+    try:
+        write_text_atomic(run_dir / "latest", name + "\n")
+        if is_best:
+            write_text_atomic(run_dir / "best", name + "\n")
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        raise NoSpaceError(f"no space left in {run_dir} to name checkpoint {name} in its pointers "
+                           f"({format_bytes(_free_bytes(run_dir))} free); {name} itself is complete") from None
+
+
+def _checkpoint_bytes(files: dict) -> int:
+    """About the size of a checkpoint on disk: the tensors' bytes and the JSON files."""
+    total = 0
+    for fname, content in files.items():
+        if fname.endswith(".safetensors"):
+            total += 1024 + sum(t.numel() * t.element_size() + 100 for t in content[0].values())
+        else:
+            total += len(json.dumps(content, indent=1, default=str)) + 1
+    return total
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory so that no moment of it looks complete: MANIFEST.json goes first,
+    then the directory is renamed out of the way (``.old-ckpt-...``) and removed. Never follows a
+    symbolic link (a symlinked entry is left alone)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return
+    (path / MANIFEST).unlink(missing_ok=True)
+    _fsync_dir(path)
+    trash = path.with_name(f".old-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints, never the ``best`` or ``latest`` one; also
-    remove leftovers of interrupted saves. Returns what was removed."""
+    """Delete all but the ``keep`` newest checkpoints, never the ``best`` or ``latest`` one, through
+    :func:`remove_checkpoint`; also remove leftovers of interrupted saves and deletions. Symbolic
+    links are never followed nor removed. Returns what was removed."""
     run_dir = Path(run_dir)
-    protected = {p.resolve() for p in (read_pointer(run_dir, w) for w in POINTERS) if p is not None}
-    ckpts = list_checkpoints(run_dir)
+    protected = {p.name for p in (read_pointer(run_dir, w) for w in POINTERS) if p is not None}
+    ckpts = [(s, p) for s, p in list_checkpoints(run_dir) if not p.is_symlink()]
     removed = []
     for _, path in ckpts[: max(0, len(ckpts) - keep)]:
-        if path.resolve() not in protected:
-            shutil.rmtree(path, ignore_errors=True)
+        if path.name not in protected:
+            remove_checkpoint(path)
             removed.append(path)
     for p in run_dir.iterdir():
-        if (p.name.startswith(".tmp-ckpt-") or p.name.startswith(".old-ckpt-")) and p.is_dir():
-            # Leftover of a save that crashed (only hidden names of this pattern are ours).
-            shutil.rmtree(p, ignore_errors=True)
+        if p.is_symlink() or not p.is_dir():
+            continue
+        if p.name.startswith((".tmp-ckpt-", ".old-ckpt-")):
+            shutil.rmtree(p, ignore_errors=True)      # a save or a deletion that was interrupted
+            removed.append(p)
+        elif CKPT_PATTERN.match(p.name) and not (p / MANIFEST).exists() and p.name not in protected:
+            remove_checkpoint(p)                      # a deletion interrupted after its first step
             removed.append(p)
     if removed:
         _fsync_dir(run_dir)
@@ -431,9 +518,45 @@ def resolve_checkpoint(run: Path | None, root: Path = Path("checkpoints"), *, pr
 
 
 def _run_mtime(run_dir: Path) -> float:
-    times = [p.stat().st_mtime for p in [run_dir / w for w in POINTERS] if p.exists()]
-    times += [p.stat().st_mtime for _, p in list_checkpoints(run_dir)]
+    times = []
+    for p in [run_dir / w for w in POINTERS] + [p for _, p in list_checkpoints(run_dir)]:
+        try:
+            times.append(p.stat().st_mtime)
+        except OSError:           # removed by the run's retention meanwhile
+            pass
     return max(times) if times else run_dir.stat().st_mtime
+
+
+def run_dir_of(run: Path) -> Path:
+    """The run directory RUN belongs to (a checkpoint directory's or a pointer's parent), unverified."""
+    run = Path(run)
+    if run.is_file() or _is_checkpoint_dir(run):
+        return run.parent
+    return run
+
+
+def step_of(path: Path) -> int:
+    """The step of a ``ckpt-<step>`` directory (-1 for another name)."""
+    m = CKPT_PATTERN.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def resume_checkpoint(run: Path) -> Path:
+    """The checkpoint ``--resume RUN`` continues from: a checkpoint directory (or the ``best`` pointer)
+    is what it names; a run directory or its ``latest`` pointer gives the newest complete checkpoint
+    (newer than ``latest`` names only when a save was interrupted between its rename and the pointer)."""
+    path = resolve_checkpoint(run, prefer="latest")
+    run = Path(run)
+    if (run.is_dir() and not _is_checkpoint_dir(run)) or run.name == "latest":
+        ckpts = list_checkpoints(path.parent)
+        if ckpts and ckpts[-1][0] > step_of(path):
+            return ckpts[-1][1]
+    return path
+
+
+def newer_checkpoints(path: Path) -> list[Path]:
+    """The complete checkpoints of ``path``'s run written after it (history a resume from it would replace)."""
+    return [p for s, p in list_checkpoints(Path(path).parent) if s > step_of(path)]
 
 
 # --------------------------------------------------------------------------- load
@@ -495,13 +618,16 @@ def verify_checkpoint(path: Path) -> dict:
         raise CharlstmError(f"checkpoint {path} is damaged: {MANIFEST} lists no files")
     for name, entry in files.items():
         f = path / name
-        if not f.is_file():
-            raise CharlstmError(f"checkpoint {path} is incomplete: {name} is missing")
-        size = f.stat().st_size
+        try:
+            size, digest = f.stat().st_size, _sha256(f)
+        except OSError as e:
+            if f.exists() or not isinstance(e, FileNotFoundError):
+                raise CharlstmError(f"cannot read {f}: {e.strerror or e}") from e
+            raise CharlstmError(f"checkpoint {path} is incomplete: {name} is missing") from None
         if size != entry.get("bytes"):
             raise CharlstmError(f"checkpoint {path} is damaged: {name} has {size} bytes, "
                                 f"{entry.get('bytes')} expected (truncated?)")
-        if _sha256(f) != entry.get("sha256"):
+        if digest != entry.get("sha256"):
             raise CharlstmError(f"checkpoint {path} is damaged: {name} does not match its sha256 in {MANIFEST} "
                                 "(changed or corrupted)")
     for name in CKPT_FILES:
@@ -537,22 +663,49 @@ def load_optimizer_state(path: Path, optimizer) -> None:
         raise CharlstmError(f"checkpoint {path}: its optimizer state does not fit this model ({e})") from e
 
 
-def load_checkpoint(path: Path, map_location="cpu", *, backend: str | None = None) -> Checkpoint:
-    """Load and validate a checkpoint (or the one a run directory names) onto ``map_location``.
+READ_ATTEMPTS = 5      # a reader racing a run's retention resolves the run again this many times
+
+
+def load_checkpoint(run: Path | None, map_location="cpu", *, backend: str | None = None,
+                    root: Path = Path("checkpoints"), prefer: str = "best") -> Checkpoint:
+    """Load and validate the checkpoint RUN names (see :func:`resolve_checkpoint`) onto ``map_location``.
 
     The model is built from config.json, its weights loaded strictly, and put
     in eval mode. ``backend`` ('cudnn'/'custom') rebuilds it on the other
     backend with converted weights. CharlstmError for a damaged, foreign or
-    incompatible checkpoint; nothing on disk is ever modified.
+    incompatible checkpoint; nothing on disk is ever modified. When RUN is a
+    run directory (or a pointer, or None) and the run's retention removes the
+    checkpoint while it is read, the run is resolved again and a note says so.
     """
+    named = run is not None and _is_checkpoint_dir(Path(run))
+    for attempt in range(READ_ATTEMPTS):
+        path = Path(run) if named else resolve_checkpoint(run, root, prefer=prefer)
+        try:
+            ckpt = _load_checkpoint_dir(path, map_location, backend)
+        except CharlstmError:
+            # Removed meanwhile (its manifest goes first), or damaged? A named one counts as removed when it is gone.
+            gone = not path.is_dir() if named else not (path / MANIFEST).is_file()
+            if not gone or attempt == READ_ATTEMPTS - 1:
+                raise
+            if named:
+                raise CharlstmError(f"checkpoint {path} was removed while it was read (the retention of a run "
+                                    f"being trained?); give the run directory {path.parent} to read its newest "
+                                    "checkpoint") from None
+            removed = path
+            continue
+        if attempt:
+            note(f"{removed.name} was removed by the run's retention while it was read; "
+                 f"read {ckpt.path.name} instead, the newest complete checkpoint {run or root} names")
+        return ckpt
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _load_checkpoint_dir(path: Path, map_location, backend: str | None) -> Checkpoint:
     from .config import ModelConfig, TrainConfig
     from .corpus import Vocab
     from .errors import UsageError
     from .model import build_model, convert_state_dict
 
-    path = Path(path)
-    if not _is_checkpoint_dir(path):
-        path = resolve_checkpoint(path)
     config = verify_checkpoint(path)
     try:
         model_cfg = ModelConfig.from_dict(config["model"])

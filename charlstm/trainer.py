@@ -502,8 +502,17 @@ class Trainer:
             is_best = False
             if self.has_val and self.steps_done % cfg.eval_every == 0:
                 is_best = self.evaluate().improved
-            if self.steps_done % cfg.checkpoint_every == 0 or is_best:
+            if (self.steps_done % cfg.checkpoint_every == 0 or is_best) and not self._final_evaluation_follows(stop):
                 self.save(is_best)
+
+    def _final_evaluation_follows(self, stop: StopFlag) -> bool:
+        """Whether this step used up the budget and :meth:`_finish` will evaluate it: its checkpoint is
+        then written there, once, after that evaluation (a checkpoint is never written twice). Decided
+        with the values the next loop test will see (under torchrun: agreed by every process)."""
+        if not self.has_val or self.eval_step == self.steps_done:
+            return False
+        _, elapsed = dist_mod.agree(self.ctx, stop=stop.requested, elapsed=self.train_time)
+        return budget_fraction(self.train_cfg, self.steps_done, self.epochs_done, elapsed) >= 1.0
 
     def _finish(self, stopped_by: str, signum: int | None) -> TrainResult:
         """The final evaluation (unless interrupted or just done) and checkpoint (unless just saved)."""
@@ -511,8 +520,10 @@ class Trainer:
         is_best = False
         if self.has_val and self.eval_step != self.steps_done and not interrupted:
             is_best = self.evaluate().improved
-        if self.saved_step != self.steps_done or is_best:
+        if self.saved_step != self.steps_done:
             self.save(is_best)
+        elif is_best and self.ctx.is_main:    # saved already (never twice): the best pointer follows
+            ckpt_mod.write_text_atomic(self.run_dir / "best", self.last_checkpoint.name + "\n")
         return self._result(stopped_by, train_loss=self.last_loss, signum=signum)
 
     def _already_done(self) -> TrainResult:
