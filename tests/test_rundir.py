@@ -161,3 +161,144 @@ def test_resume_takes_the_newest_complete_checkpoint_and_knows_the_newer_ones(tm
     assert ck.resume_checkpoint(run / "ckpt-000020").name == "ckpt-000020"
     assert [p.name for p in ck.newer_checkpoints(run / "ckpt-000010")] == ["ckpt-000020", "ckpt-000030"]
     assert ck.newer_checkpoints(run / "ckpt-000030") == []
+
+
+# --------------------------------------------------------------------------- one writer, history, damaged files
+
+TINY = ["--hidden", "8", "--embed", "4", "--batch-size", "4", "--seq-len", "16", "--threads", "1",
+        "--sample-chars", "0", "--no-progress"]
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    from conftest import tiny_text
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
+    return tmp_path
+
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from charlstm.cli import app
+
+    result = CliRunner().invoke(app, [*map(str, args)])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def train(*args):
+    return cli("train", "--data", "tiny.txt", *TINY, *args)
+
+
+def one_line(r, code: int, message: str) -> None:
+    assert r.exit_code == code, r.output
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_a_run_being_trained_is_refused_to_a_second_writer_and_to_overwrite(work):
+    from charlstm import rundir
+
+    assert train("--out", "R", "--max-steps", "2").exit_code == 0
+    with rundir.lock_run_dir(work / "R"):                      # what a training process holds
+        assert (work / "R" / rundir.LOCK).read_text() == f"{os.getpid()}\n"
+        message = f"R is being trained by process {os.getpid()}; wait for it or choose another --out"
+        one_line(train("--out", "R", "--max-steps", "2"), 1, message)
+        one_line(train("--out", "R", "--max-steps", "2", "--overwrite"), 1, message)
+        one_line(cli("train", "--resume", "R", "--max-steps", "4", "--no-progress"), 1, message)
+        assert steps(work / "R") == [2]
+        # Unnamed runs take the next name that no process is training.
+        with rundir.lock_run_dir(work / "checkpoints" / "lstm-tiny"):
+            assert train("--max-steps", "1").exit_code == 0
+        assert steps(work / "checkpoints" / "lstm-tiny-2") == [1]
+    assert not (work / "R" / rundir.LOCK).exists()             # released: removed
+    assert train("--out", "R", "--max-steps", "3", "--overwrite").exit_code == 0 and steps(work / "R") == [3]
+    # A setup that fails leaves no directory behind (the lock's included).
+    one_line(cli("train", "--data", "missing.txt", *TINY, "--out", "new/R"), 1, "no such file")
+    assert not (work / "new").exists()
+
+
+def test_resuming_an_older_checkpoint_is_refused_and_forks_into_a_new_run(work):
+    import json
+
+    assert train("--out", "R", "--max-steps", "30", "--checkpoint-every", "10", "--keep", "5").exit_code == 0
+    before = {p.name: (p / "model.safetensors").read_bytes() for _, p in ck.list_checkpoints(work / "R")}
+    r = cli("train", "--resume", "R/ckpt-000010", "--max-steps", "50", "--no-progress")
+    one_line(r, 2, "R holds newer checkpoints (ckpt-000020, ckpt-000030) that continuing from ckpt-000010 would "
+                   "replace; continue the run with --resume R, or fork ckpt-000010 into a new run with "
+                   "--resume R/ckpt-000010 --out NEW")
+    assert {p.name: (p / "model.safetensors").read_bytes() for _, p in ck.list_checkpoints(work / "R")} == before
+    r = cli("train", "--resume", "R/ckpt-000010", "--out", "F", "--max-steps", "30", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert steps(work / "F") == [10, 20, 30] and steps(work / "R") == [10, 20, 30]
+    for step in (10, 20, 30):                                   # the fork computes what the run did
+        name = ck.checkpoint_name(step)
+        assert (work / "F" / name / "model.safetensors").read_bytes() == before[name]
+    forked = ck.load_checkpoint(work / "F")
+    assert forked.config["forked_from"] == str(Path("R") / "ckpt-000010")
+    assert forked.train_cfg.out == "F" and forked.train_cfg.name == "F"
+
+    def losses(run):    # the history up to step 10 is copied, then the same (an evaluation's smoothed loss restarts)
+        return [(m["step"], m["lr"], m["val_loss"] if "val_loss" in m else m["train_loss"])
+                for m in map(json.loads, (work / run / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses("F") == losses("R") and len(losses("F")) == 4
+    # The fork is a run of its own: it resumes, and a fork into a directory holding a run is refused.
+    assert cli("train", "--resume", "F", "--max-steps", "40", "--no-progress").exit_code == 0
+    assert steps(work / "F")[-1] == 40 and ck.load_checkpoint(work / "F").config["forked_from"].endswith("000010")
+    one_line(cli("train", "--resume", "R/ckpt-000010", "--out", "F", "--no-progress"), 2, "F already holds a run")
+
+
+def test_damaged_files_beside_the_checkpoints_are_named_in_one_line(work):
+    import hashlib
+    import json
+    import shutil
+
+    assert train("--out", "R", "--max-steps", "3").exit_code == 0
+    for name in ("bytes", "dir", "state", "config"):
+        shutil.copytree(work / "R", work / name)
+    bad_line = len((work / "bytes" / "metrics.jsonl").read_bytes().splitlines()) + 2
+    with open(work / "bytes" / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 1}\n\xff\xfe\n')
+    one_line(cli("train", "--resume", "bytes", "--max-steps", "4", "--no-progress"), 1,
+             f"bytes/metrics.jsonl is damaged: line {bad_line} is not UTF-8 text; move it away")
+    (work / "dir" / "metrics.jsonl").unlink()
+    (work / "dir" / "metrics.jsonl").mkdir()
+    one_line(cli("train", "--resume", "dir", "--max-steps", "4", "--no-progress"), 1,
+             "dir/metrics.jsonl is damaged: it is not a file")
+
+    def edit(run: str, name: str, change) -> None:             # an edit the manifest agrees with
+        ckpt = work / run / "ckpt-000003"
+        data = json.loads((ckpt / name).read_text())
+        change(data)
+        (ckpt / name).write_text(json.dumps(data))
+        manifest = json.loads((ckpt / ck.MANIFEST).read_text())
+        raw = (ckpt / name).read_bytes()
+        manifest["files"][name] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        (ckpt / ck.MANIFEST).write_text(json.dumps(manifest))
+
+    edit("state", "trainer_state.json", lambda d: d["rng"].update(python="abc"))
+    one_line(cli("train", "--resume", "state", "--max-steps", "4", "--no-progress"), 1,
+             "checkpoint state/ckpt-000003 is damaged: its trainer_state.json does not hold a trainer state")
+    edit("config", "config.json", lambda d: d.update(model=[1, 2]))
+    one_line(cli("train", "--resume", "config", "--max-steps", "4", "--no-progress"), 1,
+             "checkpoint config/ckpt-000003 is damaged: its config.json")
+
+
+def test_overwrite_refuses_symbolic_links_and_foreign_files_before_deleting_anything(work):
+    assert train("--out", "R", "--max-steps", "2").exit_code == 0
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    (work / "R" / "ckpt-000001").symlink_to(elsewhere)
+    before = sorted(p.name for p in (work / "R").iterdir())
+    one_line(train("--out", "R", "--max-steps", "2", "--overwrite"), 2,
+             "R also holds files charlstm did not write (ckpt-000001 (a symbolic link)); remove them")
+    for k in range(7):
+        (work / "R" / f"notes{k}.txt").write_text("x")
+    one_line(train("--out", "R", "--max-steps", "2", "--overwrite"), 2,
+             "(ckpt-000001 (a symbolic link), notes0.txt, notes1.txt, notes2.txt, notes3.txt and 3 more)")
+    assert sorted(p.name for p in (work / "R").iterdir()) == sorted(before + [f"notes{k}.txt" for k in range(7)])
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"]
