@@ -302,3 +302,15 @@ def test_overwrite_refuses_symbolic_links_and_foreign_files_before_deleting_anyt
              "(ckpt-000001 (a symbolic link), notes0.txt, notes1.txt, notes2.txt, notes3.txt and 3 more)")
     assert sorted(p.name for p in (work / "R").iterdir()) == sorted(before + [f"notes{k}.txt" for k in range(7)])
     assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"]
+
+
+def test_compare_variants_long_gap_runs_start_again_after_an_interruption(work):
+    args = ["compare-variants", "--task", "long-gap", "--variants", "rnn", "--gaps", "2", "--hidden", "4", "--embed",
+            "2", "--max-steps", "2", "--eval-size", "10", "--threads", "1", "--no-progress", "--no-plot", "--out", "lg"]
+    assert cli(*args).exit_code == 0
+    (result,) = (work / "lg").glob("*/*/result.json")
+    run = result.parent
+    (run / "result.json").unlink()                 # stopped after its checkpoint, before its result
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert steps(run) == [2] and (run / "result.json").is_file()
