@@ -22,20 +22,22 @@ crash during a save leaves the previous checkpoints and pointers untouched.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import os
 import platform
 import re
 import shutil
-import struct
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors
 import torch
 
+from .console import note
+from .datacache import format_bytes
 from .errors import CharlstmError
 
 FORMAT_NAME = "charlstm-checkpoint"
@@ -53,99 +55,58 @@ CKPT_FILES = (
 )
 
 
-# --------------------------------------------------------------------------- safetensors without numpy
+# --------------------------------------------------------------------------- safetensors files
 #
-# safetensors' torch helpers need numpy to *write*; charlstm does not depend on
-# numpy, so the (simple, documented) format is written here directly: an
-# 8-byte little-endian header length, a JSON header, then the raw tensor bytes.
-# Files written this way load with ``safetensors.safe_open`` (a test checks).
+# The safetensors library writes and reads the files: ``serialize_file`` from each tensor's memory
+# (``safetensors.torch.save_file`` would need NumPy, which charlstm does not depend on) and
+# ``safe_open``. A file is written inside a checkpoint's temporary directory and fsync'ed there.
 
-_DTYPE_CODES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_TensorSpec = getattr(safetensors, "TensorSpec", None)   # safetensors >= 0.8; before, the bytes themselves
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
-def _check_little_endian() -> None:
-    if sys.byteorder != "little":  # pragma: no cover - no big-endian machines here
-        raise CharlstmError("charlstm checkpoints are written on little-endian machines only")
+def _tensor_spec(t: torch.Tensor):
+    """What ``safetensors.serialize_file`` takes for one contiguous CPU tensor."""
+    dtype, nbytes = str(t.dtype).removeprefix("torch."), t.numel() * t.element_size()
+    if _TensorSpec is None:
+        data = ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b""
+        return {"dtype": dtype, "shape": list(t.shape), "data": data}
+    return _TensorSpec(dtype=dtype, shape=list(t.shape), data_ptr=t.data_ptr(), data_len=nbytes)
 
 
 def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write a dict of named tensors to ``path`` in the safetensors format and fsync it."""
-    _check_little_endian()
-    header: dict = {}
-    blobs: list[bytes] = []
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        if t.dtype not in _DTYPE_CODES:
-            raise TypeError(f"cannot store tensor {name!r} of dtype {t.dtype}")
-        nbytes = t.numel() * t.element_size()
-        blobs.append(ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b"")
-        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for blob in blobs:
-            f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write a dict of named tensors to ``path`` in the safetensors format and fsync it.
+
+    An I/O failure (a full disk, a read-only directory) is an OSError with its errno. Several
+    ``metadata`` keys are written in no fixed order (the same tensors give the same bytes with one)."""
+    kept = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}  # alive while written
+    meta = {str(k): str(v) for k, v in metadata.items()} if metadata else None
+    try:
+        safetensors.serialize_file({name: _tensor_spec(t) for name, t in kept.items()}, str(path), metadata=meta)
+    except safetensors.SafetensorError as e:
+        found = _OS_ERROR.search(str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+    _fsync_file(path)
 
 
 def load_tensors(path: Path) -> tuple[dict, dict]:
     """Read a safetensors file into ({name: CPU tensor}, metadata); CharlstmError if it is malformed."""
-    _check_little_endian()
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except safetensors.SafetensorError as e:
+        raise CharlstmError(f"{path} is not a valid safetensors file ({e})") from e
     except OSError as e:
         raise CharlstmError(f"cannot read {path}: {e.strerror or e}") from e
-    bad = f"{path} is not a valid safetensors file"
-    if len(data) < 8:
-        raise CharlstmError(f"{bad} (only {len(data)} bytes)")
-    (hlen,) = struct.unpack("<Q", data[:8])
-    if hlen > len(data) - 8:
-        raise CharlstmError(f"{bad} (truncated header)")
-    try:
-        header = json.loads(data[8 : 8 + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CharlstmError(f"{bad} (unreadable header)") from e
-    if not isinstance(header, dict):
-        raise CharlstmError(f"{bad} (header is not an object)")
-    metadata = header.pop("__metadata__", None) or {}
-    body = memoryview(data)[8 + hlen :]
-    tensors = {}
-    for name, spec in header.items():
-        try:
-            dtype = _CODE_DTYPES[spec["dtype"]]
-            shape = [int(s) for s in spec["shape"]]
-            start, end = (int(o) for o in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CharlstmError(f"{bad} (entry {name!r} is malformed)") from e
-        numel = 1
-        for s in shape:
-            numel *= s
-        if not 0 <= start <= end <= len(body) or end - start != numel * torch.empty((), dtype=dtype).element_size():
-            raise CharlstmError(f"{bad} (tensor {name!r} lies outside the file: truncated?)")
-        buf = bytearray(body[start:end])
-        t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-        tensors[name] = t.reshape(shape)
+    except RuntimeError as e:   # torch maps the tensors from the file: it can vanish in between (a run's retention)
+        if path.is_file():
+            raise
+        raise CharlstmError(f"cannot read {path}: it was removed while it was read") from e
     return tensors, metadata
 
 
@@ -161,6 +122,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     except OSError:  # pragma: no cover
         pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a file written by another writer (the safetensors library) to disk."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -205,17 +175,11 @@ def versions() -> dict:
     """Versions of the software that wrote a checkpoint (stored in config.json)."""
     from . import __version__
 
-    try:
-        import safetensors
-
-        st_version = safetensors.__version__
-    except Exception:  # pragma: no cover
-        st_version = None
     return {
         "charlstm": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "safetensors": st_version,
+        "safetensors": safetensors.__version__,
     }
 
 
@@ -320,6 +284,13 @@ def read_pointer(run_dir: Path, which: str) -> Path | None:
     return path if (path / MANIFEST).is_file() else None
 
 
+class NoSpaceError(CharlstmError):
+    """A checkpoint did not fit on its disk (the partial one is removed, the earlier ones are intact)."""
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
 def save_checkpoint(
     run_dir: Path,
     *,
@@ -339,42 +310,72 @@ def save_checkpoint(
 
     ``trainer_state`` is a JSON-safe dict that may hold tensors anywhere inside
     (carried hidden state, RNG states): those go to trainer_state.safetensors.
-    Returns the checkpoint directory.
+    An existing checkpoint is never replaced (CharlstmError); NoSpaceError when
+    the disk is full, with the space it needed. Returns the checkpoint directory.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     final = run_dir / name
+    _clear_the_way(final)
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model_cfg.to_dict(),
+        "train": train_cfg.to_dict(),
+        "vocab": vocab.to_json(),
+        "corpus": corpus_meta,
+        "versions": versions(),
+        **(extra_config or {}),
+    }
+    if optimizer is not None:
+        opt_tensors, opt_structure = optimizer_to_files(optimizer)
+    else:
+        opt_tensors, opt_structure = {}, {"class": None, "param_groups": [], "scalars": {}}
+    opt_structure["param_names"] = [n for n, p in model.named_parameters() if p.requires_grad]
+    state_tensors: dict = {}
+    state_json = _split_tensors(trainer_state, "", state_tensors)
+    files = {
+        "config.json": config,
+        # One metadata key: the library writes them in no fixed order, and a state's files stay byte-identical.
+        "model.safetensors": (dict(model.state_dict()), {"format": FORMAT_NAME}),
+        "optimizer.safetensors": (opt_tensors, None),
+        "optimizer.json": opt_structure,
+        "trainer_state.safetensors": (state_tensors, None),
+        "trainer_state.json": state_json,
+    }
+    _write_checkpoint_dir(run_dir, name, files)
+    _write_pointers(run_dir, name, is_best)
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def _clear_the_way(final: Path) -> None:
+    """Refuse to replace checkpoint ``final``; remove what a deletion interrupted there left (a ckpt-*
+    directory without MANIFEST.json is never a checkpoint)."""
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise CharlstmError(f"cannot write checkpoint {final}: something that is not a checkpoint directory "
+                            "has its name; move it away")
+    if not final.exists():
+        return
+    if (final / MANIFEST).exists():
+        raise CharlstmError(f"checkpoint {final} exists already and is never overwritten; continue the run from "
+                            f"its latest checkpoint, or fork it into a new run with --out NEW")
+    remove_checkpoint(final)
+
+
+def _write_checkpoint_dir(run_dir: Path, name: str, files: dict) -> None:
+    """Write the files into a hidden directory, MANIFEST.json last, fsync, rename it to ``name``."""
     tmp = run_dir / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
     try:
-        config = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "step": int(step),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model": model_cfg.to_dict(),
-            "train": train_cfg.to_dict(),
-            "vocab": vocab.to_json(),
-            "corpus": corpus_meta,
-            "versions": versions(),
-        }
-        if extra_config:
-            config.update(extra_config)
-        _write_json(tmp / "config.json", config)
-        weights = {k: v for k, v in model.state_dict().items()}
-        save_tensors(tmp / "model.safetensors", weights, {"format": FORMAT_NAME, "step": str(step)})
-        if optimizer is not None:
-            opt_tensors, opt_structure = optimizer_to_files(optimizer)
-        else:
-            opt_tensors, opt_structure = {}, {"class": None, "param_groups": [], "scalars": {}}
-        opt_structure["param_names"] = [n for n, p in model.named_parameters() if p.requires_grad]
-        save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-        _write_json(tmp / "optimizer.json", opt_structure)
-        state_tensors: dict = {}
-        state_json = _split_tensors(trainer_state, "", state_tensors)
-        save_tensors(tmp / "trainer_state.safetensors", state_tensors)
-        _write_json(tmp / "trainer_state.json", state_json)
+        tmp.mkdir()
+        for fname, content in files.items():
+            if fname.endswith(".safetensors"):
+                save_tensors(tmp / fname, *content)
+            else:
+                _write_json(tmp / fname, content)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -382,40 +383,82 @@ def save_checkpoint(
         }
         _write_json(tmp / MANIFEST, manifest)
         _fsync_dir(tmp)
-        if final.exists():
-            # Re-saving a step (a run resumed from an older checkpoint): swap atomically.
-            trash = run_dir / f".old-{name}-{os.getpid()}-{time.monotonic_ns()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        os.rename(tmp, run_dir / name)
         _fsync_dir(run_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise NoSpaceError(f"no space left in {run_dir} for checkpoint {name}: it needs about "
+                               f"{format_bytes(_checkpoint_bytes(files))}, {format_bytes(_free_bytes(run_dir))} "
+                               "are free (the partial checkpoint was removed, the earlier ones are intact)") from None
         raise
-    write_text_atomic(run_dir / "latest", name + "\n")
-    if is_best:
-        write_text_atomic(run_dir / "best", name + "\n")
-    prune_checkpoints(run_dir, keep)
-    return final
+
+
+def _write_pointers(run_dir: Path, name: str, is_best: bool) -> None:
+    try:
+        write_text_atomic(run_dir / "latest", name + "\n")
+        if is_best:
+            write_text_atomic(run_dir / "best", name + "\n")
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        raise NoSpaceError(f"no space left in {run_dir} to name checkpoint {name} in its pointers "
+                           f"({format_bytes(_free_bytes(run_dir))} free); {name} itself is complete") from None
+
+
+def _checkpoint_bytes(files: dict) -> int:
+    """About the size of a checkpoint on disk: the tensors' bytes and the JSON files."""
+    total = 0
+    for fname, content in files.items():
+        if fname.endswith(".safetensors"):
+            total += 1024 + sum(t.numel() * t.element_size() + 100 for t in content[0].values())
+        else:
+            total += len(json.dumps(content, indent=1, default=str)) + 1
+    return total
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory so that no moment of it looks complete: MANIFEST.json goes first,
+    then the directory is renamed out of the way (``.old-ckpt-...``) and removed. Never follows a
+    symbolic link (a symlinked entry is left alone)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return
+    (path / MANIFEST).unlink(missing_ok=True)
+    _fsync_dir(path)
+    trash = path.with_name(f".old-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints, never the ``best`` or ``latest`` one; also
-    remove leftovers of interrupted saves. Returns what was removed."""
+    """Delete all but the ``keep`` newest checkpoints, never the ``best`` or ``latest`` one, through
+    :func:`remove_checkpoint`; also remove leftovers of interrupted saves and deletions. Symbolic
+    links are never followed nor removed. Returns what was removed."""
     run_dir = Path(run_dir)
-    protected = {p.resolve() for p in (read_pointer(run_dir, w) for w in POINTERS) if p is not None}
-    ckpts = list_checkpoints(run_dir)
+    protected = {p.name for p in (read_pointer(run_dir, w) for w in POINTERS) if p is not None}
+    ckpts = [(s, p) for s, p in list_checkpoints(run_dir) if not p.is_symlink()]
     removed = []
     for _, path in ckpts[: max(0, len(ckpts) - keep)]:
-        if path.resolve() not in protected:
-            shutil.rmtree(path, ignore_errors=True)
+        if path.name not in protected:
+            remove_checkpoint(path)
             removed.append(path)
     for p in run_dir.iterdir():
-        if (p.name.startswith(".tmp-ckpt-") or p.name.startswith(".old-ckpt-")) and p.is_dir():
-            # Leftover of a save that crashed (only hidden names of this pattern are ours).
-            shutil.rmtree(p, ignore_errors=True)
+        if p.is_symlink() or not p.is_dir():
+            continue
+        if p.name.startswith((".tmp-ckpt-", ".old-ckpt-")):
+            shutil.rmtree(p, ignore_errors=True)      # a save or a deletion that was interrupted
+            removed.append(p)
+        elif CKPT_PATTERN.match(p.name) and not (p / MANIFEST).exists() and p.name not in protected:
+            remove_checkpoint(p)                      # a deletion interrupted after its first step
             removed.append(p)
     if removed:
         _fsync_dir(run_dir)
@@ -475,9 +518,45 @@ def resolve_checkpoint(run: Path | None, root: Path = Path("checkpoints"), *, pr
 
 
 def _run_mtime(run_dir: Path) -> float:
-    times = [p.stat().st_mtime for p in [run_dir / w for w in POINTERS] if p.exists()]
-    times += [p.stat().st_mtime for _, p in list_checkpoints(run_dir)]
+    times = []
+    for p in [run_dir / w for w in POINTERS] + [p for _, p in list_checkpoints(run_dir)]:
+        try:
+            times.append(p.stat().st_mtime)
+        except OSError:           # removed by the run's retention meanwhile
+            pass
     return max(times) if times else run_dir.stat().st_mtime
+
+
+def run_dir_of(run: Path) -> Path:
+    """The run directory RUN belongs to (a checkpoint directory's or a pointer's parent), unverified."""
+    run = Path(run)
+    if run.is_file() or _is_checkpoint_dir(run):
+        return run.parent
+    return run
+
+
+def step_of(path: Path) -> int:
+    """The step of a ``ckpt-<step>`` directory (-1 for another name)."""
+    m = CKPT_PATTERN.match(Path(path).name)
+    return int(m.group(1)) if m else -1
+
+
+def resume_checkpoint(run: Path) -> Path:
+    """The checkpoint ``--resume RUN`` continues from: a checkpoint directory (or the ``best`` pointer)
+    is what it names; a run directory or its ``latest`` pointer gives the newest complete checkpoint
+    (newer than ``latest`` names only when a save was interrupted between its rename and the pointer)."""
+    path = resolve_checkpoint(run, prefer="latest")
+    run = Path(run)
+    if (run.is_dir() and not _is_checkpoint_dir(run)) or run.name == "latest":
+        ckpts = list_checkpoints(path.parent)
+        if ckpts and ckpts[-1][0] > step_of(path):
+            return ckpts[-1][1]
+    return path
+
+
+def newer_checkpoints(path: Path) -> list[Path]:
+    """The complete checkpoints of ``path``'s run written after it (history a resume from it would replace)."""
+    return [p for s, p in list_checkpoints(Path(path).parent) if s > step_of(path)]
 
 
 # --------------------------------------------------------------------------- load
@@ -539,13 +618,16 @@ def verify_checkpoint(path: Path) -> dict:
         raise CharlstmError(f"checkpoint {path} is damaged: {MANIFEST} lists no files")
     for name, entry in files.items():
         f = path / name
-        if not f.is_file():
-            raise CharlstmError(f"checkpoint {path} is incomplete: {name} is missing")
-        size = f.stat().st_size
+        try:
+            size, digest = f.stat().st_size, _sha256(f)
+        except OSError as e:
+            if f.exists() or not isinstance(e, FileNotFoundError):
+                raise CharlstmError(f"cannot read {f}: {e.strerror or e}") from e
+            raise CharlstmError(f"checkpoint {path} is incomplete: {name} is missing") from None
         if size != entry.get("bytes"):
             raise CharlstmError(f"checkpoint {path} is damaged: {name} has {size} bytes, "
                                 f"{entry.get('bytes')} expected (truncated?)")
-        if _sha256(f) != entry.get("sha256"):
+        if digest != entry.get("sha256"):
             raise CharlstmError(f"checkpoint {path} is damaged: {name} does not match its sha256 in {MANIFEST} "
                                 "(changed or corrupted)")
     for name in CKPT_FILES:
@@ -581,22 +663,49 @@ def load_optimizer_state(path: Path, optimizer) -> None:
         raise CharlstmError(f"checkpoint {path}: its optimizer state does not fit this model ({e})") from e
 
 
-def load_checkpoint(path: Path, map_location="cpu", *, backend: str | None = None) -> Checkpoint:
-    """Load and validate a checkpoint (or the one a run directory names) onto ``map_location``.
+READ_ATTEMPTS = 5      # a reader racing a run's retention resolves the run again this many times
+
+
+def load_checkpoint(run: Path | None, map_location="cpu", *, backend: str | None = None,
+                    root: Path = Path("checkpoints"), prefer: str = "best") -> Checkpoint:
+    """Load and validate the checkpoint RUN names (see :func:`resolve_checkpoint`) onto ``map_location``.
 
     The model is built from config.json, its weights loaded strictly, and put
     in eval mode. ``backend`` ('cudnn'/'custom') rebuilds it on the other
     backend with converted weights. CharlstmError for a damaged, foreign or
-    incompatible checkpoint; nothing on disk is ever modified.
+    incompatible checkpoint; nothing on disk is ever modified. When RUN is a
+    run directory (or a pointer, or None) and the run's retention removes the
+    checkpoint while it is read, the run is resolved again and a note says so.
     """
+    named = run is not None and _is_checkpoint_dir(Path(run))
+    for attempt in range(READ_ATTEMPTS):
+        path = Path(run) if named else resolve_checkpoint(run, root, prefer=prefer)
+        try:
+            ckpt = _load_checkpoint_dir(path, map_location, backend)
+        except CharlstmError:
+            # Removed meanwhile (its manifest goes first), or damaged? A named one counts as removed when it is gone.
+            gone = not path.is_dir() if named else not (path / MANIFEST).is_file()
+            if not gone or attempt == READ_ATTEMPTS - 1:
+                raise
+            if named:
+                raise CharlstmError(f"checkpoint {path} was removed while it was read (the retention of a run "
+                                    f"being trained?); give the run directory {path.parent} to read its newest "
+                                    "checkpoint") from None
+            removed = path
+            continue
+        if attempt:
+            note(f"{removed.name} was removed by the run's retention while it was read; "
+                 f"read {ckpt.path.name} instead, the newest complete checkpoint {run or root} names")
+        return ckpt
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _load_checkpoint_dir(path: Path, map_location, backend: str | None) -> Checkpoint:
     from .config import ModelConfig, TrainConfig
     from .corpus import Vocab
     from .errors import UsageError
     from .model import build_model, convert_state_dict
 
-    path = Path(path)
-    if not _is_checkpoint_dir(path):
-        path = resolve_checkpoint(path)
     config = verify_checkpoint(path)
     try:
         model_cfg = ModelConfig.from_dict(config["model"])

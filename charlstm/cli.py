@@ -51,7 +51,7 @@ from .config import (
 )
 from .console import DEBUG_ENV, debug_enabled, note
 from .datacache import using_data_dir
-from .errors import CharlstmError, UsageError
+from .errors import CharlstmError, UsageError, environment_message
 from .memory import out_of_memory_message
 
 
@@ -126,6 +126,11 @@ class CharlstmGroup(TyperGroup):
             ctx.exit(report_error(e, e.exit_code))
         except (MemoryError, RuntimeError) as e:          # an allocation failure: one line, not a traceback
             message = out_of_memory_message(e)
+            if message is None:
+                raise
+            ctx.exit(report_error(e if debug_enabled() else CharlstmError(message), 1))
+        except OSError as e:                                # permissions, a read-only or full disk: one line
+            message = environment_message(e)
             if message is None:
                 raise
             ctx.exit(report_error(e if debug_enabled() else CharlstmError(message), 1))

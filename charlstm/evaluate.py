@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import datacache
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import load_checkpoint
 from .config import DynamicConfig
 from .console import note
 from .corpus import load_corpus, locate_data
@@ -215,10 +215,9 @@ def evaluate_run(run: Path | None, *, split: str = "val", text_file: Path | None
     dev = resolve_device(device)
     if text_file is not None:
         check_regular(Path(text_file), "--text-file")     # before the checkpoint: a FIFO is refused at once
-    path = resolve_checkpoint(run, checkpoints)
+    ckpt = load_checkpoint(run, map_location=dev, root=checkpoints)   # resolved again if retention removes it
     if run is None:
-        note(f"evaluating {path} (the most recent run under {checkpoints}/)")
-    ckpt = load_checkpoint(path, map_location=dev)
+        note(f"evaluating {ckpt.path} (the most recent run under {checkpoints}/)")
     return evaluate_checkpoint(ckpt, split=split, text_file=text_file, batch_size=batch_size, device=dev,
                                dynamic=dynamic, eval_chars=eval_chars)
 

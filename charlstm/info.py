@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoint import list_checkpoints, load_checkpoint, read_pointer, resolve_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, read_pointer
 from .console import note
 from .model import describe_backend
 
@@ -92,10 +92,10 @@ def describe_checkpoint(ckpt) -> dict:
 
 def describe_run(run: Path | None, checkpoints: Path = Path("checkpoints")) -> dict:
     """Describe the checkpoint RUN names (the most recent run under ``checkpoints`` when None)."""
-    path = resolve_checkpoint(run, checkpoints)
+    ckpt = load_checkpoint(run, map_location="cpu", root=checkpoints)   # resolved again if retention removes it
     if run is None:
-        note(f"describing {path} (the most recent run under {checkpoints}/)")
-    return describe_checkpoint(load_checkpoint(path, map_location="cpu"))
+        note(f"describing {ckpt.path} (the most recent run under {checkpoints}/)")
+    return describe_checkpoint(ckpt)
 
 
 def _fmt_loss(loss) -> str:

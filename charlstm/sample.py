@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, resolve_checkpoint, write_text_atomic
+from .checkpoint import load_checkpoint, write_text_atomic
 from .console import note
 from .errors import CharlstmError, UsageError
 from .memory import check_fits, estimate_sampling_bytes
@@ -246,10 +246,9 @@ def _sample_command(*, run, prime, prime_name, length, temperature, top_k, top_p
     if output is not None and Path(output).is_dir():
         raise UsageError(f"--output {output} is a directory; give a file name")
     dev = resolve_device(device)
-    path = resolve_checkpoint(run, checkpoints)
+    ckpt = load_checkpoint(run, map_location=dev, root=checkpoints)   # resolved again if retention removes it
     if run is None:
-        note(f"sampling from {path} (the most recent run under {checkpoints}/)")
-    ckpt = load_checkpoint(path, map_location=dev)
+        note(f"sampling from {ckpt.path} (the most recent run under {checkpoints}/)")
     check_fits(estimate_sampling_bytes(ckpt.model_cfg, num_samples, length, len(prime)),
                f"sampling --num-samples {num_samples} --length {length}",
                "generate fewer samples at a time or shorter ones", dev)

@@ -14,7 +14,7 @@ from . import distributed as dist_mod
 from . import rundir
 from .config import PRESETS, ModelConfig, TrainConfig, parse_duration
 from .corpus import locate_data, same_source
-from .errors import UsageError
+from .errors import CharlstmError, UsageError
 from .observers import Curves, EvalNotes, MetricsFile, TensorBoard, format_time, progress_observer
 from .trainer import Observer, Trainer, TrainResult
 from .trainer_state import LN2
@@ -31,12 +31,12 @@ TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None = None,
           init_from: Path | None = None, progress: bool = True, overwrite: bool = False,
-          preset: str | None = None, next_steps: bool = True) -> TrainResult:
+          preset: str | None = None, next_steps: bool = True, fork_to: Path | None = None) -> TrainResult:
     """Train a model and write its run directory, showing what `charlstm train` shows; returns what happened.
 
     ``resume`` continues the run holding that checkpoint exactly (its configs
-    must be passed in, see :func:`resume_configs`); ``init_from`` starts from a
-    checkpoint's weights with a fresh optimizer. ``next_steps`` ends the
+    must be passed in, see :func:`resume_configs`), or forks it into ``fork_to``;
+    ``init_from`` starts from a checkpoint's weights with a fresh optimizer. ``next_steps`` ends the
     summary with the command to run next (resume or sample); callers that
     manage the run themselves (compare-variants) turn it off. Raises
     CharlstmError when the loss becomes NaN or infinite (the last good
@@ -44,7 +44,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None
     """
     tensorboard = TensorBoard() if train_cfg.tensorboard else None   # without the package: an error now
     trainer = Trainer(model_cfg, train_cfg, resume=resume, init_from=init_from, overwrite=overwrite,
-                      preset=preset, progress=progress)
+                      preset=preset, progress=progress, fork_to=fork_to)
     if trainer.ctx.is_main:   # rank 0 alone shows and logs
         if progress:
             trainer.add_observer(progress_observer())
@@ -113,9 +113,13 @@ def resume_configs(resume: Path, options: dict) -> tuple[ModelConfig, TrainConfi
 
     UsageError names any other option given with a different value.
     """
-    path = ckpt_mod.resolve_checkpoint(resume, prefer="latest")
+    path = ckpt_mod.resume_checkpoint(resume)
     config = ckpt_mod.verify_checkpoint(path)
-    model_d, train_d = dict(config["model"]), dict(config["train"])
+    try:
+        model_d, train_d = dict(config["model"]), dict(config["train"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CharlstmError(f"checkpoint {path} is damaged: its config.json has no model and train settings "
+                            f"({type(e).__name__}: {e})") from None
     changed = []
     for key, value in options.items():
         stored = model_d.get(key, train_d.get(key))
@@ -176,9 +180,12 @@ def run_from_cli(options: dict, *, preset=None, resume=None, init_from=None, ove
             model_cfg, train_cfg = _init_from_configs(Path(init_from), options, preset)
         else:
             model_cfg, train_cfg = build_configs(options, preset)
+    fork_to = None
+    if resume is not None and (options.get("out") or options.get("name")):   # another directory: a fork
+        fork_to = Path(options["out"]) if options.get("out") else Path("checkpoints") / options["name"]
     try:
         return train(model_cfg, train_cfg, resume=resume, init_from=init_from, progress=progress,
-                     overwrite=overwrite, preset=preset)
+                     overwrite=overwrite, preset=preset, fork_to=fork_to)
     finally:
         dist_mod.shutdown()   # under torchrun: leave the process group (nothing otherwise)
 

@@ -148,15 +148,17 @@ class Trainer:
     :meth:`save` one at a time). Knows nothing of which cell the model runs.
 
     ``resume`` continues the run holding that checkpoint exactly (its configs
-    must be passed in: train.resume_configs); ``init_from`` starts from a
-    checkpoint's weights with a fresh optimizer; ``progress`` shows the
-    corpus's loading bars. Under torchrun every process builds a Trainer;
-    rank 0 alone evaluates, writes and talks.
+    must be passed in: train.resume_configs), or with ``fork_to`` another
+    directory, forks it there; ``init_from`` starts from a checkpoint's weights
+    with a fresh optimizer; ``progress`` shows the corpus's loading bars. The
+    run directory is locked (rundir.RunLock) from setup to the end of
+    :meth:`run` (or :meth:`close`). Under torchrun every process builds a
+    Trainer; rank 0 alone holds the lock, evaluates, writes and talks.
     """
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: Path | None = None,
                  init_from: Path | None = None, overwrite: bool = False, preset: str | None = None,
-                 progress: bool = True, observers=()):
+                 progress: bool = True, observers=(), fork_to: Path | None = None):
         self.wall_start = time.perf_counter()
         if resume is not None and init_from is not None:
             raise UsageError("--resume and --init-from cannot be combined: "
@@ -170,8 +172,18 @@ class Trainer:
         self.best_val_loss, self.best_step, self.val_loss, self.eval_step = None, None, None, -1
         self.last_loss, self.loss_ema = None, None
         self.last_checkpoint, self.saved_step = None, -1
+        self._lock = None                     # rank 0's lock on the run directory
+        try:
+            self._setup(resume, overwrite, fork_to, preset, progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, resume: Path | None, overwrite: bool, fork_to: Path | None, preset: str | None,
+               progress: bool) -> None:
+        """The processes, the locked run directory, the corpus, the model, the optimizer, any state resumed."""
         self._start_processes()
-        self._open_run(resume, overwrite)
+        self._open_run(resume, overwrite, fork_to)
         source = self._load_data(progress)
         self._build(source)
         if self.resume_path is not None:
@@ -192,6 +204,8 @@ class Trainer:
         if self.ctx.is_main:
             configfile.write_run_config(self.run_dir, self.model_cfg, self.train_cfg,
                                         preset=self.extra_config["preset"])
+        if self.forked_from is not None:      # the fork starts with its own copy of the checkpoint it continues
+            self._write(is_best=self.best_step == self.steps_done)
 
     # ------------------------------------------------------------ setup
 
@@ -205,19 +219,57 @@ class Trainer:
         else:
             self.ctx, self.device = dist_mod.setup(self.train_cfg.device)
 
-    def _open_run(self, resume: Path | None, overwrite: bool) -> None:
-        """The run directory: the resumed checkpoint's, or a fresh one chosen before the (possibly
-        slow) corpus load so that a taken name fails at once."""
-        self.resume_path = self.resume_config = None
+    def _open_run(self, resume: Path | None, overwrite: bool, fork_to: Path | None) -> None:
+        """The run directory, locked: the resumed checkpoint's, a fork's, or a fresh one chosen before
+        the (possibly slow) corpus load so that a taken name fails at once."""
+        self.resume_path = self.resume_config = self.forked_from = None
         if resume is not None:
-            self.resume_path = ckpt_mod.resolve_checkpoint(resume, prefer="latest")
-            self.resume_config = ckpt_mod.verify_checkpoint(self.resume_path)
-            self.run_dir = self.resume_path.parent
+            self._open_resumed(Path(resume), overwrite, fork_to)
             return
         wanted, named = rundir.requested_run_dir(self.model_cfg, self.train_cfg)
-        choose = functools.partial(rundir.choose_run_dir, wanted, named=named, overwrite=overwrite)
-        self.run_dir = dist_mod.on_main(choose, self.ctx)
+        self.run_dir = self._lock_run_dir(functools.partial(rundir.open_run_dir, wanted, named=named,
+                                                            overwrite=overwrite))
         self.train_cfg = dataclasses.replace(self.train_cfg, name=self.run_dir.name, out=str(self.run_dir))
+
+    def _open_resumed(self, resume: Path, overwrite: bool, fork_to: Path | None) -> None:
+        """--resume continues its run in its directory from the newest checkpoint (an older one would
+        replace the history after it: refused), or forks it into ``fork_to``, a new run directory."""
+        source = ckpt_mod.resolve_checkpoint(resume, prefer="latest")
+        if fork_to is not None and Path(fork_to).resolve() != source.parent.resolve():
+            self.run_dir = self._lock_run_dir(functools.partial(rundir.open_run_dir, Path(fork_to), named=True,
+                                                                overwrite=overwrite))
+            self.train_cfg = dataclasses.replace(self.train_cfg, name=self.run_dir.name, out=str(self.run_dir))
+            self.resume_path = self.forked_from = ckpt_mod.resume_checkpoint(resume)
+        else:
+            hint = ("--resume writes there: copy the run somewhere writable, or fork it into a new run with "
+                    f"--resume {resume} --out NEW")
+            self.run_dir = self._lock_run_dir(functools.partial(rundir.lock_run_dir, source.parent, hint))
+            self.resume_path = ckpt_mod.resume_checkpoint(resume)    # now that no other process writes there
+            self._refuse_rewriting_history(resume)
+        self.resume_config = ckpt_mod.verify_checkpoint(self.resume_path)
+
+    def _refuse_rewriting_history(self, resume: Path) -> None:
+        newer = [p.name for p in ckpt_mod.newer_checkpoints(self.resume_path)]
+        if newer:
+            name = self.resume_path.name
+            shown = ", ".join(newer[:3]) + (f" and {len(newer) - 3} more" if len(newer) > 3 else "")
+            raise UsageError(f"--resume {resume}: {self.run_dir} holds newer checkpoints ({shown}) that continuing "
+                             f"from {name} would replace; continue the run with --resume {self.run_dir}, or fork "
+                             f"{name} into a new run with --resume {resume} --out NEW")
+
+    def _lock_run_dir(self, take) -> Path:
+        """Rank 0 takes the run directory's lock with ``take()`` (a RunLock, kept until the run ends);
+        every process gets the directory."""
+        def on_main() -> Path:
+            self._lock = take()
+            return self._lock.run_dir
+        return dist_mod.on_main(on_main, self.ctx)
+
+    def close(self) -> None:
+        """Release the run directory's lock (:meth:`run` does at its end)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _load_data(self, progress: bool):
         """The corpus, its splits and vocabulary; the --init-from source checkpoint (or None)."""
@@ -295,20 +347,29 @@ class Trainer:
     def _resume(self) -> None:
         """The optimizer's moments and the trainer state of the checkpoint resumed."""
         ckpt_mod.load_optimizer_state(self.resume_path, self.optimizer)
-        self.restore(TrainerState.from_dict(ckpt_mod.load_trainer_state(self.resume_path)))
-        self.last_checkpoint, self.saved_step = self.resume_path, self.steps_done
+        stored = ckpt_mod.load_trainer_state(self.resume_path)
+        try:
+            self.restore(TrainerState.from_dict(stored))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise CharlstmError(f"checkpoint {self.resume_path} is damaged: its trainer_state.json does not hold a "
+                                f"trainer state charlstm can restore ({type(e).__name__}: {e})") from None
+        if self.forked_from is None:
+            self.last_checkpoint, self.saved_step = self.resume_path, self.steps_done
 
     def _prepare_run_dir(self, overwrite: bool) -> None:
         """Create (or clear, with --overwrite) a fresh run's directory; drop metrics.jsonl lines after a
         resumed checkpoint. Rank 0 only."""
         if not self.ctx.is_main:
             return
-        if self.resume_path is not None:
+        if self.resume_path is not None and self.forked_from is None:
             rundir.trim_metrics(self.run_dir / rundir.METRICS, self.steps_done)
             return
         if overwrite:
             rundir.clear_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.forked_from is not None:      # the history up to the fork
+            rundir.copy_metrics(self.forked_from.parent / rundir.METRICS, self.run_dir / rundir.METRICS,
+                                self.steps_done)
 
     def _default_budget(self) -> None:
         if not (self.train_cfg.max_steps or self.train_cfg.max_epochs or self.train_cfg.max_time):
@@ -324,6 +385,9 @@ class Trainer:
         if self.resume_config is not None:
             extra["preset"] = self.resume_config.get("preset")
             extra["init_from"] = self.resume_config.get("init_from")
+            forked_from = self.forked_from or self.resume_config.get("forked_from")
+            if forked_from is not None:
+                extra["forked_from"] = str(forked_from)
         return extra
 
     # ------------------------------------------------------------ the state that resumes
@@ -448,21 +512,40 @@ class Trainer:
 
     def save(self, is_best: bool = False) -> Path:
         """Write checkpoint ckpt-<step> (rank 0 writes; under torchrun a collective, the others wait)."""
-        state = self.snapshot().to_dict()
-        write = functools.partial(
-            ckpt_mod.save_checkpoint, self.run_dir, step=self.steps_done, model=self.model, optimizer=self.optimizer,
-            model_cfg=self.model_cfg, train_cfg=self.train_cfg, vocab=self.vocab, corpus_meta=self.corpus.meta(),
-            trainer_state=state, is_best=is_best, keep=self.train_cfg.keep, extra_config=self.extra_config)
-        self.last_checkpoint, self.saved_step = dist_mod.on_main(write, self.ctx), self.steps_done
+        self._write(is_best)
         self._notify("on_save", self.last_checkpoint, is_best)
         return self.last_checkpoint
+
+    def _write(self, is_best: bool) -> None:
+        state = self.snapshot().to_dict()
+        self.last_checkpoint = dist_mod.on_main(functools.partial(self._write_here, state, is_best), self.ctx)
+        self.saved_step = self.steps_done
+
+    def _write_here(self, state: dict, is_best: bool) -> Path:
+        try:
+            return ckpt_mod.save_checkpoint(
+                self.run_dir, step=self.steps_done, model=self.model, optimizer=self.optimizer,
+                model_cfg=self.model_cfg, train_cfg=self.train_cfg, vocab=self.vocab, corpus_meta=self.corpus.meta(),
+                trainer_state=state, is_best=is_best, keep=self.train_cfg.keep, extra_config=self.extra_config)
+        except ckpt_mod.NoSpaceError as e:
+            then = (f"continue with --resume {self.run_dir}" if self.last_checkpoint is not None
+                    else "train again")
+            raise CharlstmError(f"{e}; {self._where('the last checkpoint is', 'no checkpoint had been saved yet')}. "
+                                f"Free some space, then {then}") from None
 
     def run(self) -> TrainResult:
         """Train until a budget runs out or a signal asks to stop, evaluate and save at the end; the result.
 
         CharlstmError when the loss diverges (the last good checkpoint is kept)
-        or a second Ctrl-C aborts without saving.
+        or a second Ctrl-C aborts without saving. The run directory's lock is
+        released at the end.
         """
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> TrainResult:
         if self.resume_path is not None and self.budget_used() >= 1.0:
             return self._already_done()
         self._notify("on_start")
@@ -502,8 +585,17 @@ class Trainer:
             is_best = False
             if self.has_val and self.steps_done % cfg.eval_every == 0:
                 is_best = self.evaluate().improved
-            if self.steps_done % cfg.checkpoint_every == 0 or is_best:
+            if (self.steps_done % cfg.checkpoint_every == 0 or is_best) and not self._final_evaluation_follows(stop):
                 self.save(is_best)
+
+    def _final_evaluation_follows(self, stop: StopFlag) -> bool:
+        """Whether this step used up the budget and :meth:`_finish` will evaluate it: its checkpoint is
+        then written there, once, after that evaluation (a checkpoint is never written twice). Decided
+        with the values the next loop test will see (under torchrun: agreed by every process)."""
+        if not self.has_val or self.eval_step == self.steps_done:
+            return False
+        _, elapsed = dist_mod.agree(self.ctx, stop=stop.requested, elapsed=self.train_time)
+        return budget_fraction(self.train_cfg, self.steps_done, self.epochs_done, elapsed) >= 1.0
 
     def _finish(self, stopped_by: str, signum: int | None) -> TrainResult:
         """The final evaluation (unless interrupted or just done) and checkpoint (unless just saved)."""
@@ -511,8 +603,10 @@ class Trainer:
         is_best = False
         if self.has_val and self.eval_step != self.steps_done and not interrupted:
             is_best = self.evaluate().improved
-        if self.saved_step != self.steps_done or is_best:
+        if self.saved_step != self.steps_done:
             self.save(is_best)
+        elif is_best and self.ctx.is_main:    # saved already (never twice): the best pointer follows
+            ckpt_mod.write_text_atomic(self.run_dir / "best", self.last_checkpoint.name + "\n")
         return self._result(stopped_by, train_loss=self.last_loss, signum=signum)
 
     def _already_done(self) -> TrainResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,10 @@ def _save(run: Path, step: int, model, opt, *, is_best=False, keep=3, extra_stat
 
 # --------------------------------------------------------------------------- safetensors files
 
-def test_tensor_files_round_trip_and_load_with_the_safetensors_library(tmp_path):
+def test_tensor_files_round_trip_and_load_with_the_safetensors_library(tmp_path, monkeypatch):
     from safetensors import safe_open
+
+    monkeypatch.setitem(sys.modules, "numpy", None)               # written and read without NumPy
 
     tensors = {
         "f32": torch.randn(3, 4), "bf16": torch.randn(5, dtype=torch.bfloat16),
@@ -58,6 +61,50 @@ def test_tensor_files_round_trip_and_load_with_the_safetensors_library(tmp_path)
         assert set(f.keys()) == set(tensors)
         for name in tensors:
             assert torch.equal(f.get_tensor(name), tensors[name]), name
+
+
+def _old_hand_written_save(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """The writer charlstm used before the safetensors library wrote its files (kept to check that what
+    it wrote still loads): an 8-byte little-endian header length, a compact JSON header padded with
+    spaces to 8 bytes, the tensors' bytes in name order."""
+    import ctypes
+    import struct
+
+    codes = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        nbytes = t.numel() * t.element_size()
+        blobs.append(ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b"")
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def test_files_of_the_old_hand_written_writer_still_load(tmp_path):
+    tensors = {
+        "f32": torch.randn(3, 4), "bf16": torch.randn(5, dtype=torch.bfloat16), "i64": torch.arange(7),
+        "u8": torch.get_rng_state(), "bool": torch.tensor([True, False]), "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+    }
+    path = tmp_path / "old.safetensors"
+    _old_hand_written_save(path, tensors, {"format": "charlstm-checkpoint"})
+    back, meta = ck.load_tensors(path)
+    assert meta == {"format": "charlstm-checkpoint"} and set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    # tests/fixtures/run-v1 was written by that writer (main at f2108d6): it verifies and loads.
+    fixture = Path(__file__).parent / "fixtures" / "run-v1"
+    loaded = ck.load_checkpoint(fixture)
+    assert loaded.step == 3 and loaded.config["format_version"] == 1
+    opt_tensors, _ = ck.load_tensors(fixture / "ckpt-000003" / "optimizer.safetensors")
+    assert opt_tensors and all(t.dtype == torch.float32 for t in opt_tensors.values())
 
 
 @pytest.mark.parametrize("damage", ["empty", "short", "header", "truncated"])

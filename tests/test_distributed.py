@@ -268,9 +268,10 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(work):
     for (_, a), (_, b) in zip(val_losses("two"), val_losses("one")):
         assert a == pytest.approx(b, rel=1e-5)
 
-    # 2 -> 1: the 2-process checkpoint at step 3 resumes in one process and reaches step 6 as "one" did.
-    shutil.copytree(work / "two", work / "two-to-one")
-    train_here("--resume", work / "two-to-one" / ck.checkpoint_name(3), "--threads", "1", "--no-progress")
+    # 2 -> 1: the 2-process checkpoint at step 3 resumes in one process and reaches step 6 as "one" did
+    # (forked into a run of its own: "two" holds a newer checkpoint, which a resume there would replace).
+    train_here("--resume", work / "two" / ck.checkpoint_name(3), "--out", work / "two-to-one", "--threads", "1",
+               "--no-progress")
     assert_same_weights(weights(work / "two-to-one", 6), weights(work / "one", 6))
 
     # 1 -> 2: that run's step-6 checkpoint, written by one process, continues in 2 processes to step 9.

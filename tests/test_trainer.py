@@ -117,6 +117,7 @@ def test_resume_from_a_state_written_the_old_way_is_exact(work):
     model_cfg, train_cfg = configs(max_steps=22, out="split")
     t = Trainer(model_cfg, train_cfg, progress=False)
     t.run()
+    ck.remove_checkpoint(t.run_dir / "ckpt-000022")          # a checkpoint is never overwritten: replaced here
     ck.save_checkpoint(t.run_dir, step=22, model=t.model, optimizer=t.optimizer, model_cfg=t.model_cfg,
                        train_cfg=t.train_cfg, vocab=t.vocab, corpus_meta=t.corpus.meta(),
                        trainer_state=old_layout(t), is_best=False, keep=10, extra_config=t.extra_config)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt_mod
-from .. import console
+from .. import console, rundir
 from .. import train as train_mod
 from ..config import CompareConfig, ModelConfig, TrainConfig
 from ..console import note
@@ -260,6 +260,15 @@ def execute_run(spec: dict, progress: bool = True) -> dict:
 
 
 def _execute_long_gap_run(spec: dict, progress: bool) -> dict:
+    """Train one long-gap run under its directory's lock, after clearing what an attempt stopped before its
+    result.json left there (a checkpoint is never overwritten)."""
+    run_dir = Path(spec["run_dir"])
+    with rundir.lock_run_dir(run_dir):
+        rundir.clear_run_dir(run_dir)
+        return _train_long_gap_run(spec, progress)
+
+
+def _train_long_gap_run(spec: dict, progress: bool) -> dict:
     p = spec["task"]
     task = LongGapTask(gap=p["gap"], num_keys=p["num_keys"], num_distractors=p["num_distractors"])
     model_cfg = ModelConfig.from_dict(spec["model_cfg"])

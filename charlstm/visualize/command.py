@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import Tensor
 
-from ..checkpoint import load_checkpoint, resolve_checkpoint
+from ..checkpoint import load_checkpoint
 from ..console import note
 from ..errors import CharlstmError, UsageError
 from ..plots import PlottingUnavailable, have_matplotlib
@@ -178,7 +178,7 @@ def run_from_cli(*, run, text, text_file, html, unit, quantity, scale, find_unit
                                json_out=json_out, find_units=find_units, saturation_table=saturation_table,
                                unit=unit, plot=plot, html=html)
     raw = read_text_arg(text, text_file)
-    ckpt = load_checkpoint(resolve_checkpoint(run), map_location=resolve_device(device))
+    ckpt = load_checkpoint(run, map_location=resolve_device(device))   # resolved again if retention removes it
     ids = encode_for_model(raw, ckpt.vocab, unknown, max_chars)
     check_against_model(ckpt.model_cfg, quantity, unit, layer_unit)
     html_path = Path(html) if html is not None else None
