@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from . import __version__, bench_report, configfile
+from . import __version__, bench_report, configfile, training
 from . import bench as bench_mod
 from . import cache as cache_mod
 from . import compare as compare_mod
@@ -331,17 +331,6 @@ CONFIG_HELP = ("Settings from a TOML file ({sections}; keys as --print-config wr
 PRINT_CONFIG_HELP = "Print the effective settings as TOML on stdout (what --config reads) and exit."
 
 
-def _train_configs(options: dict, preset: str | None, resume: Path | None, init_from: Path | None):
-    """(ModelConfig, TrainConfig) that `charlstm train` would run with these options."""
-    if resume is not None:
-        if preset is not None or init_from is not None:
-            raise UsageError("--resume continues a run with its own settings: no --preset or --init-from with it")
-        return train_mod.resume_configs(resume, options)
-    if init_from is not None:
-        return train_mod._init_from_configs(init_from, options, preset)
-    return train_mod.build_configs(options, preset)
-
-
 TRAIN_OPTIONS = [*field_options(ModelConfig, panel="Model"), *field_options(TrainConfig, panel="Training")]
 
 
@@ -370,7 +359,8 @@ def train(
         if preset is None and resume is None:                   # a resumed run keeps its own settings
             preset = file_preset
     if print_config:
-        sys.stdout.write(configfile.train_toml(*_train_configs(options, preset, resume, init_from), preset))
+        sys.stdout.write(configfile.train_toml(*training.configs_from_options(options, preset=preset, resume=resume,
+                                                                                   init_from=init_from), preset))
         return
     with using_data_dir(data_dir):
         result = train_mod.run_from_cli(options, preset=preset, resume=resume, init_from=init_from,

@@ -10,7 +10,7 @@ from conftest import tiny_text
 from typer.testing import CliRunner
 
 from charlstm import compare, plots
-from charlstm import train as train_mod
+from charlstm import training as train_mod
 from charlstm.cli import app
 from charlstm.config import VARIANTS, ModelConfig
 from charlstm.errors import CharlstmError, UsageError

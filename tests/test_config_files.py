@@ -16,9 +16,8 @@ from conftest import tiny_text
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
-from charlstm import cli, configfile
+from charlstm import cli, configfile, training
 from charlstm import compare as compare_mod
-from charlstm import train as train_mod
 from charlstm.config import PRESETS, CompareConfig, ModelConfig, TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -58,7 +57,7 @@ def configs_of(toml_text: str) -> tuple[ModelConfig, TrainConfig]:
     path = Path("settings.toml")
     path.write_text(toml_text, encoding="utf-8")
     preset, values = configfile.read_train_config(path)
-    return train_mod.build_configs(values, preset)
+    return training.build_configs(values, preset)
 
 
 # --------------------------------------------------------------------------- print-config / config round trip
@@ -71,7 +70,7 @@ def test_print_config_is_toml_of_every_setting_and_reads_back_to_the_same_config
     assert table["train"]["max_time"] == 120.0 and table["train"]["data"] == "tiny.txt"
     assert "vocab_size" not in table["model"]                          # set from the corpus, not a setting
     assert "threads" in table["train"] and "name" not in table["train"]  # None is left out
-    expected = train_mod.build_configs(_options(
+    expected = training.build_configs(_options(
         *TINY, "--variant", "peephole", "--peepholes", "fo", "--no-bias", "--max-time", "2m"), None)
     assert configs_of(text) == expected
     Path("run.toml").write_text(text, encoding="utf-8")

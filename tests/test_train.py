@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
 from charlstm import optim, plots
-from charlstm import train as train_mod
 from charlstm import trainer as trainer_mod
+from charlstm import training as train_mod
 from charlstm.batches import StreamBatcher
 from charlstm.cli import app
 from charlstm.config import ModelConfig, TrainConfig

@@ -17,9 +17,9 @@ from charlstm.config import ModelConfig, TrainConfig
 from charlstm.errors import CharlstmError
 from charlstm.model import State
 from charlstm.optim import learning_rate
-from charlstm.train import resume_configs
 from charlstm.trainer import Observer, Trainer
 from charlstm.trainer_state import LN2, TrainerState
+from charlstm.training import resume_configs
 
 OLD_RUN = Path(__file__).parent / "fixtures" / "run-v1"       # written before the Trainer existed
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt_mod
-from .. import console, rundir
-from .. import train as train_mod
+from .. import console, rundir, training
 from ..config import CompareConfig, ModelConfig, TrainConfig
 from ..console import note
 from ..corpus import Vocab, load_corpus
@@ -307,14 +306,14 @@ def _execute_corpus_run(spec: dict, progress: bool) -> dict:
     resume, overwrite = None, False
     if run_dir.is_dir() and ckpt_mod.list_checkpoints(run_dir):
         # An interrupted run: continue it exactly, after checking it is this comparison's run.
-        stored_model, stored_train = train_mod.resume_configs(run_dir, {})
+        stored_model, stored_train = training.resume_configs(run_dir, {})
         check_stored_run(run_dir, spec, stored_model, stored_train)
         resume = run_dir
         model_cfg, train_cfg = stored_model, dataclasses.replace(
             stored_train, device=train_cfg.device, threads=train_cfg.threads)
     elif run_dir.is_dir() and any(run_dir.iterdir()):
         overwrite = True  # stopped before its first checkpoint: start it again (only charlstm's files go)
-    result = train_mod.train(model_cfg, train_cfg, resume=resume, progress=progress, overwrite=overwrite,
+    result = training.train(model_cfg, train_cfg, resume=resume, progress=progress, overwrite=overwrite,
                              next_steps=False)  # compare-variants says itself how to continue
     if result.interrupted:
         raise KeyboardInterrupt
