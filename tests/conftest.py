@@ -112,6 +112,28 @@ def make_cells(variant, extra, *, E=3, H=4, L=2, dtype=torch.float64, seed=0):
     return cells
 
 
+# --------------------------------------------------------------------------- tiny training runs
+
+# A model and budget small enough for a test: one layer of 16 units, windows of 16 in 4 streams,
+# one thread, no samples, no progress bar. Options given after these win (click takes the last).
+TINY_RUN = ("--hidden", "16", "--embed", "8", "--layers", "1", "--batch-size", "4", "--seq-len", "16",
+            "--sample-chars", "0", "--threads", "1", "--no-progress")
+
+
+def train_tiny(*args, data="tiny.txt", **invoke_kw):
+    """`charlstm train --data DATA` with TINY_RUN, then ``args`` (which override it), in-process; torch's
+    thread count is restored afterwards. Returns the CliRunner result."""
+    from typer.testing import CliRunner
+
+    from charlstm.cli import app
+
+    before = torch.get_num_threads()
+    try:
+        return CliRunner().invoke(app, ["train", "--data", str(data), *TINY_RUN, *map(str, args)], **invoke_kw)
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- models and runs for sampling
 
 def tiny_model(case: dict, vocab_size: int = 11, dtype=torch.float64, layers: int = 3):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_text
+from conftest import tiny_text, train_tiny
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
@@ -25,12 +25,8 @@ def trained(tmp_path_factory):
     (work / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        before = torch.get_num_threads()
-        r = CliRunner().invoke(app, ["train", "--data", "tiny.txt", "--hidden", "16", "--embed", "8", "--layers", "2",
-                                     "--batch-size", "4", "--seq-len", "32", "--max-steps", "6", "--eval-every", "3",
-                                     "--checkpoint-every", "3", "--val-frac", "0.1", "--sample-chars", "0",
-                                     "--threads", "1", "--no-progress", "--out", "run"])
-        torch.set_num_threads(before)
+        r = train_tiny("--layers", "2", "--seq-len", "32", "--max-steps", "6", "--eval-every", "3",
+                       "--checkpoint-every", "3", "--val-frac", "0.1", "--out", "run")
         assert r.exit_code == 0, r.output
     return work
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CASES, tiny_text
+from conftest import CASES, TINY_RUN, tiny_text, train_tiny
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
@@ -29,8 +29,7 @@ from charlstm.evaluation import eval_slice, evaluate_loss, slow_eval_note
 from charlstm.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--hidden", "16", "--embed", "8", "--layers", "1", "--batch-size", "4", "--seq-len", "16",
-        "--sample-chars", "0", "--threads", "1", "--no-progress"]
+TINY = list(TINY_RUN)
 
 
 def invoke(*args, **kw):
@@ -57,9 +56,7 @@ def trained(tmp_path_factory):
         mp.chdir(work)
         mp.setenv("XDG_CACHE_HOME", str(work / "xdg"))
         mp.delenv(datacache.DATA_DIR_ENV, raising=False)
-        before = torch.get_num_threads()
-        r = invoke("train", "--data", "tiny.txt", *TINY, "--max-steps", "4", "--eval-every", "4", "--out", "run")
-        torch.set_num_threads(before)
+        r = train_tiny("--max-steps", "4", "--eval-every", "4", "--out", "run")
         assert r.exit_code == 0, r.output
     return work
 

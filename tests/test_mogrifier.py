@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import draw, save_run, text_model, tiny_text, tiny_vocab
+from conftest import draw, save_run, text_model, tiny_text, tiny_vocab, train_tiny
 from torch import nn
 from typer.testing import CliRunner
 
@@ -429,9 +429,8 @@ def test_train_and_sample_commands_take_the_variant(tmp_path, monkeypatch):
     `charlstm sample` on its run."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
-    r = CliRunner().invoke(app, ["train", "--data", "tiny.txt", "--variant", "mogrifier", "--hidden", "12",
-                                 "--embed", "6", "--batch-size", "4", "--seq-len", "16", "--threads", "1",
-                                 "--sample-chars", "5", "--no-progress", "--max-steps", "3", "--out", "run"])
+    r = train_tiny("--variant", "mogrifier", "--hidden", "12", "--embed", "6", "--sample-chars", "5",
+                   "--max-steps", "3", "--out", "run")
     assert r.exit_code == 0, r.output
     loaded = ck.load_checkpoint(tmp_path / "run")
     assert (loaded.model_cfg.variant, loaded.model_cfg.backend, loaded.step) == ("mogrifier", "custom", 3)
