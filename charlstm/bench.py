@@ -1,18 +1,6 @@
-"""Throughput measurement: `charlstm bench`.
-
-In one run and side by side, for every chosen variant x backend x size:
-
-- training throughput: characters per second of one training step (forward,
-  cross-entropy, backward, AdamW step) on random tokens, a window of T
-  characters in B streams;
-- sampling throughput of the sampler's stepper (``sample.make_stepper``, what
-  ``charlstm sample`` uses), one stream and B streams at once.
-
-Every figure is also a ratio to ``torch.nn.LSTM`` measured in the same run at
-the same sizes, and achieved GFLOP/s against this machine's ``torch.mm`` peak
-(measured in the same run too). The method (interleaved rounds, medians, FLOP
-counts) is in docs/performance.md; bench_report.py turns the report into a table.
-"""
+"""`charlstm bench`: training and sampling throughput of variants x backends x sizes side by side, as
+chars/s, as ratios to nn.LSTM measured in the same run and as GFLOP/s against this machine's torch.mm
+peak. The method is in docs/performance.md; bench_report.py turns the report into a table."""
 
 from __future__ import annotations
 

@@ -1,23 +1,6 @@
-"""The on-disk format of a run: atomic checkpoints, pointers, loading and validation.
-
-A run directory holds checkpoint directories named ``ckpt-<step>`` (six digits
-or more) and two pointer files, ``latest`` and ``best``, each one line naming a
-checkpoint directory of the run. Every checkpoint directory holds:
-
-    model.safetensors            the model's weights (names as model.state_dict())
-    optimizer.safetensors        the optimizer's per-parameter tensors
-    optimizer.json               the optimizer's structure (param groups, scalars)
-    trainer_state.safetensors    carried hidden state, RNG states
-    trainer_state.json           step, epoch, data position, best val loss, metrics
-    config.json                  every option, the vocabulary, the corpus, versions
-    MANIFEST.json                size and sha256 of each file above (written last)
-
-There is no pickle anywhere: tensors are in safetensors files, everything else
-is JSON. A checkpoint is written into a hidden temporary directory, every file
-and the directory are fsync'ed, and only then is it renamed into place, so a
-crash during a save leaves the previous checkpoints and pointers untouched.
-``docs/checkpoint-format.md`` describes the format for readers without charlstm.
-"""
+"""The on-disk format of a run: checkpoints written atomically (safetensors and JSON, no pickle),
+pointers, retention, resolving `RUN`, loading and validation. docs/checkpoint-format.md describes
+the files for readers without charlstm."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""Running a comparison: plan the runs, train them (or read them back), summarise.
-
-Each run lives in its own directory under the comparison's directory and, once
-finished, holds its ``result.json`` (written atomically, last). Running the
-same command again reads the finished runs instead of training them, continues
-an interrupted corpus run from its latest checkpoint, and trains the rest; a
-run whose stored settings differ from the command's is an error, never
-overwritten. ``--jobs N`` trains N runs at a time in spawned processes, each
-with its share of the CPU threads. Corpus runs go through ``train.train``;
-long-gap runs through ``longgap.train_long_gap``.
-"""
+"""Running a comparison: plan the runs, train them (or read finished ones back), summarise. Each run
+has its own directory and, once finished, its result.json; the same command again trains only what is
+missing (docs/compare.md). Corpus runs go through training.train, long-gap runs through longgap."""
 
 from __future__ import annotations
 
