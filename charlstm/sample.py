@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, write_text_atomic
+from .checkpoint import load_checkpoint
 from .console import note
+from .diskfiles import write_text_atomic
 from .errors import CharlstmError, UsageError
 from .memory import check_fits, estimate_sampling_bytes
 from .runtime import check_threads, resolve_device, torch_threads

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from charlstm import checkpoint as ck
+from charlstm import ckptdir
 from charlstm.config import ModelConfig, TrainConfig
 from charlstm.corpus import Vocab
 from charlstm.errors import CharlstmError
@@ -217,10 +218,10 @@ def test_a_crash_in_the_middle_of_a_save_leaves_a_loadable_run(tmp_path, monkeyp
             raise OSError("simulated crash: disk full")
         return real(path, tensors, metadata)
 
-    monkeypatch.setattr(ck, "save_tensors", crash)
+    monkeypatch.setattr(ckptdir, "save_tensors", crash)
     with pytest.raises(OSError, match="simulated crash"):
         _save(run, 20, model, opt, is_best=True)
-    monkeypatch.setattr(ck, "save_tensors", real)
+    monkeypatch.setattr(ckptdir, "save_tensors", real)
     assert not (run / "ckpt-000020").exists()
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
     for which in ("best", "latest"):
@@ -291,7 +292,7 @@ def test_an_incompatible_checkpoint_is_reported(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     manifest = json.loads((path / ck.MANIFEST).read_text())
     manifest["files"]["config.json"] = {"bytes": (path / "config.json").stat().st_size,
-                                        "sha256": ck._sha256(path / "config.json")}
+                                        "sha256": ckptdir._sha256(path / "config.json")}
     (path / ck.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CharlstmError, match="incompatible"):
         ck.load_checkpoint(path)

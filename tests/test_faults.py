@@ -77,6 +77,7 @@ import os, random, shutil, signal, sys, time
 from pathlib import Path
 import torch
 from charlstm import checkpoint as ck
+from charlstm import ckptdir
 from charlstm.config import ModelConfig, TrainConfig
 from charlstm.corpus import Vocab
 from charlstm.model import build_model
@@ -110,7 +111,7 @@ def child(run, point, n):
     elif point == "replace":
         die_after(ck.os, "replace", n)              # between the two pointers
     elif point == "write":
-        die_after(ck, "save_tensors", n, before=True)   # in the middle of writing a checkpoint's files
+        die_after(ckptdir, "save_tensors", n, before=True)   # in the middle of writing a checkpoint's files
     elif point == "rmtree" and n > 0:
         real = ck.shutil.rmtree
         calls = [0]

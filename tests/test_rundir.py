@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from charlstm import checkpoint as ck
+from charlstm import ckptdir
 from charlstm.config import ModelConfig, TrainConfig
 from charlstm.corpus import Vocab
 from charlstm.errors import CharlstmError
@@ -114,7 +115,7 @@ def test_a_full_disk_removes_the_partial_checkpoint_and_says_how_much_space_it_n
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, tensors, metadata)
 
-    monkeypatch.setattr(ck, "save_tensors", full)
+    monkeypatch.setattr(ckptdir, "save_tensors", full)
     with pytest.raises(ck.NoSpaceError, match=r"no space left in .*run for checkpoint ckpt-000002: "
                                               r"it needs about [\d.]+ KiB, [\d.]+ \w+ are free") as e:
         _save(run, 2, is_best=True)
@@ -138,7 +139,7 @@ def test_a_reader_resolves_the_run_again_when_retention_removes_its_checkpoint(t
             _save(run, 3, is_best=True, keep=1)
         return real(path)
 
-    monkeypatch.setattr(ck, "verify_checkpoint", retention_strikes)
+    monkeypatch.setattr(ckptdir, "verify_checkpoint", retention_strikes)
     loaded = ck.load_checkpoint(run)
     assert raced == ["ckpt-000001"] and loaded.path.name == "ckpt-000003" and steps(run) == [3]
     said = capsys.readouterr().err
@@ -146,7 +147,7 @@ def test_a_reader_resolves_the_run_again_when_retention_removes_its_checkpoint(t
     # A checkpoint named explicitly is not replaced by another one: it says what happened.
     raced.clear()
     with pytest.raises(CharlstmError, match="was removed while it was read"):
-        monkeypatch.setattr(ck, "verify_checkpoint", lambda p: (ck.remove_checkpoint(Path(p)), real(p))[1])
+        monkeypatch.setattr(ckptdir, "verify_checkpoint", lambda p: (ck.remove_checkpoint(Path(p)), real(p))[1])
         ck.load_checkpoint(run / "ckpt-000003")
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import draw, save_run, text_model, tiny_model, tiny_text, tiny_vocab
 from typer.testing import CliRunner
 
-from charlstm import checkpoint as ck
+from charlstm import diskfiles
 from charlstm.cli import app
 from charlstm.errors import CharlstmError, UsageError
 from charlstm.sample import format_samples, generate
@@ -314,7 +314,7 @@ def test_output_that_cannot_be_written_fails_and_leaves_nothing(tmp_path, monkey
         Path(path).write_text(text[:3], encoding="utf-8")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ck, "_write_text", full)
+    monkeypatch.setattr(diskfiles, "_write_text", full)
     r = invoke(tmp_path / "run", "--length", "20", "--seed", "1", "--output", tmp_path / "sample.txt")
     assert r.exit_code == 1 and "No space left on device" in r.stderr and "Traceback" not in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

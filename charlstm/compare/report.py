@@ -16,8 +16,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..checkpoint import write_text_atomic
 from ..config import CompareConfig
+from ..diskfiles import write_text_atomic
 from ..plots import Series, try_plot_lines
 
 LN2 = math.log(2.0)
