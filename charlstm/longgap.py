@@ -175,10 +175,7 @@ def train_long_gap(task: LongGapTask, model_cfg: ModelConfig, *, seed: int = 1, 
     NaN check (a diverged run shows as chance accuracy in the results, it does
     not stop the comparison).
     """
-    if max_steps is None and max_time is None:
-        raise UsageError("the long-gap task needs a budget: --max-steps and/or --max-time")
-    if model_cfg.vocab_size != task.vocab_size:
-        raise UsageError(f"model vocab_size {model_cfg.vocab_size} does not match the task's {task.vocab_size}")
+    _check_run(task, model_cfg, max_steps, max_time)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     model = build_model(model_cfg, dev).to(dev)
@@ -207,10 +204,23 @@ def train_long_gap(task: LongGapTask, model_cfg: ModelConfig, *, seed: int = 1, 
         curve.append(_curve_point(model, x_eval, y_eval, step, start))
     if bar is not None:
         bar.close()
+    return _result(task, curve, step, train_time, model), model
+
+
+def _check_run(task: LongGapTask, model_cfg: ModelConfig, max_steps: int | None, max_time: float | None) -> None:
+    """A budget is given and the model reads the task's symbols (UsageError otherwise)."""
+    if max_steps is None and max_time is None:
+        raise UsageError("the long-gap task needs a budget: --max-steps and/or --max-time")
+    if model_cfg.vocab_size != task.vocab_size:
+        raise UsageError(f"model vocab_size {model_cfg.vocab_size} does not match the task's {task.vocab_size}")
+
+
+def _result(task: LongGapTask, curve: list[dict], steps: int, train_time: float, model) -> LongGapResult:
+    """The run's result from its evaluation curve (the last point is the final model's)."""
     final = curve[-1]
     return LongGapResult(accuracy=final["accuracy"], best_accuracy=max(c["accuracy"] for c in curve),
-                         final_loss=final["loss"], steps=step, wall_time=train_time, params=model.num_parameters(),
-                         chance=task.chance, curve=curve), model
+                         final_loss=final["loss"], steps=steps, wall_time=train_time, params=model.num_parameters(),
+                         chance=task.chance, curve=curve)
 
 
 def _curve_point(model, x_eval: torch.Tensor, y_eval: torch.Tensor, step: int, start: float) -> dict:

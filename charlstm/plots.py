@@ -81,6 +81,26 @@ def plot_lines(
     Figure = require_matplotlib()
     fig = Figure(figsize=size, dpi=dpi, layout="constrained")
     ax = fig.add_subplot()
+    _draw_series(ax, series)
+    for value, label in hlines or []:
+        ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=label)
+    ax.set_xscale(xscale)
+    if xticks is not None:
+        ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
+        ax.minorticks_off()
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    return save_figure(fig, stem)
+
+
+def _draw_series(ax, series: list[Series]) -> None:
+    """One line per series (its finite points), with its spread as a band where it has one."""
     n = max(len(series), 1)
     for k, s in enumerate(series):
         points = [(x, y) for x, y in zip(s.x, s.y) if _finite(x) and _finite(y)]
@@ -99,21 +119,6 @@ def plot_lines(
                 bx, by, bd = zip(*band)
                 ax.fill_between(bx, [y - d for y, d in zip(by, bd)], [y + d for y, d in zip(by, bd)],
                                 color=line.get_color(), alpha=0.2, linewidth=0)
-    for value, label in hlines or []:
-        ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=label)
-    ax.set_xscale(xscale)
-    if xticks is not None:
-        ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
-        ax.minorticks_off()
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
-    return save_figure(fig, stem)
 
 
 def save_figure(fig, stem: Path) -> list[Path]:
