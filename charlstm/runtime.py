@@ -12,6 +12,12 @@ from .errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
 
+# The FLOPs of one time step that each CPU thread must get. A recurrent layer's threads meet at a
+# barrier every time step: a few microseconds when the cores are free, but a scheduler time slice
+# when another multi-threaded process shares them (two tiny trainings at once ran 40x slower on two
+# threads each than on one), so small models run on one thread (docs/performance.md).
+GRAIN = 1 << 18
+
 
 def resolve_device(name: str) -> torch.device:
     """The device ``--device NAME`` asks for: 'auto' is cuda where a CUDA device is present, else cpu.
@@ -50,6 +56,13 @@ def usable_threads(threads: int | None, option: str = "--threads") -> int | None
         note(f"note: {option} {threads} is more than the {cores} CPU core(s) here; using {cores}")
         return cores
     return threads
+
+
+def threads_for(flops_per_step: int, threads: int | None = None) -> int:
+    """The threads to share a time step of ``flops_per_step`` FLOPs among: at most one per GRAIN,
+    at least one, at most ``threads`` (default torch's)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return max(1, min(threads, flops_per_step // GRAIN))
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ from .evaluation import eval_slice
 from .memory import check_training
 from .model import State, build_model, describe_backend
 from .optim import make_optimizer
-from .runtime import resolve_device, usable_threads
+from .registry import spec_for
+from .runtime import resolve_device, threads_for, usable_threads
 from .trainer_state import TrainerState, rng_state, set_rng_state
 
 
@@ -222,6 +223,17 @@ class TrainerSetup:
                 raise CharlstmError(f"--resume {self.resume_path}: its weights do not fit its own config ({e})") from e
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg)
+        if not cfg.threads and self.device.type == "cpu":
+            self._threads_for_size()
+
+    def _threads_for_size(self) -> None:
+        """Without --threads, a model too small to share its time steps runs on one thread (see
+        runtime.GRAIN): on a shared machine its threads would mostly wait for each other."""
+        flops = 2 * len(self.streams) * spec_for(self.model_cfg).weights(self.model_cfg)
+        threads = threads_for(flops)
+        if threads < torch.get_num_threads():
+            debug(f"threads: {threads} of {torch.get_num_threads()} ({flops:,} FLOPs a time step; --threads sets it)")
+            torch.set_num_threads(threads)
 
     def _resume(self) -> None:
         """The optimizer's moments and the trainer state of the checkpoint resumed."""

@@ -12,6 +12,7 @@ from conftest import draw, save_run, tiny_vocab
 from torch import Tensor
 from typer.testing import CliRunner
 
+from charlstm import runtime
 from charlstm.cli import app
 from charlstm.config import ModelConfig
 from charlstm.errors import CharlstmError, UsageError
@@ -186,7 +187,8 @@ def test_native_generation_draws_what_the_torch_step_draws(opts):
 
 
 @needs_native
-def test_threads_share_the_step_without_changing_it():
+def test_threads_share_the_step_without_changing_it(monkeypatch):
+    monkeypatch.setattr(runtime, "GRAIN", 1)                 # every thread asked for, however small the step
     model = lstm(2, 24)
     runs = []
     with torch.inference_mode():

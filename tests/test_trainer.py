@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_text
 
 from charlstm import checkpoint as ck
+from charlstm import runtime
 from charlstm import trainer as trainer_mod
 from charlstm.config import ModelConfig, TrainConfig
 from charlstm.errors import CharlstmError
@@ -199,3 +200,32 @@ def test_a_diverged_run_ends_its_observers_without_a_result(work, monkeypatch):
     with pytest.raises(CharlstmError, match="training diverged at step 4"):
         trainer.run()
     assert recorder.events[-2:] == [("loop_end", 3), ("end", None)]
+
+
+# --------------------------------------------------------------------------- threads
+
+def test_small_time_steps_get_one_thread_and_large_ones_share_them(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert runtime.threads_for(0) == 1 and runtime.threads_for(runtime.GRAIN - 1) == 1
+    assert runtime.threads_for(3 * runtime.GRAIN) == 3 and runtime.threads_for(100 * runtime.GRAIN) == 4
+    assert runtime.threads_for(100 * runtime.GRAIN, threads=2) == 2
+
+
+@pytest.mark.parametrize(("hidden", "given", "expected"), [(24, None, 1), (24, 2, 2), (256, None, 2)])
+def test_without_threads_a_tiny_model_trains_on_one_thread(work, hidden, given, expected):
+    """Two tiny trainings at once on two threads each ran 40x slower than on one (runtime.GRAIN);
+    --threads is always obeyed, and a model large enough keeps torch's threads."""
+    if given and runtime.cpu_cores() < given:
+        pytest.skip(f"--threads {given} is capped at this machine's {runtime.cpu_cores()} core(s)")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model_cfg, train_cfg = configs(threads=given, max_steps=1)
+        model_cfg.hidden = hidden
+        trainer = Trainer(model_cfg, train_cfg, progress=False)
+        try:
+            assert torch.get_num_threads() == expected
+        finally:
+            trainer.close()
+    finally:
+        torch.set_num_threads(before)

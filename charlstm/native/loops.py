@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CharlstmError
+from ..runtime import threads_for
 from .abi import ERRORS, KINDS, LOOP_SLOTS, Kernel, Seq
 from .build import library
 from .pack import backward_panels, panel_major, ptr
@@ -121,7 +122,7 @@ def recurrent_forward(kernel: Kernel, gates: Tensor, w_hh: Tensor, hs: Tensor, c
         pf, po = panel_major(p_t[:, :2 * H], H), panel_major(p_t[:, 2 * H:], H)
     bh = None if b_hh is None else b_hh.detach().contiguous()                 # kept alive through the call
     pp = None if peep is None or kind != "peephole" else peep.detach().contiguous()
-    seq = Seq(kind=kernel.code, T=T, B=B, H=H, threads=torch.get_num_threads(), units=units, gates=ptr(gates),
+    seq = Seq(kind=kernel.code, T=T, B=B, H=H, threads=threads_for(2 * B * G * H * H), units=units, gates=ptr(gates),
               wf=ptr(wf), wf2=ptr(wf2), bh=ptr(bh), peep=ptr(pp), hs=ptr(hs), cs=ptr(cs), tcs=ptr(tcs), rh=ptr(rh),
               pf=ptr(pf), po=ptr(po))
     _run("charlstm_rnn_forward", seq)
@@ -154,7 +155,7 @@ def recurrent_backward(kernel: Kernel, gates: Tensor, w_hh: Tensor, hs: Tensor, 
         p = peep.detach()
         pbf, pbo = backward_panels(p[:2 * H]), backward_panels(p[2 * H:])
     pp = None if peep is None or kind != "peephole" else peep.detach().contiguous()
-    seq = Seq(kind=kernel.code, T=T, B=B, H=H, threads=torch.get_num_threads(), units=8, gates=ptr(gates),
+    seq = Seq(kind=kernel.code, T=T, B=B, H=H, threads=threads_for(2 * B * G * H * H), units=8, gates=ptr(gates),
               wb=ptr(wb), wb2=ptr(wb2), peep=ptr(pp), hs=ptr(hs), cs=ptr(cs), tcs=ptr(tcs), dhs=ptr(dhs),
               dpre=ptr(dpre), dph=ptr(dph), dh=ptr(dh), dc=ptr(dc), drh=ptr(drh), pbf=ptr(pbf), pbo=ptr(pbo))
     _run("charlstm_rnn_backward", seq)

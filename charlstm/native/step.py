@@ -12,8 +12,9 @@ from torch import Tensor
 
 from ..errors import CharlstmError, UsageError
 from ..model import State
+from ..runtime import threads_for
 from ..stepweights import StepWeights, step_weights
-from .abi import ERRORS, KINDS, PRECISIONS, Net
+from .abi import ERRORS, GATES, KINDS, PRECISIONS, Net
 from .build import library
 from .pack import Packed, panels, pointers
 
@@ -198,7 +199,7 @@ class NativeStep:
             raise CharlstmError("native step: load_state first")
 
     def _call(self, fn, *args) -> None:
-        self.net.threads = torch.get_num_threads()
+        self.net.threads = threads_for(2 * self.B * self.Hp * (2 * self.L * GATES[self.kind] * self.Hp + self.V))
         code = fn(ctypes.byref(self.net), *args)
         if code:
             raise CharlstmError(f"native step: the C step refused its arguments ({ERRORS.get(code, code)})")
