@@ -53,6 +53,26 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A working directory with the tiny corpus as tiny.txt (data/ and checkpoints/ land here)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
+    return tmp_path
+
+
+def cli(*args, **kw):
+    """`charlstm ARGS` in-process through typer's CliRunner; an exception other than the exit is raised."""
+    from typer.testing import CliRunner
+
+    from charlstm.cli import app
+
+    result = CliRunner().invoke(app, [*map(str, args)], prog_name="charlstm", **kw)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.fixture
 def tiny_corpus_file(tmp_path: Path) -> Path:
     """A small UTF-8 text file (about 10 KB, some non-ASCII) in tmp_path."""
     path = tmp_path / "tiny.txt"

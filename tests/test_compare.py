@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_text
+from conftest import cli
 from typer.testing import CliRunner
 
 from charlstm import compare, plots
@@ -29,19 +29,8 @@ def _restore_threads():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    """A working directory with the tiny corpus as tiny.txt (data/ and checkpoints/ land here)."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
-    return tmp_path
-
-
 def invoke(*args):
-    result = CliRunner().invoke(app, ["compare-variants", "--data", "tiny.txt", *map(str, args)])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+    return cli("compare-variants", "--data", "tiny.txt", *args)
 
 
 @pytest.fixture

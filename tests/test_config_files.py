@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_text
-from typer.testing import CliRunner
+from conftest import cli as invoke
 
 from charlstm import checkpoint as ck
 from charlstm import cli, configfile, training
@@ -30,19 +29,6 @@ TINY = ["--data", "tiny.txt", "--hidden", "16", "--embed", "8", "--layers", "1",
         "--checkpoint-every", "3", "--lr", "0.01", "--warmup", "2", "--seed", "7", "--device", "cpu"]
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    """A working directory with the tiny corpus as tiny.txt."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
-    return tmp_path
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli.app, [*map(str, args)], prog_name="charlstm")
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def printed(*args) -> str:

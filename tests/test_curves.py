@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_text
-from typer.testing import CliRunner
+from conftest import cli, tiny_text
 
 from charlstm import curves, observers, plots
-from charlstm.cli import app
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--data", "tiny.txt", "--hidden", "8", "--embed", "4", "--batch-size", "4", "--seq-len", "16",
@@ -18,22 +16,10 @@ TINY = ["--data", "tiny.txt", "--hidden", "8", "--embed", "4", "--batch-size", "
 INSTALL = "pip install 'charlstm[plot]'"
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
-    return tmp_path
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def train(*args):
-    r = invoke("train", *TINY, *args)
+    r = cli("train", *TINY, *args)
     assert r.exit_code == 0, r.output
     return r
 
@@ -147,10 +133,10 @@ def runs(tmp_path_factory):
     (root / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
     tiny = [a if a != "tiny.txt" else str(root / "tiny.txt") for a in TINY]
     for name, variant in (("mine", "gru"), ("lstm-a", "lstm")):
-        r = invoke("train", *tiny, "--variant", variant, "--max-steps", "8", "--eval-every", "4", "--log-every", "2",
+        r = cli("train", *tiny, "--variant", variant, "--max-steps", "8", "--eval-every", "4", "--log-every", "2",
                    "--out", root / name, "--data-dir", root / "data")
         assert r.exit_code == 0, r.output
-    r = invoke("compare-variants", "--variants", "rnn,lstm", "--data", root / "tiny.txt", "--hidden", "4", "--embed",
+    r = cli("compare-variants", "--variants", "rnn,lstm", "--data", root / "tiny.txt", "--hidden", "4", "--embed",
                "2", "--seq-len", "16", "--batch-size", "4", "--max-steps", "4", "--threads", "1", "--no-plot",
                "--no-progress", "--out", root / "cmp", "--data-dir", root / "data")
     assert r.exit_code == 0, r.output
@@ -163,17 +149,17 @@ def test_plot_overlays_runs_and_a_comparison(runs, tmp_path, monkeypatch):
     seen = []
     real = curves.draw_overlay
     monkeypatch.setattr("charlstm.plot.draw_overlay", lambda cs, stem, **kw: seen.append(cs) or real(cs, stem, **kw))
-    r = invoke("plot", runs / "mine", runs / "lstm-a" / "best", runs / "cmp")
+    r = cli("plot", runs / "mine", runs / "lstm-a" / "best", runs / "cmp")
     assert r.exit_code == 0, r.output
     assert r.stdout.splitlines() == ["curves-by-step.png", "curves-by-step.svg"]
     assert (tmp_path / "curves-by-step.png").read_bytes()[:8] == PNG
     assert [c.label for c in seen[0]] == ["mine (gru)", "lstm-a", "lstm-seed1", "rnn-seed1"]
     assert [p["step"] for p in seen[0][0].val] == [4, 8]
-    r = invoke("plot", runs / "mine", runs / "cmp" / "rnn-seed1", "--x", "time", "--out", "figs.png",
+    r = cli("plot", runs / "mine", runs / "cmp" / "rnn-seed1", "--x", "time", "--out", "figs.png",
                "--title", "GRU against RNN")
     assert r.exit_code == 0, r.output
     assert r.stdout.splitlines() == ["figs.png", "figs.svg"] and (tmp_path / "figs.svg").is_file()
-    r = invoke("plot", runs / "mine", "--out", tmp_path / "stem")
+    r = cli("plot", runs / "mine", "--out", tmp_path / "stem")
     assert r.exit_code == 0 and (tmp_path / "stem.png").is_file() and (tmp_path / "stem.svg").is_file()
 
 
@@ -201,7 +187,7 @@ def test_plot_usage_errors_are_one_line_and_exit_2(runs, tmp_path, monkeypatch, 
     (tmp_path / "tiny.txt").write_text("x", encoding="utf-8")
     (tmp_path / "longgap").mkdir()
     (tmp_path / "longgap" / "summary.json").write_text('{"task": "long-gap"}', encoding="utf-8")
-    r = invoke("plot", *[str(runs / "mine") if a == "RUN" else a for a in args])
+    r = cli("plot", *[str(runs / "mine") if a == "RUN" else a for a in args])
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith(f"error: {message}") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not list(tmp_path.glob("*.png"))
@@ -210,7 +196,7 @@ def test_plot_usage_errors_are_one_line_and_exit_2(runs, tmp_path, monkeypatch, 
 def test_plot_without_matplotlib_is_one_line_and_exit_1(runs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
-    r = invoke("plot", runs / "mine")
+    r = cli("plot", runs / "mine")
     assert r.exit_code == 1
     assert r.stderr == f"error: charlstm plot needs matplotlib, an optional extra: {INSTALL}\n"
-    assert invoke("plot").exit_code == 2                                       # no RUN: a usage error
+    assert cli("plot").exit_code == 2                                       # no RUN: a usage error

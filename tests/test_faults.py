@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_text
-from typer.testing import CliRunner
+from conftest import cli
 
 from charlstm import checkpoint as ck
 from charlstm import rundir
-from charlstm.cli import app
 from charlstm.config import ModelConfig, TrainConfig
 from charlstm.corpus import Vocab
 from charlstm.model import build_model
@@ -31,18 +29,6 @@ TINY = ["--hidden", "8", "--embed", "4", "--batch-size", "4", "--seq-len", "16",
         "--sample-chars", "0", "--no-progress"]
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
-    return tmp_path
-
-
-def cli(*args):
-    result = CliRunner().invoke(app, [*map(str, args)])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def one_line(r, message: str) -> None:

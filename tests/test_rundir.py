@@ -170,15 +170,6 @@ TINY = ["--hidden", "8", "--embed", "4", "--batch-size", "4", "--seq-len", "16",
         "--sample-chars", "0", "--no-progress"]
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    from conftest import tiny_text
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
-    return tmp_path
-
-
 def cli(*args):
     from typer.testing import CliRunner
 

@@ -9,29 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_text
-from typer.testing import CliRunner
+from conftest import cli
 
 from charlstm import observers
-from charlstm.cli import app
 
 TINY = ["train", "--data", "tiny.txt", "--hidden", "8", "--embed", "4", "--batch-size", "4", "--seq-len", "16",
         "--threads", "1", "--sample-chars", "12", "--no-progress"]
 HINT = "pip install 'charlstm[tensorboard]'"
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
-    return tmp_path
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def metrics(run) -> list[dict]:
@@ -69,7 +55,7 @@ def fake_writer(monkeypatch):
 
 
 def test_the_same_scalars_as_metrics_jsonl_and_the_samples(work, fake_writer):
-    r = invoke(*TINY, "--max-steps", "12", "--eval-every", "6", "--log-every", "4", "--out", "run", "--tensorboard")
+    r = cli(*TINY, "--max-steps", "12", "--eval-every", "6", "--log-every", "4", "--out", "run", "--tensorboard")
     assert r.exit_code == 0, r.output
     (w,) = fake_writer
     assert w.log_dir == str(Path("run") / "tensorboard") and w.purge_step is None and w.closed
@@ -86,10 +72,10 @@ def test_the_same_scalars_as_metrics_jsonl_and_the_samples(work, fake_writer):
 
 
 def test_resume_may_turn_it_on_and_drops_later_events(work, fake_writer):
-    r = invoke(*TINY, "--max-steps", "8", "--checkpoint-every", "4", "--eval-every", "4", "--out", "run")
+    r = cli(*TINY, "--max-steps", "8", "--checkpoint-every", "4", "--eval-every", "4", "--out", "run")
     assert r.exit_code == 0, r.output
     assert not fake_writer and not (work / "run" / "tensorboard").exists()
-    r = invoke("train", "--resume", "run", "--max-steps", "12", "--tensorboard", "--no-progress")
+    r = cli("train", "--resume", "run", "--max-steps", "12", "--tensorboard", "--no-progress")
     assert r.exit_code == 0, r.output
     (w,) = fake_writer
     assert w.purge_step == 8 and not [t for t in w.texts if t[0] == "settings"]
@@ -98,29 +84,29 @@ def test_resume_may_turn_it_on_and_drops_later_events(work, fake_writer):
 
 def test_without_the_package_it_fails_at_once_with_the_install_hint(work, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)     # import fails as without tensorboard
-    r = invoke(*TINY, "--max-steps", "4", "--out", "run", "--tensorboard")
+    r = cli(*TINY, "--max-steps", "4", "--out", "run", "--tensorboard")
     assert r.exit_code == 1
     assert r.stderr == f"error: --tensorboard needs the tensorboard package, an optional extra: {HINT}\n"
     assert not (work / "run").exists()
-    assert invoke(*TINY, "--max-steps", "2", "--out", "run2").exit_code == 0            # off: nothing needed
+    assert cli(*TINY, "--max-steps", "2", "--out", "run2").exit_code == 0            # off: nothing needed
 
 
 def test_a_setting_of_help_config_and_print_config(work):
-    r = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
+    r = cli("train", "--help", env={"COLUMNS": "300"})
     assert "--tensorboard" in r.stdout and HINT in r.stdout
-    printed = invoke(*TINY, "--tensorboard", "--print-config").stdout
+    printed = cli(*TINY, "--tensorboard", "--print-config").stdout
     assert "tensorboard = true" in printed
     (work / "run.toml").write_text(printed, encoding="utf-8")
-    again = invoke("train", "--config", "run.toml", "--print-config").stdout
+    again = cli("train", "--config", "run.toml", "--print-config").stdout
     assert again == printed
-    assert "tensorboard = false" in invoke(*TINY, "--print-config").stdout
+    assert "tensorboard = false" in cli(*TINY, "--print-config").stdout
 
 
 def test_real_event_files(work):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    r = invoke(*TINY, "--max-steps", "8", "--eval-every", "4", "--log-every", "2", "--out", "run", "--tensorboard")
+    r = cli(*TINY, "--max-steps", "8", "--eval-every", "4", "--log-every", "2", "--out", "run", "--tensorboard")
     assert r.exit_code == 0, r.output
     assert "tensorboard --logdir" in r.stderr
     events = EventAccumulator(str(work / "run" / "tensorboard"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_text
+from conftest import cli, tiny_text
 from typer.testing import CliRunner
 
 from charlstm import checkpoint as ck
@@ -29,19 +29,8 @@ TINY = ["--hidden", "24", "--embed", "8", "--batch-size", "8", "--seq-len", "32"
         "--sample-chars", "20", "--no-progress"]
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    """A working directory with the tiny corpus as tiny.txt (data/ and checkpoints/ land here)."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
-    return tmp_path
-
-
 def invoke(*args):
-    result = CliRunner().invoke(app, ["train", "--data", "tiny.txt", *map(str, args)])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+    return cli("train", "--data", "tiny.txt", *args)
 
 
 def metrics(run: Path) -> list[dict]:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_text
 
 from charlstm import checkpoint as ck
 from charlstm import runtime
@@ -23,13 +22,6 @@ from charlstm.trainer_state import LN2, TrainerState
 from charlstm.training import resume_configs
 
 OLD_RUN = Path(__file__).parent / "fixtures" / "run-v1"       # written before the Trainer existed
-
-
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.txt").write_text(tiny_text(), encoding="utf-8")
-    return tmp_path
 
 
 def configs(**train) -> tuple[ModelConfig, TrainConfig]:
