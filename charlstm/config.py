@@ -213,7 +213,8 @@ class TrainConfig(_JsonConfig):
                                 flag="--tensorboard/--no-tensorboard")
     seed: int = setting(1337, "Random seed (same seed, same run on the same machine).")
     device: str = setting("auto", "auto, cpu or cuda.")
-    threads: int | None = setting(None, "CPU threads for torch.", shown="torch's")
+    threads: int | None = setting(None, "CPU threads for torch.",
+                                  shown="torch's; one for a model too small to share its time steps")
     bf16: bool = setting(True, "bf16 autocast on CUDA (ignored on CPU).", flag="--bf16/--no-bf16")
     name: str | None = setting(None, "Run name (the directory under checkpoints/).",
                                shown="VARIANT-DATA, numbered if taken")
