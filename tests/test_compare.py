@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from charlstm import compare, plots
 from charlstm import training as train_mod
 from charlstm.cli import app
+from charlstm.compare.settings import matched_hidden
 from charlstm.config import VARIANTS, ModelConfig
 from charlstm.errors import CharlstmError, UsageError
 from charlstm.model import custom_is_faster
@@ -157,6 +158,25 @@ def test_ctrl_c_keeps_finished_runs_and_the_rerun_resumes(work, monkeypatch, tra
     assert len(json.loads((out / "summary.json").read_text())["rows"]) == 3
 
 
+def test_runs_finished_by_an_older_charlstm_are_reused(work, train_calls):
+    """A setting added to charlstm since a run finished is absent from its result: at its default
+    the run is reused; at another value it is refused as other settings."""
+    out = work / "cmp"
+    args = [*NO_PLOT, "--variants", "rnn", "--out", out]
+    assert invoke(*args).exit_code == 0
+    result = out / "rnn-seed1" / "result.json"
+    stored = json.loads(result.read_text())
+    del stored["fingerprint"]["train"]["eval_chars"]               # as an older charlstm wrote it
+    del stored["fingerprint"]["model"]["mogrify_rank"]
+    result.write_text(json.dumps(stored))
+    train_calls.clear()
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert train_calls == [] and "1 of 1 runs already finished" in r.stderr
+    r = invoke(*args, "--eval-chars", "1000")
+    assert r.exit_code == 1 and "different settings" in r.stderr and "eval_chars" in r.stderr
+
+
 def test_other_settings_in_the_same_directory_are_refused(work):
     out = work / "cmp"
     assert invoke(*NO_PLOT, "--variants", "rnn", "--out", out).exit_code == 0
@@ -223,6 +243,21 @@ def test_matched_sizes_are_within_two_percent(extra):
         assert build_model(s.model_config(variant, hidden, 70)).num_parameters() == params
     assert sizes["lstm"][0] == 48
     assert sizes["rnn"][0] > sizes["gru"][0] > 48 >= sizes["peephole"][0]
+
+
+def test_matched_sizes_are_ones_the_native_loops_run_where_that_stays_within_two_percent():
+    """At the recipe's size the exact matches (rnn 774, coupled and gru 445) would run on the torch
+    loops, about 30% slower; the nearest multiples of 8 are within 2% and run the C loops."""
+    s = compare.settings_from_options({"hidden": 384, "layers": 2, "embed": 64, "match_params": True})
+    sizes = compare.match_parameters(s, vocab_size=65)
+    assert {v: h for v, (h, _) in sizes.items()} == {"rnn": 776, "lstm": 384, "peephole": 384, "coupled": 448,
+                                                    "gru": 448, "mogrifier": 315}   # the mogrifier has no C loops
+    cfg = s.model_config("gru", vocab_size=65)
+    assert matched_hidden(cfg, sizes["lstm"][1])[0] == 445
+    assert matched_hidden(cfg, sizes["lstm"][1], width=8) == sizes["gru"]
+    small = compare.settings_from_options({"hidden": 12, "layers": 1, "embed": 4}).model_config("gru", vocab_size=10)
+    assert matched_hidden(small, 1000, width=8) == matched_hidden(small, 1000) == (14, 1030), \
+        "8 and 16 units are more than 2% away: the exact match stays"
 
 
 def test_matching_a_tiny_model_is_refused_with_a_reason():

@@ -119,13 +119,27 @@ def read_finished(run_dir: Path, fingerprint: dict) -> dict | None:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CharlstmError(f"{path} is damaged ({e}); move it away to train that run again") from None
-    if stored.get("fingerprint") != _jsonable(fingerprint):
-        diff = _differences(stored.get("fingerprint") or {}, _jsonable(fingerprint))
+    now = _jsonable(fingerprint)
+    if _upgraded(stored.get("fingerprint") or {}, now) != now:
+        diff = _differences(stored.get("fingerprint") or {}, now)
         raise CharlstmError(
             f"{run_dir} holds a finished run with different settings ({'; '.join(diff) or 'unreadable'}); "
             "pass another --out, or move that directory away"
         )
     return stored
+
+
+def _upgraded(stored: dict, now: dict) -> dict:
+    """A stored fingerprint with the settings charlstm gained since it was written (absent there,
+    present now) at their defaults: a newer charlstm still reuses the runs an older one finished."""
+    defaults = {"model": ModelConfig().to_dict(), "train": TrainConfig().to_dict()}
+    out = dict(stored)
+    for part, default in defaults.items():
+        old, new = stored.get(part), now.get(part)
+        if isinstance(old, dict) and isinstance(new, dict):
+            added = {k: default[k] for k in new.keys() - old.keys() if k in default}
+            out[part] = _jsonable({**added, **old})
+    return out
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

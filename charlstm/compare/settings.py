@@ -14,6 +14,8 @@ import torch
 from ..config import TASKS, CompareConfig, ModelConfig, TrainConfig, parse_duration, parse_list
 from ..errors import UsageError
 from ..model import build_model
+from ..native.loops import WIDTH as NATIVE_WIDTH
+from ..registry import spec_for
 
 REFERENCE_VARIANT = "lstm"   # --match-params sizes every variant to an lstm of --hidden units
 MATCH_TOLERANCE = 0.02       # parameter counts within 2% of the reference
@@ -71,11 +73,13 @@ def count_parameters(cfg: ModelConfig) -> int:
         return build_model(cfg).num_parameters()
 
 
-def matched_hidden(cfg: ModelConfig, target: int, *, limit: int = 1 << 16) -> tuple[int, int]:
+def matched_hidden(cfg: ModelConfig, target: int, *, width: int = 1, limit: int = 1 << 16) -> tuple[int, int]:
     """The hidden size whose model's parameter count is closest to ``target``: (hidden, params).
 
     Parameter counts grow with H, so a doubling search brackets the target and a
-    bisection finds the two sizes around it; the closer of the two wins.
+    bisection finds the two sizes around it; the closer of the two wins. With ``width`` > 1, the
+    closest multiple of ``width`` instead where it is within MATCH_TOLERANCE of the target (the
+    native loops take H in multiples of 8; another size would run on the slower torch loops).
     """
     def params(h: int) -> int:
         return count_parameters(dataclasses.replace(cfg, hidden=h))
@@ -91,8 +95,12 @@ def matched_hidden(cfg: ModelConfig, target: int, *, limit: int = 1 << 16) -> tu
             lo = mid
         else:
             hi = mid
-    candidates = [(abs(params(h) - target), h) for h in (lo, hi)]
-    _, best = min(candidates)
+    _, best = min((abs(params(h) - target), h) for h in (lo, hi))
+    if width > 1 and best % width:
+        below = best - best % width
+        off, aligned = min((abs(params(h) - target), h) for h in (below, below + width) if h > 0)
+        if off <= MATCH_TOLERANCE * target:
+            best = aligned
     return best, params(best)
 
 
@@ -112,7 +120,9 @@ def match_parameters(settings: CompareConfig, vocab_size: int) -> dict[str, tupl
         if variant == REFERENCE_VARIANT:
             sizes[variant] = (settings.model.hidden, target)
             continue
-        hidden, params = matched_hidden(settings.model_config(variant, vocab_size=vocab_size), target)
+        cfg = settings.model_config(variant, vocab_size=vocab_size)
+        width = NATIVE_WIDTH if spec_for(cfg).kernel is not None else 1   # a size the native loops run
+        hidden, params = matched_hidden(cfg, target, width=width)
         if abs(params - target) > MATCH_TOLERANCE * target:
             raise UsageError(
                 f"--match-params: the closest {variant} ({hidden} units, {params} parameters) is more than "
