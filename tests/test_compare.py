@@ -285,6 +285,11 @@ def test_mean_std_and_mean_curve():
         [{"step": 10, "time": 3.0, "val_loss": 4.0}],
     ])
     assert curve == [{"step": 10, "time": 2.0, "val_loss": 3.0, "val_loss_std": pytest.approx(2 ** 0.5)}]
+    ended_by_time = compare.mean_curve([                     # the final evaluations at steps 1094 and 1098
+        [{"step": 1000, "time": 550.0, "val_loss": 1.5}, {"step": 1094, "time": 600.0, "val_loss": 1.4}],
+        [{"step": 1000, "time": 548.0, "val_loss": 1.7}, {"step": 1098, "time": 600.0, "val_loss": 1.6}],
+    ])
+    assert [(p["step"], p["time"], p["val_loss"]) for p in ended_by_time] == [(1000, 549.0, 1.6), (1096, 600.0, 1.5)]
     assert compare.format_pm(1.23456, 0.1, 1) == "1.235"
     assert compare.format_pm(1.23456, 0.1, 3) == "1.235 ± 0.100"
     assert compare.finite_json({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}

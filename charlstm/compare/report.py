@@ -56,20 +56,26 @@ def format_pm(mean: float, std: float, n: int, digits: int = 3) -> str:
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
-    """Mean val loss (and training time) over seeds at the steps every seed evaluated."""
+    """Mean val loss (and training time) over seeds at the steps every seed evaluated, then at the
+    seeds' final evaluations where each came after those (a time budget ends each seed at its own
+    step: the point sits at their mean step)."""
     if not curves:
         return []
     common = set(c["step"] for c in curves[0])
     for curve in curves[1:]:
         common &= set(c["step"] for c in curve)
-    out = []
-    for step in sorted(common):
-        points = [next(c for c in curve if c["step"] == step) for curve in curves]
-        loss_mean, loss_std = mean_std([p["val_loss"] for p in points])
-        times = [p["time"] for p in points if p.get("time") is not None]
-        out.append({"step": step, "time": statistics.fmean(times) if times else None,
-                    "val_loss": loss_mean, "val_loss_std": loss_std})
-    return out
+    groups = [[next(c for c in curve if c["step"] == step) for curve in curves] for step in sorted(common)]
+    last = max(common, default=-1)
+    if all(curve and curve[-1]["step"] > last for curve in curves):
+        groups.append([curve[-1] for curve in curves])
+    return [_mean_point(points) for points in groups]
+
+
+def _mean_point(points: list[dict]) -> dict:
+    loss_mean, loss_std = mean_std([p["val_loss"] for p in points])
+    times = [p["time"] for p in points if p.get("time") is not None]
+    return {"step": round(statistics.fmean(p["step"] for p in points)),
+            "time": statistics.fmean(times) if times else None, "val_loss": loss_mean, "val_loss_std": loss_std}
 
 
 def finite_json(obj):
