@@ -160,7 +160,8 @@ def test_train_help_says_what_each_preset_changes():
     result = invoke("train", "--help", env={"COLUMNS": "1000"})
     text = " ".join(result.stdout.split())
     assert set(PRESETS) == {"demo", "shakespeare"}
-    assert "shakespeare (" in text and "--hidden 384" in text and "--lr 0.01" in text
+    recipe = PRESETS["shakespeare"]
+    assert "shakespeare (" in text and f"--hidden {recipe['hidden']}" in text and f"--lr {recipe['lr']}" in text
     assert "demo (" in text and "--batch-size 16" in text and "--max-time 120s" in text
     # a preset value equal to the default is not listed as a change
     demo = text.split("demo (", 1)[1].split("shakespeare (", 1)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -239,6 +240,14 @@ def test_presets_sit_between_defaults_and_explicit_options():
     assert train_cfg.data == "tinyshakespeare" and train_cfg.max_time == 600.0
     model_cfg, train_cfg = train_mod.build_configs({}, None)
     assert (model_cfg, train_cfg) == (ModelConfig(), TrainConfig())
+
+
+def test_shakespeare_recipe_stays_under_its_parameter_budget():
+    """The recipe is tuned under 2.5M parameters (tinyshakespeare's 65 characters): what
+    docs/training.md's 10-minute figures compare."""
+    model_cfg, _ = train_mod.build_configs({}, "shakespeare")
+    model = build_model(dataclasses.replace(model_cfg, vocab_size=65))
+    assert 2_000_000 < sum(p.numel() for p in model.parameters()) <= 2_500_000
 
 
 def test_schedules():
