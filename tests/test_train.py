@@ -247,7 +247,7 @@ def test_shakespeare_recipe_stays_under_its_parameter_budget():
     docs/training.md's 10-minute figures compare."""
     model_cfg, _ = train_mod.build_configs({}, "shakespeare")
     model = build_model(dataclasses.replace(model_cfg, vocab_size=65))
-    assert 2_000_000 < sum(p.numel() for p in model.parameters()) <= 2_500_000
+    assert 2_000_000 < model.num_parameters() <= 2_500_000
 
 
 def test_schedules():
