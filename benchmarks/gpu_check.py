@@ -17,7 +17,7 @@ error, a failed test, a wrong result); without a CUDA device it prints why and e
 ``--plumbing`` runs every stage on the CPU at toy sizes (the Triton kernels under
 TRITON_INTERPRET=1, no tests, no figures worth keeping): a check of this script itself.
 
-    python benchmarks/gpu_check.py [--out checkpoints/gpu-check.json] [--quick] [--plumbing]
+    python benchmarks/gpu_check.py [--out checkpoints/gpu-check.json] [--quick] [--plumbing] [--skip train,...]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class Plan:
     sample_length: int = 10000
     repeats: int = 5
     tests: bool = True
+    skip: tuple = ()        # stages left out: "bench", "train", "layers" (tests: --plumbing)
 
 
 PLUMBING = Plan(device="cpu", shapes={"reference": dict(hidden=16, batch=3)}, seq_len=4, train_seconds=3,
@@ -122,9 +123,10 @@ def triton_hook_wired() -> bool:
 # --------------------------------------------------------------------------- 2. tests
 
 def cuda_tests() -> dict:
-    r = run([PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda or triton", "tests"], timeout=240)
+    r = run([PY, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "-k", "cuda or triton", "tests"], timeout=240)
     tail = r["stdout"].strip().splitlines()[-1:] or [""]
     r["summary"] = tail[0]
+    r["failed"] = [line for line in r["stdout"].splitlines() if line.startswith(("FAILED", "ERROR"))]
     # a test skipped for want of CUDA (or of the Triton kernels) on a CUDA machine is a failure
     r["wrongly_skipped"] = [line for line in r["stdout"].splitlines()
                             if "SKIPPED" in line and re.search(r"needs (a )?CUDA|Triton kernels unavailable", line)]
@@ -288,7 +290,7 @@ def train_and_sample(plan: Plan, run_dir: Path) -> dict:
         return result
     ev = run([PY, "-m", "charlstm", "eval", str(run_dir), "--device", plan.device, "--json"], timeout=150)
     result["eval"] = {**ev, "result": _json_or_none(ev["stdout"]), "stdout": None}
-    text_file = run_dir / f"sample-{plan.sample_length}.txt"
+    text_file = run_dir.with_name(f"{run_dir.name}-sample-{plan.sample_length}.txt")  # beside the run: --overwrite keeps working
     sample = run([PY, "-m", "charlstm", "sample", str(run_dir), "--length", str(plan.sample_length),
                   "--device", plan.device, "--seed", "0", "--output", str(text_file)], timeout=180)
     sample["stdout"] = sample["stdout"][-500:]
@@ -302,21 +304,28 @@ def train_and_sample(plan: Plan, run_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------- main
 
-def stages(plan: Plan, run_dir: Path) -> dict:
+def stages(plan: Plan, run_dir: Path, save=lambda report: None) -> dict:
+    """Every stage in turn; save(report) after each, so a run cut short still leaves what it measured."""
     report: dict = {"plan": dataclasses.asdict(plan), "device": device_info(plan.device)}
     say(", ".join(f"{k} {v}" for k, v in report["device"].items()))
     report["tests"] = cuda_tests() if plan.tests else {"skipped": "plumbing run", "rc": 0, "cuda_error": None}
-    say(f"CUDA tests: {report['tests'].get('summary', report['tests'].get('skipped'))}")
+    say(f"CUDA tests: {report['tests'].get('summary', report['tests'].get('skipped'))} "
+        f"({report['tests'].get('seconds', 0)} s)")
+    save(report)
     report["bench"] = {}
-    for name, shape in plan.shapes.items():
+    for name, shape in ({} if "bench" in plan.skip else plan.shapes).items():
         report["bench"][name] = bench(plan, shape, "cudnn,custom", False)
         if report["device"]["triton_hook_wired"]:
             report["bench"][f"{name}-triton"] = bench(plan, shape, "custom", True)
         say(f"bench {name}: rc {report['bench'][name]['rc']}, {report['bench'][name]['seconds']} s")
+        save(report)
     if not report["device"]["triton_hook_wired"]:
         say("charlstm bench on the Triton path skipped: the CHARLSTM_TRITON hook is not wired into the layers yet")
-    report["train"] = train_and_sample(plan, run_dir)
-    report["layers"] = _layer_stage(plan)
+    report["train"] = {} if "train" in plan.skip else train_and_sample(plan, run_dir)
+    codes = ", ".join(f"{name} rc {r['rc']}" for name, r in report["train"].items())
+    say(f"train and sample: {codes}")
+    save(report)
+    report["layers"] = {"skipped": "--skip layers", "rc": 0} if "layers" in plan.skip else _layer_stage(plan)
     return report
 
 
@@ -332,6 +341,7 @@ def _layer_stage(plan: Plan) -> dict:
 
 def failures(report: dict) -> list[str]:
     bad = [] if ok(report["tests"]) else [f"CUDA tests: {report['tests'].get('summary')}"]
+    bad += [f"  {line[:300]}" for line in report["tests"].get("failed", [])]
     bad += [f"bench {k}: rc {v['rc']} {v['cuda_error'] or ''}" for k, v in report["bench"].items() if not ok(v)]
     for k, v in report["train"].items():
         if not ok(v):
@@ -367,15 +377,24 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", default="checkpoints/gpu-check", help="run directory of the training run")
     p.add_argument("--quick", action="store_true", help="only the reference shape (not H 1024 / B 128)")
     p.add_argument("--plumbing", action="store_true", help="every stage on the CPU at toy sizes (checks this script)")
+    p.add_argument("--skip", default="", help="stages to leave out, comma-separated: bench, train, layers")
     args = p.parse_args(argv)
     plan = PLUMBING if args.plumbing else Plan()
+    plan.skip = tuple(filter(None, args.skip.split(",")))
+    if set(plan.skip) - {"bench", "train", "layers"}:
+        p.error(f"--skip takes bench, train, layers (got {args.skip!r})")
     if args.quick:
         plan.shapes = {"reference": plan.shapes["reference"]}
     if plan.device == "cuda" and not torch.cuda.is_available():
         say(f"skipped: no CUDA device here (torch {torch.__version__}, built with CUDA {torch.version.cuda})")
         return 0
     t0 = time.perf_counter()
-    report = stages(plan, Path(args.run_dir))
+    out = Path(args.out)
+
+    def save(partial: dict) -> None:
+        out.write_text(json.dumps({**partial, "partial": True}, indent=1, default=str) + "\n")
+
+    report = stages(plan, Path(args.run_dir), save)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["failures"] = failures(report)
     Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -247,6 +247,26 @@ def test_full_gradcheck_and_a_planted_error():
 
 # --------------------------------------------------------------------------- availability, graphs
 
+@needs_triton
+def test_kernels_read_no_module_global_that_compiled_triton_refuses():
+    """Compiled Triton reads a module global inside a kernel only when it is a tl.constexpr, a kernel
+    or a module; the interpreter these tests run under reads any, so check the kernels' names here
+    (a plain int COUPLED failed every lstm kernel on the first real GPU, an H200, 2026-11-29)."""
+    import types
+
+    import triton.language as tl
+    from charlstm.gpu import kernels
+    jitted = {name: obj for name, obj in vars(kernels).items() if hasattr(obj, "fn") and callable(obj.fn)}
+    assert {"lstm_fwd", "_mm_nt"} <= set(jitted)
+    bad = []
+    for name, kernel in jitted.items():
+        for used in kernel.fn.__code__.co_names:
+            value = vars(kernels).get(used)
+            if used in vars(kernels) and not (used in jitted or isinstance(value, (types.ModuleType, tl.constexpr))):
+                bad.append(f"{name} reads {used} = {value!r}")
+    assert not bad, bad
+
+
 def test_reasons_when_triton_is_missing(monkeypatch):
     monkeypatch.setattr(gpu, "_loaded", {})
     monkeypatch.setattr(gpu.importlib.util, "find_spec", lambda name: None)

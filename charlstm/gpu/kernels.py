@@ -13,7 +13,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LSTM, PEEP, COUPLED = 0, 1, 2     # KIND of the lstm-family kernels
+LSTM, PEEP, COUPLED = 0, 1, 2     # KIND of the lstm-family kernels, as launches pass it
+# The same inside the kernels: compiled Triton reads a module global only when it is a constexpr
+# (the interpreter reads any), so the kernels compare KIND with these.
+_PEEP, _COUPLED = tl.constexpr(PEEP), tl.constexpr(COUPLED)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -43,6 +46,17 @@ def _st(ptr, ob, oh, ld, m, v):
 
 
 @triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b for tiles a (M, K) and b (K, N). float64 by products and a sum: tl.dot takes no
+    float64 when compiled for a GPU (Triton 3.6 on an H200), though the interpreter does."""
+    if a.dtype == tl.float64:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _mm_nt(a_ptr, lda, w_ptr, ob, oh, B, H, K, G: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
            BK: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """A[ob, :K] @ W[g*H + oh, :K]^T for gate blocks g < G (up to 4): four (BB, BH) tiles,
@@ -57,16 +71,13 @@ def _mm_nt(a_ptr, lda, w_ptr, ob, oh, B, H, K, G: tl.constexpr, BB: tl.constexpr
         mk = ok[None, :] < K
         a = tl.load(a_ptr + ob[:, None] * lda + ok[None, :], mask=(ob[:, None] < B) & mk, other=0.0).to(DOT)
         wp = w_ptr + oh[:, None] * K + ok[None, :]
-        acc0 = tl.dot(a, tl.trans(tl.load(wp, mask=mh & mk, other=0.0).to(DOT)), acc0, input_precision=PREC)
+        acc0 = _dot(a, tl.trans(tl.load(wp, mask=mh & mk, other=0.0).to(DOT)), acc0, PREC)
         if G > 1:
-            acc1 = tl.dot(a, tl.trans(tl.load(wp + H * K, mask=mh & mk, other=0.0).to(DOT)), acc1,
-                          input_precision=PREC)
+            acc1 = _dot(a, tl.trans(tl.load(wp + H * K, mask=mh & mk, other=0.0).to(DOT)), acc1, PREC)
         if G > 2:
-            acc2 = tl.dot(a, tl.trans(tl.load(wp + 2 * H * K, mask=mh & mk, other=0.0).to(DOT)), acc2,
-                          input_precision=PREC)
+            acc2 = _dot(a, tl.trans(tl.load(wp + 2 * H * K, mask=mh & mk, other=0.0).to(DOT)), acc2, PREC)
         if G > 3:
-            acc3 = tl.dot(a, tl.trans(tl.load(wp + 3 * H * K, mask=mh & mk, other=0.0).to(DOT)), acc3,
-                          input_precision=PREC)
+            acc3 = _dot(a, tl.trans(tl.load(wp + 3 * H * K, mask=mh & mk, other=0.0).to(DOT)), acc3, PREC)
     return acc0, acc1, acc2, acc3
 
 
@@ -81,7 +92,7 @@ def _mm_nn(d_ptr, ldd, w_ptr, ldw, ob, oh, B, H, N, BB: tl.constexpr, BH: tl.con
                     other=0.0).to(DOT)
         w = tl.load(w_ptr + ok[:, None] * ldw + oh[None, :], mask=(ok[:, None] < N) & (oh[None, :] < H),
                     other=0.0).to(DOT)
-        acc = tl.dot(d, w, acc, input_precision=PREC)
+        acc = _dot(d, w, acc, PREC)
     return acc
 
 
@@ -97,7 +108,7 @@ def lstm_fwd(xp, h_prev, c_prev, w, p, gates, c_out, h_out, B, H, G: tl.constexp
     a0, a1, a2, a3 = _mm_nt(h_prev, H, w, ob, oh, B, H, H, G, BB, BH, BK, ACC, DOT, PREC)
     GH = G * H
     cp = _ld(c_prev, ob, oh, H, m, ACC)
-    if KIND == COUPLED:
+    if KIND == _COUPLED:
         f = tl.sigmoid(a0 + _ld(xp, ob, oh, GH, m, ACC))
         g = _tanh(a1 + _ld(xp + H, ob, oh, GH, m, ACC))
         o_pre = a2 + _ld(xp + 2 * H, ob, oh, GH, m, ACC)
@@ -108,7 +119,7 @@ def lstm_fwd(xp, h_prev, c_prev, w, p, gates, c_out, h_out, B, H, G: tl.constexp
         i_pre = a0 + _ld(xp, ob, oh, GH, m, ACC)
         f_pre = a1 + _ld(xp + H, ob, oh, GH, m, ACC)
         o_pre = a3 + _ld(xp + 3 * H, ob, oh, GH, m, ACC)
-        if KIND == PEEP:
+        if KIND == _PEEP:
             mh = oh < H
             i_pre += tl.load(p + oh, mask=mh, other=0.0).to(ACC)[None, :] * cp
             f_pre += tl.load(p + H + oh, mask=mh, other=0.0).to(ACC)[None, :] * cp
@@ -116,7 +127,7 @@ def lstm_fwd(xp, h_prev, c_prev, w, p, gates, c_out, h_out, B, H, G: tl.constexp
         f = tl.sigmoid(f_pre)
         g = _tanh(a2 + _ld(xp + 2 * H, ob, oh, GH, m, ACC))
         c = f * cp + i * g
-        if KIND == PEEP:
+        if KIND == _PEEP:
             o_pre += tl.load(p + 2 * H + oh, mask=oh < H, other=0.0).to(ACC)[None, :] * c
         _st(gates, ob, oh, GH, m, i)
         _st(gates + H, ob, oh, GH, m, f)
@@ -144,7 +155,7 @@ def lstm_bwd(dpre_next, w, p, dh_in, gates, c_prev, c_new, dpre, dc, B, H, G: tl
     o = _ld(gates + (G - 1) * H, ob, oh, GH, m, ACC)
     d_o = dh * tc * o * (1.0 - o)
     d_c = _ld(dc, ob, oh, H, m, ACC) + dh * o * (1.0 - tc * tc)
-    if KIND == COUPLED:
+    if KIND == _COUPLED:
         f = _ld(gates, ob, oh, GH, m, ACC)
         g = _ld(gates + H, ob, oh, GH, m, ACC)
         _st(dpre, ob, oh, GH, m, d_c * (cp - g) * f * (1.0 - f))
@@ -152,7 +163,7 @@ def lstm_bwd(dpre_next, w, p, dh_in, gates, c_prev, c_new, dpre, dc, B, H, G: tl
         carry = d_c * f
     else:
         mh = oh < H
-        if KIND == PEEP:
+        if KIND == _PEEP:
             d_c += d_o * tl.load(p + 2 * H + oh, mask=mh, other=0.0).to(ACC)[None, :]
         i = _ld(gates, ob, oh, GH, m, ACC)
         f = _ld(gates + H, ob, oh, GH, m, ACC)
@@ -163,7 +174,7 @@ def lstm_bwd(dpre_next, w, p, dh_in, gates, c_prev, c_new, dpre, dc, B, H, G: tl
         _st(dpre + H, ob, oh, GH, m, d_f)
         _st(dpre + 2 * H, ob, oh, GH, m, d_c * i * (1.0 - g * g))
         carry = d_c * f
-        if KIND == PEEP:
+        if KIND == _PEEP:
             carry += d_i * tl.load(p + oh, mask=mh, other=0.0).to(ACC)[None, :]
             carry += d_f * tl.load(p + H + oh, mask=mh, other=0.0).to(ACC)[None, :]
     _st(dpre + (G - 1) * H, ob, oh, GH, m, d_o)
