@@ -290,7 +290,8 @@ def train_and_sample(plan: Plan, run_dir: Path) -> dict:
         return result
     ev = run([PY, "-m", "charlstm", "eval", str(run_dir), "--device", plan.device, "--json"], timeout=150)
     result["eval"] = {**ev, "result": _json_or_none(ev["stdout"]), "stdout": None}
-    text_file = run_dir.with_name(f"{run_dir.name}-sample-{plan.sample_length}.txt")  # beside the run: --overwrite keeps working
+    # beside the run, not in it: --overwrite refuses a run directory holding files it did not write
+    text_file = run_dir.with_name(f"{run_dir.name}-sample-{plan.sample_length}.txt")
     sample = run([PY, "-m", "charlstm", "sample", str(run_dir), "--length", str(plan.sample_length),
                   "--device", plan.device, "--seed", "0", "--output", str(text_file)], timeout=180)
     sample["stdout"] = sample["stdout"][-500:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 import sys
 import traceback
 import typing
@@ -55,11 +56,19 @@ def parser_message(e: typer.TyperException) -> str:
     if callable(errors) and errors():
         first = errors()[0]
         kind = first.get("type", "")
-        what = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(kind.split("_")[0])
+        what = _WHAT.get(kind.split("_")[0])
         if what and "input" in first:
             return f"{name}: {first['input']!r} is not {what}"
         return f"{name}: {_sentence(first.get('msg', e.message))}"
+    older = _CLICK_TYPE_ERROR.match(e.message)       # typer before pydantic: click's own conversion
+    if older and older.group(2) in _WHAT:
+        return f"{name}: {older.group(1)} is not {_WHAT[older.group(2)]}"
     return f"{name}: {_sentence(e.message)}"
+
+
+_CLICK_TYPE_ERROR = re.compile(r"('.*') is not a valid (\w+)")
+_WHAT = {"int": "an integer", "integer": "an integer", "float": "a number", "bool": "true or false",
+         "boolean": "true or false"}
 
 
 class CharlstmGroup(TyperGroup):

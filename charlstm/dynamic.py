@@ -35,6 +35,20 @@ def _check(rule: str, lr: float, decay: float, epsilon: float) -> None:
             raise UsageError(f"the dynamic evaluation {name} must be >= 0 (got {value})")
 
 
+def adaptable_copy(model, device) -> torch.nn.Module:
+    """A copy of ``model`` on ``device`` to take gradients through while it scores: evaluation mode
+    (no dropout), except that PyTorch's recurrent modules (nn.LSTM, nn.GRU, nn.RNN) are put in
+    training mode with their dropout at 0, which computes the same and which cuDNN needs: its
+    kernels refuse a backward in evaluation mode ("cudnn RNN backward can only be called in
+    training mode", seen on an H200)."""
+    copied = copy.deepcopy(model).to(device).eval()
+    for module in copied.modules():
+        if isinstance(module, torch.nn.RNNBase):
+            module.dropout = 0.0
+            module.train()
+    return copied
+
+
 def _segment_loss(model, x, y, mask, state):
     """The per-character losses (T*B,) float32, the mask (T*B,) and the final state of one window."""
     logits, state = model(x, state)                                       # (T, B, V)
@@ -48,7 +62,7 @@ def gradient_rms(model, tokens: Tensor, *, batch_size: int = STAT_BATCH_SIZE, se
     """The RMS rule's statistics: per parameter (in ``model.parameters()`` order), the root mean
     square over training segments of the gradient of each segment's mean loss, the state carried
     across segments (``tokens`` from the training split). The model is not changed."""
-    work = copy.deepcopy(model).to(device).eval()
+    work = adaptable_copy(model, device)
     params = [p.requires_grad_(True) for p in work.parameters()]
     sums = [torch.zeros_like(p) for p in params]
     n, state = 0, None
@@ -111,7 +125,7 @@ def dynamic_evaluate(model, tokens: Tensor, *, batch_size: int, seq_len: int, lr
     _check(rule, lr, decay, epsilon)
     if rule == "rms" and grad_rms is None:
         raise UsageError("the rms rule needs the training gradients' statistics (grad_rms, from gradient_rms)")
-    work = copy.deepcopy(model).to(device).eval()
+    work = adaptable_copy(model, device)
     params = [p.requires_grad_(True) for p in work.parameters()]
     if grad_rms is not None and [r.shape for r in grad_rms] != [p.shape for p in params]:
         raise UsageError("grad_rms does not match the model's parameters")

@@ -44,6 +44,17 @@ def _clean_charlstm_env():
     os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_the_test_is_about_cuda(request, monkeypatch):
+    """The suite states what happens on a CPU (--device auto, the backend auto picks, threads, exact
+    figures), so on a machine with a GPU every test runs as on one without, except the tests named
+    for CUDA and test_triton.py's, which are about the GPU (benchmarks/gpu_check.py runs those)."""
+    if "cuda" in request.node.name.lower() or request.node.module.__name__.endswith("test_triton"):
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")                  # for subprocesses (torchrun, the CLI)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """Path of ../shared/data (tinyshakespeare.txt lives there); skips when absent."""

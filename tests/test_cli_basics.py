@@ -210,6 +210,22 @@ def test_parser_errors_are_one_line_and_exit_2(args, message):
     assert result.stdout == "" and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("message, expected", [
+    ("'abc' is not a valid integer.", "--hidden: 'abc' is not an integer"),   # click 8
+    ("'abc' is not a valid int", "--hidden: 'abc' is not an integer"),       # typer 0.27 (seen on a GPU machine)
+    ("'fast' is not a valid float.", "--hidden: 'fast' is not a number"),
+    ("'x' is not a valid boolean.", "--hidden: 'x' is not true or false"),
+    ("'x' is not one of 'a', 'b'.", "--hidden: 'x' is not one of 'a', 'b'"),
+])
+def test_the_parsers_older_type_errors_read_the_same(message, expected):
+    """typer >= 0.12 is allowed; before it converted values with pydantic, click's types said it."""
+    from types import SimpleNamespace
+
+    from charlstm.cli_options import parser_message
+    param = SimpleNamespace(opts=["--hidden"], param_type_name="option", human_readable_name="--hidden")
+    assert parser_message(typer.BadParameter(message, param=param)) == expected
+
+
 def test_version_and_completion():
     result = invoke("--version")
     assert result.exit_code == 0

@@ -116,3 +116,28 @@ def test_bad_arguments_are_usage_errors(kwargs, message):
     args = dict(batch_size=2, seq_len=5, lr=1e-3, decay=1e-3, rule="sgd") | kwargs
     with pytest.raises(UsageError, match=message):
         dynamic_evaluate(text_model(), tokens(1), **args)
+
+
+def test_the_adapting_copy_has_no_dropout_and_torch_rnns_in_training_mode():
+    """cuDNN takes no backward in evaluation mode: the copy's nn.LSTM trains with dropout 0, the rest
+    evaluates; the figure is the one evaluation mode gives (dropout 0.5 between the layers here)."""
+    model = text_model(dict(variant="lstm", dropout=0.5))
+    assert isinstance(model.rnn, torch.nn.LSTM) and model.rnn.dropout == 0.5
+    copied = dynamic.adaptable_copy(model, "cpu")
+    assert copied.rnn.training and copied.rnn.dropout == 0.0 and not copied.layer_dropout.training
+    assert model.rnn.dropout == 0.5                                    # the model passed in is untouched
+    toks = tokens()
+    static = evaluate_loss(model, toks, batch_size=3, seq_len=17, device="cpu")
+    dyn = dynamic_evaluate(model, toks, batch_size=3, seq_len=17, lr=0.0, decay=0.0, rule="sgd")
+    assert dyn[1] == static[1] and dyn[0] == pytest.approx(static[0], rel=1e-9, abs=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN kernels)")
+@pytest.mark.parametrize("variant", ["lstm", "gru", "rnn"])
+def test_dynamic_evaluation_on_cuda_with_the_cudnn_kernels(variant, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)     # cuDNN's default products are TF32
+    model = text_model(dict(variant=variant, dropout=0.2))
+    toks = tokens()
+    on_cpu = dynamic_evaluate(model, toks, batch_size=2, seq_len=20, lr=0.3, decay=0.0, rule="sgd")
+    on_gpu = dynamic_evaluate(model, toks, batch_size=2, seq_len=20, lr=0.3, decay=0.0, rule="sgd", device="cuda")
+    assert on_gpu[1] == on_cpu[1] and on_gpu[0] == pytest.approx(on_cpu[0], abs=2e-3)

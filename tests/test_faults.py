@@ -38,13 +38,17 @@ def one_line(r, message: str) -> None:
 
 
 def assert_sound(run: Path) -> None:
-    """Every pointer names a complete checkpoint, and every directory with a MANIFEST.json is complete."""
+    """Every pointer names a complete checkpoint, and every checkpoint directory with a MANIFEST.json is
+    complete. A save's temporary directory (.tmp-ckpt-*) or a deletion's (.old-ckpt-*) may hold anything,
+    a half-written MANIFEST.json included: nothing reads it, and the next save clears it away."""
     for which in ck.POINTERS:
         if (run / which).exists():
             target = ck.read_pointer(run, which)
             assert target is not None, f"{run.name}/{which} names no complete checkpoint"
             ck.verify_checkpoint(target)
     for p in run.iterdir():
+        if p.name.startswith((".tmp-ckpt-", ".old-ckpt-")):
+            continue
         if p.is_dir() and (p / ck.MANIFEST).exists():
             ck.verify_checkpoint(p)                            # raises for a missing or damaged file
 

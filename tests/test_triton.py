@@ -255,6 +255,7 @@ def test_kernels_read_no_module_global_that_compiled_triton_refuses():
     import types
 
     import triton.language as tl
+
     from charlstm.gpu import kernels
     jitted = {name: obj for name, obj in vars(kernels).items() if hasattr(obj, "fn") and callable(obj.fn)}
     assert {"lstm_fwd", "_mm_nt"} <= set(jitted)
