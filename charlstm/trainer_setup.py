@@ -246,6 +246,9 @@ class TrainerSetup:
                                 f"trainer state charlstm can restore ({type(e).__name__}: {e})") from None
         if self.forked_from is None:
             self.last_checkpoint, self.saved_step = self.resume_path, self.steps_done
+        reason = inexact_resume_reason(self.model, self.device)
+        if reason and self.ctx.is_main:
+            note(f"note: this run resumes exactly except for {reason}")
 
     def _prepare_run_dir(self, overwrite: bool) -> None:
         """Create (or clear, with --overwrite) a fresh run's directory; drop metrics.jsonl lines after a
@@ -345,3 +348,17 @@ class TrainerSetup:
         if self.last_checkpoint is None:
             return unsaved
         return f"{saved} {self.last_checkpoint} (step {self.saved_step})"
+
+
+def inexact_resume_reason(model: torch.nn.Module, device: torch.device) -> str | None:
+    """What a resumed run cannot restore, or None where it continues bit for bit. cuDNN's recurrent
+    kernels draw the dropout between their layers from a random state of their own, which PyTorch
+    neither exposes nor restores: on an H200 a resumed cuDNN gru with dropout took other masks from
+    the first step after resuming, while the custom lstm's resume stayed exact."""
+    if device.type != "cuda":
+        return None
+    dropping = [m for m in model.modules() if isinstance(m, torch.nn.RNNBase) and m.num_layers > 1 and m.dropout > 0]
+    if not dropping:
+        return None
+    return ("the dropout masks between the cuDNN layers (cuDNN keeps their random state; PyTorch cannot restore "
+            "it): --backend custom, or --dropout 0, resumes exactly on a GPU")

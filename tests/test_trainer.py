@@ -15,7 +15,7 @@ from charlstm import runtime
 from charlstm import trainer as trainer_mod
 from charlstm.config import ModelConfig, TrainConfig
 from charlstm.errors import CharlstmError
-from charlstm.model import State
+from charlstm.model import State, build_model
 from charlstm.optim import learning_rate
 from charlstm.trainer import Observer, Trainer
 from charlstm.trainer_state import LN2, TrainerState
@@ -221,3 +221,20 @@ def test_without_threads_a_tiny_model_trains_on_one_thread(work, hidden, given, 
             trainer.close()
     finally:
         torch.set_num_threads(before)
+
+
+def test_resume_says_where_it_cannot_be_exact():
+    """cuDNN keeps the random state of its between-layer dropout: a resumed run on a GPU says so; on a CPU,
+    without that dropout, or on the custom layers it resumes exactly and says nothing."""
+    from charlstm.trainer_setup import inexact_resume_reason
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def model(**kw):
+        return build_model(ModelConfig(vocab_size=9, embed=4, hidden=8, **{"layers": 2, "dropout": 0.2, **kw}))
+
+    assert "--backend custom, or --dropout 0" in inexact_resume_reason(model(backend="cudnn"), gpu)
+    assert "cuDNN" in inexact_resume_reason(model(backend="cudnn", variant="gru"), gpu)
+    assert inexact_resume_reason(model(backend="cudnn"), cpu) is None
+    assert inexact_resume_reason(model(backend="cudnn", dropout=0.0), gpu) is None
+    assert inexact_resume_reason(model(backend="cudnn", layers=1), gpu) is None
+    assert inexact_resume_reason(model(backend="custom"), gpu) is None
