@@ -4,8 +4,9 @@
 2. runs every CUDA test (pytest -k "cuda or triton": the tests named for CUDA, and
    tests/test_triton.py, which runs the compiled Triton kernels on CUDA);
 3. `charlstm bench --device cuda` for every variant on both backends (and, where the
-   CHARLSTM_TRITON hook is wired into the layers, on the Triton path) at the reference
-   shape (V 65, E 64, H 256, L 2, B 32, T 128) and at H 1024 / B 128, training only;
+   CHARLSTM_TRITON hook is wired into the layers, on the Triton path, and on it with CUDA
+   graphs and --bf16 beside cuDNN in bf16) at the reference shape (V 65, E 64, H 256, L 2,
+   B 32, T 128) and at H 1024 / B 128, training only;
 4. times one layer's training window (forward and backward) for every cell on cuDNN,
    fused.py's torch loop, the Triton kernels, and both under CUDA graphs, fp32 and bf16,
    and checks the Triton outputs against the torch loop;
@@ -138,14 +139,18 @@ def cuda_tests() -> dict:
 
 # --------------------------------------------------------------------------- 3. charlstm bench
 
-def bench(plan: Plan, shape: dict, backends: str, triton: bool) -> dict:
+def bench(plan: Plan, shape: dict, backends: str, triton: bool, *, fast: bool = False) -> dict:
+    """charlstm bench at one shape; ``triton``: CHARLSTM_TRITON=1; ``fast``: also CUDA graphs and bf16
+    (the combination that matched cuDNN for one layer on an H200)."""
     cmd = [PY, "-m", "charlstm", "bench", "--device", plan.device, "--variants", VARIANTS, "--backends", backends,
            "--hidden", str(shape["hidden"]), "--batch-size", str(shape["batch"]), "--layers", "2",
            "--seq-len", str(plan.seq_len), "--embed", "64", "--vocab", "65", "--measures", "train",
            "--repeats", str(plan.repeats), "--warmup", "2", "--json"]
     if plan.device == "cpu":
         cmd += ["--peak-size", "0"]
-    r = run(cmd, timeout=300, env={gpu.ENV: "1" if triton else "0"})
+    if fast and plan.device == "cuda":
+        cmd += ["--bf16"]
+    r = run(cmd, timeout=300, env={gpu.ENV: "1" if triton else "0", graphs.ENV: "1" if fast else "0"})
     report = _json_or_none(r["stdout"])
     if report is None:
         r["rc"] = r["rc"] or 1
@@ -318,6 +323,7 @@ def stages(plan: Plan, run_dir: Path, save=lambda report: None) -> dict:
         report["bench"][name] = bench(plan, shape, "cudnn,custom", False)
         if report["device"]["triton_hook_wired"]:
             report["bench"][f"{name}-triton"] = bench(plan, shape, "custom", True)
+            report["bench"][f"{name}-triton-graphs-bf16"] = bench(plan, shape, "cudnn,custom", True, fast=True)
         say(f"bench {name}: rc {report['bench'][name]['rc']}, {report['bench'][name]['seconds']} s")
         save(report)
     if not report["device"]["triton_hook_wired"]:

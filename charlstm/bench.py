@@ -83,9 +83,10 @@ def _sync(device: torch.device) -> None:
 
 
 def train_job(model, cfg: ModelConfig, sizes: Sizes, device: torch.device, seed: int,
-              clock: Callable[[], float] = time.perf_counter) -> Callable[[], float]:
+              clock: Callable[[], float] = time.perf_counter, *, bf16: bool = False) -> Callable[[], float]:
     """A closure timing one training step in seconds: :func:`charlstm.optim.optimisation_step`, the
-    trainer's step (forward, cross-entropy, backward, AdamW), on random tokens.
+    trainer's step (forward, cross-entropy, backward, AdamW), on random tokens; under bf16 autocast
+    with ``bf16`` (CUDA), as the trainer runs there.
 
     Unlike the trainer's it does not clip and does not check for NaN (which
     reads the loss back every step): the figure is the step's own work, as the
@@ -97,11 +98,14 @@ def train_job(model, cfg: ModelConfig, sizes: Sizes, device: torch.device, seed:
     y = torch.randint(0, cfg.vocab_size, (sizes.seq_len, sizes.batch_size), generator=gen).to(device)  # (T, B)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
     def job() -> float:
         model.train()
         _sync(device)
         t0 = clock()
-        optimisation_step(model, opt, x, y)
+        optimisation_step(model, opt, x, y, autocast=autocast)
         _sync(device)
         return clock() - t0
 
@@ -228,6 +232,9 @@ def run_bench(s: BenchConfig, *, progress: bool = True) -> dict:
     device = resolve_device(s.device)
     if s.clock == "cpu" and device.type != "cpu":
         raise UsageError("--clock cpu measures CPU time and only makes sense with --device cpu")
+    if s.bf16 and device.type != "cuda":
+        raise UsageError("--bf16 times training under bf16 autocast, which train uses on CUDA only: "
+                         "add --device cuda on a machine with a GPU")
     s = dataclasses.replace(s, threads=usable_threads(s.threads),
                             sample_threads=usable_threads(s.sample_threads, "--sample-threads"))
     if s.threads is not None:
@@ -315,7 +322,7 @@ def _model_jobs(s: BenchConfig, all_sizes: list[Sizes], device: torch.device, cl
 def _row_jobs(row, model, cfg, sizes, s: BenchConfig, device, clock, jobs: dict, steppers: dict) -> None:
     """The measures of one row (and, for the baseline, nn.LSTM stepped with and without oneDNN)."""
     if "train" in s.measures:
-        jobs[(id(row), "train")] = train_job(model, cfg, sizes, device, s.seed, clock)
+        jobs[(id(row), "train")] = train_job(model, cfg, sizes, device, s.seed, clock, bf16=s.bf16)
     for measure, streams in (("sample", 1), ("sample-batch", sizes.batch_size)):
         if measure not in s.measures:
             continue

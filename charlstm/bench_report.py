@@ -66,6 +66,7 @@ def table_footer(report: dict) -> list[str]:
     s = report["settings"]
     clock = "wall-clock time" if s["clock"] == "wall" else "this process's CPU time"
     lines.append(f"{clock}; medians of {s['repeats']} interleaved rounds after {s['warmup']} warm-up round(s); "
-                 "ratios are medians of per-round ratios; training FLOPs = 6 x weights x chars, sampling 2 x")
+                 "ratios are medians of per-round ratios; training FLOPs = 6 x weights x chars, sampling 2 x"
+                 + ("; training under bf16 autocast" if s.get("bf16") else ""))
     lines.extend(report["skipped"])
     return lines

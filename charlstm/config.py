@@ -471,6 +471,8 @@ class BenchConfig:
     seed: int = setting(0, "Seed of the weights and random tokens.")
     clock: str = setting("wall", "wall (elapsed time) or cpu (this process's CPU time: steadier on a busy "
                                  "shared machine, use with --threads 1).")
+    bf16: bool = setting(False, "Time training under bf16 autocast, as `train` runs on CUDA by default (CUDA "
+                                "only).", flag="--bf16/--no-bf16")
 
     def __post_init__(self) -> None:
         _check_finite(self)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from charlstm import cli
+from charlstm import bench_report, cli
 from charlstm.bench import weight_count
 from charlstm.config import ModelConfig
 from charlstm.model import build_model
@@ -107,9 +108,20 @@ def test_table_on_stdout_and_progress_off_stdout():
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--device", "tpu"], "--device must be one of"),
     (["--clock", "sundial"], "--clock must be one of"),
+    (["--bf16", "--device", "cpu"], "--bf16 times training under bf16 autocast, which train uses on CUDA only"),
 ])
 def test_bad_options_exit_2_with_one_line(args, message):
     result = invoke(*TINY, *args)
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_training_figures_on_cuda():
+    result = invoke(*TINY, "--variants", "lstm", "--backends", "cudnn,custom", "--device", "cuda", "--bf16",
+                    "--measures", "train", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["settings"]["bf16"] is True and all(r["train"]["chars_per_s"] > 0 for r in out["results"])
+    assert "training under bf16 autocast" in " ".join(bench_report.table_footer(out))

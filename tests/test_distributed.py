@@ -48,6 +48,9 @@ def torchrun(cwd: Path, nproc: int, *args) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", CHARLSTM_DIST_TIMEOUT="120", PYTHONUNBUFFERED="1")
+    # the workers import this checkout's charlstm, installed or not (a GPU machine ran the suite uninstalled)
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"          # gloo's pairs on loopback, whatever the host name resolves to
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
