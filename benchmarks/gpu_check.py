@@ -404,7 +404,7 @@ def main(argv=None) -> int:
     report = stages(plan, Path(args.run_dir), save)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["failures"] = failures(report)
-    Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
     _print_summary(report)
     say(f"report written to {args.out} ({report['seconds']} s)")
     for f in report["failures"]:
