@@ -355,10 +355,8 @@ def inexact_resume_reason(model: torch.nn.Module, device: torch.device) -> str |
     kernels draw the dropout between their layers from a random state of their own, which PyTorch
     neither exposes nor restores: on an H200 a resumed cuDNN gru with dropout took other masks from
     the first step after resuming, while the custom lstm's resume stayed exact."""
-    if device.type != "cuda":
-        return None
-    dropping = [m for m in model.modules() if isinstance(m, torch.nn.RNNBase) and m.num_layers > 1 and m.dropout > 0]
-    if not dropping:
+    dropping = any(isinstance(m, torch.nn.RNNBase) and m.num_layers > 1 and m.dropout > 0 for m in model.modules())
+    if device.type != "cuda" or not dropping:
         return None
     return ("the dropout masks between the cuDNN layers (cuDNN keeps their random state; PyTorch cannot restore "
             "it): --backend custom, or --dropout 0, resumes exactly on a GPU")
