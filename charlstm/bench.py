@@ -24,7 +24,7 @@ from .layers import Recurrent
 from .memory import FLOAT_BYTES, check_fits, estimate_training_bytes, parameter_count
 from .model import build_model, describe_backend, has_cudnn
 from .native.build import library
-from .optim import optimisation_step
+from .optim import adamw, optimisation_step
 from .registry import CELLS, spec_for
 from .runtime import resolve_device, usable_threads
 from .sampling import SamplingOptions, gumbel_noise
@@ -96,7 +96,7 @@ def train_job(model, cfg: ModelConfig, sizes: Sizes, device: torch.device, seed:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, cfg.vocab_size, (sizes.seq_len, sizes.batch_size), generator=gen).to(device)  # (T, B)
     y = torch.randint(0, cfg.vocab_size, (sizes.seq_len, sizes.batch_size), generator=gen).to(device)  # (T, B)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = adamw(model.parameters(), lr=1e-3)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -96,6 +97,22 @@ class FastPath:
     name: str                                                        # 'torch loop', 'native loop', ...
     run: Callable[[Cell, Tensor, LayerState], tuple[Tensor, LayerState]]   # x (T, B, E) -> (T, B, H), state
     unavailable: Callable[[Cell, Tensor], str | None]              # why it cannot run this input (None: it can)
+    # the same for a first layer given token ids and the embedding table (layers.Tokens); None: the
+    # layer embeds the ids and calls ``run``
+    run_tokens: Callable[[Cell, Tokens, LayerState], tuple[Tensor, LayerState]] | None = None
+
+
+class Tokens(NamedTuple):
+    """A first layer's input as token ids (T, B) and the embedding table (V, E) rather than the
+    embedded (T, B, E): a fast path with ``run_tokens`` gathers rows of the table's projection
+    (V, G*H), one small product, instead of projecting all T*B embedded inputs (docs/performance.md,
+    "The first layer's input")."""
+
+    ids: Tensor
+    table: Tensor
+
+    def embedded(self) -> Tensor:
+        return torch.nn.functional.embedding(self.ids, self.table)   # (T, B, E)
 
 
 def autocast_on(x: Tensor) -> bool:

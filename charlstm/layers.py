@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .cells import Cell, LayerState
-from .fused import FastPath
+from .fused import FastPath, Tokens
 
 
 class Recurrent(nn.Module):
@@ -29,25 +29,33 @@ class Recurrent(nn.Module):
         self.cell = cell
         self.fast_paths = tuple(fast_paths)
 
-    def fast_path(self, x: Tensor) -> tuple[FastPath | None, list[str]]:
+    def fast_path(self, x: Tensor | Tokens) -> tuple[FastPath | None, list[str]]:
         """The first fast path that can run input x, and why each one before it cannot."""
         reasons = []
+        probe = x.table if isinstance(x, Tokens) else x      # the paths ask for the input's device and dtype
         for path in self.fast_paths:
-            why = path.unavailable(self.cell, x)
+            why = path.unavailable(self.cell, probe)
             if why is None:
                 return path, reasons
             reasons.append(f"{path.name}: {why}")
         return None, reasons
 
-    def forward(self, x: Tensor, state: LayerState | None = None, *, return_gates: bool = False):
+    def forward(self, x: Tensor | Tokens, state: LayerState | None = None, *, return_gates: bool = False):
         """Outputs (T, B, H) and the final state; with ``return_gates`` also a dict of
-        every activation of the cell stacked over time, each (T, B, H)."""
+        every activation of the cell stacked over time, each (T, B, H). x: the inputs
+        (T, B, E), or a first layer's token ids with the embedding table (``Tokens``)."""
+        tokens = x if isinstance(x, Tokens) else None
+        probe = x.table if tokens is not None else x
+        T, B = x.ids.shape if tokens is not None else x.shape[:2]
         if state is None:
-            state = self.cell.zero_state(x.shape[1], device=x.device, dtype=x.dtype)
-        if self.use_fused and not return_gates and x.shape[0] > 0:
-            path, _ = self.fast_path(x)
-            if path is not None:
-                return path.run(self.cell, x, tuple(state))
+            state = self.cell.zero_state(B, device=probe.device, dtype=probe.dtype)
+        path = self.fast_path(x)[0] if self.use_fused and not return_gates and T > 0 else None
+        if tokens is not None:
+            if path is not None and path.run_tokens is not None:
+                return path.run_tokens(self.cell, tokens, tuple(state))
+            x = tokens.embedded()
+        if path is not None:
+            return path.run(self.cell, x, tuple(state))
         if x.shape[0] == 0:
             return x.new_empty(0, x.shape[1], self.cell.hidden_size), tuple(state)
         xp = self.cell.project(x)  # (T, B, G*H), one matmul for all steps
@@ -82,8 +90,9 @@ class RecurrentStack(nn.Module):
         self.layer_dropout = nn.Dropout(layer_dropout)
 
     def forward(self, x: Tensor, states: list[LayerState] | None = None, *, return_gates: bool = False):
-        """x (T, B, E), one state per layer -> top outputs (T, B, H), final states
-        (and, with ``return_gates``, one dict of stacked activations per layer)."""
+        """x (T, B, E) or the first layer's ``Tokens``, one state per layer -> top outputs
+        (T, B, H), final states (and, with ``return_gates``, one dict of stacked activations per
+        layer)."""
         if states is None:
             states = [None] * len(self.layers)
         finals, all_gates = [], []

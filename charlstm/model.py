@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig, TrainConfig
 from .errors import UsageError
+from .fused import Tokens
 from .layers import RecurrentStack
 from .native import loops as native_loops
 from .registry import CellSpec, spec_for
@@ -205,13 +206,12 @@ class CharModel(nn.Module):
         """idx (T, B) long and the state -> logits (T, B, V) and the final state."""
         T, B = idx.shape
         state = self._prepare_state(state, B, idx.device)
-        x = self.embedding(idx)  # (T, B, E)
         if self.cfg.backend == "cudnn":
             hx = state.h if state.c is None else (state.h, state.c)
-            out, hn = self.rnn(x, hx)  # (T, B, H)
+            out, hn = self.rnn(self.embedding(idx), hx)  # (T, B, H)
             new_state = State(*hn) if isinstance(hn, tuple) else State(hn, None)
-        else:
-            out, finals = self.rnn(x, self._per_layer(state))  # (T, B, H)
+        else:   # the first layer embeds the ids itself, or gathers its input half from the table (layers.Tokens)
+            out, finals = self.rnn(Tokens(idx, self.embedding.weight), self._per_layer(state))  # (T, B, H)
             new_state = self._stacked(finals)
         logits = self.head(self.layer_dropout(out))  # (T, B, V)
         return logits, new_state

@@ -29,7 +29,19 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
+    return adamw(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
+
+
+def adamw(params, **options) -> torch.optim.AdamW:
+    """torch's AdamW, fused into one kernel over all parameters where this torch and device have one
+    (CPU since torch 2.4): a step of the 2.5M parameters of the shakespeare preset takes 0.9 ms
+    fused against 6.8 ms looped on the development CPU (docs/performance.md). A checkpoint's
+    optimizer state loads into either; what it was saved with (fused or not) comes back with it."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):     # no fused AdamW for this torch or device
+        return torch.optim.AdamW(params, **options)
 
 
 def budget_fraction(cfg: TrainConfig, step: int, epochs: float, elapsed: float) -> float:

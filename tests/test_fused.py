@@ -15,6 +15,7 @@ from conftest import CASES, IDS, case_spec, make_cells
 from torch import nn
 
 from charlstm import fused, fused_native, runtime
+from charlstm.fused import Tokens
 from charlstm.cells import GRUCell, LSTMCell, RNNCell
 from charlstm.layers import Recurrent
 from charlstm.native import loops as native_loops
@@ -287,6 +288,52 @@ def test_native_loops_match_the_step_by_step_layer(case, H, B, monkeypatch):
     assert calls == {"forward": 2, "backward": 2}                        # both layers, both loops, in C
 
 
+@needs_native
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=[c[0] for c in NATIVE_CASES])
+def test_native_first_layer_gathers_from_the_projected_table(case, monkeypatch):
+    """A first layer given token ids and the embedding table (layers.Tokens, as CharModel runs
+    the custom cells) gathers its input half from the table's projection and returns the
+    table's gradient directly: outputs, final states and every gradient (the table's
+    included) as the step-by-step layers on the embedded input; nothing calls embedding."""
+    calls = count_native_calls(monkeypatch)
+    _, variant, extra = case
+    cells = make_cells(variant, extra, E=6, H=32, dtype=torch.float32)
+    T, B, V = 9, 5, 7
+    ids = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(3))
+    table = torch.randn(V, 6, requires_grad=True)
+    states = random_states(cells, B, torch.float32)
+    embedded = []
+    monkeypatch.setattr(Tokens, "embedded", lambda self: embedded.append(1) or torch.nn.functional.embedding(
+        self.ids, self.table))
+    out, finals = run_stack(cells, Tokens(ids, table), states, use_fused=True, spec=case_spec(variant, extra))
+    assert not embedded and calls["forward"] == 2
+    ref_out, ref_finals = run_stack(cells, torch.nn.functional.embedding(ids, table), states, use_fused=False)
+    tol = 1e-4 if variant == "rnn" or extra.get("peephole_form") == "full" else 1e-5
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    for got, want in zip(finals, ref_finals):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    inputs = [table] + [s for st in states for s in st] + [p for c in cells for p in c.parameters()]
+    grads = torch.autograd.grad(weighted_sum(out, finals), inputs)
+    ref_grads = torch.autograd.grad(weighted_sum(ref_out, ref_finals), inputs)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=10 * tol, atol=10 * tol)
+
+
+def test_tokens_are_embedded_for_a_path_that_cannot_gather(monkeypatch):
+    """Where no fast path takes token ids (float64: the torch loops; use_fused off: the step-by-step
+    layer), the layer embeds them and runs as on the embedded input."""
+    cells = make_cells("lstm", {}, E=3, H=4, dtype=torch.float64)
+    ids = torch.randint(0, 5, (4, 2))
+    table = torch.randn(5, 3, dtype=torch.float64)
+    states = random_states(cells, 2, torch.float64)
+    x = torch.nn.functional.embedding(ids, table)
+    for use_fused in (True, False):
+        out, finals = run_stack(cells, Tokens(ids, table), states, use_fused=use_fused, spec=spec_named("lstm"))
+        ref_out, ref_finals = run_stack(cells, x, states, use_fused=use_fused, spec=spec_named("lstm"))
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        torch.testing.assert_close(finals, ref_finals, rtol=0, atol=0)
+
+
 def _loop_buffers(kind: str, T: int, B: int, H: int, gen):
     """Random inputs of one window of the C loops of a kind: the forward's and the backward's arguments."""
     G = {"lstm": 4, "peephole_full": 4, "gru": 3, "rnn": 1}[kind]
@@ -354,32 +401,38 @@ def test_the_torch_loops_run_where_the_native_ones_cannot(monkeypatch):
 @needs_native
 @pytest.mark.filterwarnings("ignore:Input #")           # float32 on purpose (see the docstring)
 @pytest.mark.parametrize("name", ["lstm", "peephole:diag", "peephole:full", "coupled", "gru:cudnn", "gru:cho", "rnn"])
-def test_gradcheck_native_loops(name):
+@pytest.mark.parametrize("tokens", [False, True], ids=["inputs", "token-ids"])
+def test_gradcheck_native_loops(name, tokens):
     """torch.autograd.gradcheck through the C loops, w.r.t. input, initial state and every weight.
     The loops are float32 only, so the finite differences are float32's: eps 1e-2 and tolerances
     to match (the float64 gradchecks above check the same equations on the torch loops, and the
-    tests above tie the two together to 1e-4)."""
+    tests above tie the two together to 1e-4). With ``tokens`` the layer takes token ids and the
+    embedding table (a first layer, layers.Tokens), and the gradient is the table's."""
     kernel = spec_named(name).kernel
     kind = kernel.kind
     torch.manual_seed(0)
-    T, B, E, H = 3, 2, 4, 32
+    T, B, E, H, V = 3, 2, 4, 32, 5
     G = kernel.gates
-    x = torch.randn(T, B, E, requires_grad=True)
+    ids = torch.randint(0, V, (T, B))                   # 6 ids of 5: some repeat, so rows of the table add up
+    first = torch.randn(V, E, requires_grad=True) if tokens else torch.randn(T, B, E, requires_grad=True)
     h0, c0 = (torch.randn(B, H, requires_grad=True) for _ in range(2))
     w_ih = (torch.randn(G * H, E) * 0.4).requires_grad_()
     w_hh = (torch.randn(G * H, H) * 0.2).requires_grad_()
     b, b2 = ((torch.randn(G * H) * 0.3).requires_grad_() for _ in range(2))
     p = ((torch.randn(3 * H, H) * 0.1) if kind == "peephole_full" else (torch.randn(3, H) * 0.3)).requires_grad_()
+
+    def given(first):                                   # the Functions' (x, ids, table)
+        return (None, ids, first) if tokens else (first, None, None)
     if kind == "gru":
-        fn, inputs = (lambda *a: fused_native._NativeGRU.apply(*a, kernel)), (x, h0, w_ih, w_hh, b, b2)
+        fn, inputs = (lambda f, *a: fused_native._NativeGRU.apply(*given(f), *a, kernel)), (first, h0, w_ih, w_hh, b, b2)
     elif kind == "gru_cho":
-        fn, inputs = (lambda *a: fused_native._NativeChoGRU.apply(*a, kernel)), (x, h0, w_ih, w_hh, b)
+        fn, inputs = (lambda f, *a: fused_native._NativeChoGRU.apply(*given(f), *a, kernel)), (first, h0, w_ih, w_hh, b)
     elif kind == "rnn":
-        fn, inputs = (lambda *a: fused_native._NativeRNN.apply(*a, kernel)), (x, h0, w_ih, w_hh, b)
+        fn, inputs = (lambda f, *a: fused_native._NativeRNN.apply(*given(f), *a, kernel)), (first, h0, w_ih, w_hh, b)
     else:
-        def fn(x, h0, c0, w_ih, w_hh, b, p):
-            hs, c = fused_native._NativeLSTMFamily.apply(x, h0, c0, w_ih, w_hh, b,
+        def fn(f, h0, c0, w_ih, w_hh, b, p):
+            hs, c = fused_native._NativeLSTMFamily.apply(*given(f), h0, c0, w_ih, w_hh, b,
                                                          p if kind.startswith("peephole") else None, kernel)
             return hs, c
-        inputs = (x, h0, c0, w_ih, w_hh, b, p)
+        inputs = (first, h0, c0, w_ih, w_hh, b, p)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-2, atol=2e-2, rtol=2e-2)

@@ -278,6 +278,28 @@ def test_beta2_reaches_the_optimizer():
     assert all(g["betas"] == (0.9, 0.999) for g in opt.param_groups)
 
 
+def test_adamw_is_fused_where_torch_has_it_and_a_saved_state_keeps_its_kind():
+    """The trainer's AdamW runs fused on a torch that has it for the CPU (2.4 and later; the looped
+    one otherwise) and takes the same steps as the looped one; a state saved by a looped AdamW
+    (every checkpoint before this) resumes looped, so its run continues as it would have."""
+    model = build_model(ModelConfig(vocab_size=7, hidden=8, embed=4))
+    opt = optim.make_optimizer(model, TrainConfig(weight_decay=0.1))
+    fused_here = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+    assert all(bool(g["fused"]) == fused_here for g in opt.param_groups)
+    looped = torch.optim.AdamW(opt.param_groups[0]["params"][:1], lr=0.1)
+    twin = [p.detach().clone().requires_grad_() for p in opt.param_groups[0]["params"][:1]]
+    fused = optim.adamw(twin, lr=0.1)
+    for _ in range(3):
+        for o, params in ((looped, looped.param_groups[0]["params"]), (fused, twin)):
+            o.zero_grad()
+            (params[0] ** 2).sum().backward()
+            o.step()
+    torch.testing.assert_close(twin[0], looped.param_groups[0]["params"][0], rtol=1e-6, atol=1e-7)
+    again = optim.adamw(twin, lr=0.1)
+    again.load_state_dict(looped.state_dict())
+    assert not again.param_groups[0]["fused"]
+
+
 def test_evaluate_loss_covers_the_split_and_leaves_the_rng_alone():
     torch.manual_seed(0)
     vocab = Vocab(sorted(set(tiny_text())))
