@@ -193,6 +193,8 @@ class TrainConfig(_JsonConfig):
     beta2: float = setting(0.99, "AdamW's second-moment decay (0.99 suits small batches of characters; "
                                  "torch's default is 0.999; beta1 is 0.9).")
     clip: float = setting(1.0, "Clip gradients to this global norm (0 disables).")
+    state_reset: float = setting(0.0, "Zero each stream's carried state with this probability at every window "
+                                      "(0: never, truncated BPTT as usual; 1: every window from zeros).")
     max_steps: int | None = setting(None, "Budget: optimizer steps (with no budget at all: one epoch).",
                                     shown="none")
     max_epochs: float | None = setting(None, "Budget: passes over the training split.", shown="none")
@@ -235,6 +237,8 @@ class TrainConfig(_JsonConfig):
             _positive(name, getattr(self, name), allow_zero=True)
         if not 0.0 < self.beta2 < 1.0:
             raise UsageError(f"--beta2 must be in (0, 1) (got {self.beta2})")
+        if not 0.0 <= self.state_reset <= 1.0:
+            raise UsageError(f"--state-reset must be in [0, 1] (got {self.state_reset})")
         if not 0.0 <= self.min_lr_frac <= 1.0:
             raise UsageError(f"--min-lr-frac must be in [0, 1] (got {self.min_lr_frac})")
         if not 0.0 < self.lr_decay <= 1.0:
@@ -379,7 +383,7 @@ class CompareConfig:
     }
     # Options the long-gap task does not use (its sequences are G + 2 long, its rate constant).
     CORPUS_ONLY: ClassVar[tuple[str, ...]] = ("seq_len", "schedule", "warmup", "min_lr_frac", "weight_decay", "beta2",
-                                              "clock", "eval_chars")
+                                              "clock", "eval_chars", "state_reset")
 
     def __post_init__(self) -> None:
         _check_finite(self)

@@ -17,9 +17,21 @@ from . import distributed as dist_mod
 from .console import note
 from .errors import CharlstmError
 from .evaluation import evaluate_loss, sample_text, slow_eval_note
-from .model import describe_backend, detach_state
+from .config import TrainConfig
+from .model import State, describe_backend, detach_state
 from .optim import Diverged, budget_fraction, learning_rate, optimisation_step, which_budget
 from .trainer_setup import TrainerSetup
+
+
+def reset_streams(state: State, cfg: TrainConfig, step: int, streams: range) -> State:
+    """The carried state with each stream's zeroed with probability ``cfg.state_reset`` (--state-reset),
+    so that the model also learns to start from nothing, as windowed evaluation starts every window.
+    The draw depends only on the seed and the step, for the whole batch of cfg.batch_size streams
+    (this process's share is ``streams``): a resumed run and any number of processes draw alike."""
+    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) % 2**63)
+    keep = torch.rand(cfg.batch_size, generator=gen) >= cfg.state_reset                 # (B,)
+    keep = keep[streams.start:streams.stop].to(device=state.h.device, dtype=state.h.dtype).view(1, -1, 1)
+    return State(state.h * keep, None if state.c is None else state.c * keep)
 
 
 @dataclass
@@ -182,6 +194,8 @@ class Trainer(TrainerSetup):
         x, y, starts_epoch = self.batcher.next_batch()
         if starts_epoch:
             self.carried = None                                                # zeros at each epoch start
+        elif self.train_cfg.state_reset > 0 and self.carried is not None:
+            self.carried = reset_streams(self.carried, self.train_cfg, self.steps_done, self.batcher.streams)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (T, B/W)
         self.net.train()
         # The loss is the mean over this process's targets; DDP averages the gradients over the W

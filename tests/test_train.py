@@ -129,6 +129,23 @@ def test_resume_with_a_larger_budget_is_exact(work, variant, backend):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_state_reset_is_exact(work):
+    """--state-reset draws its streams from the seed and the step: a resumed run zeroes the same
+    states as the straight one; and the option changes the run."""
+    opts = [*TINY, "--schedule", "constant", "--warmup", "4", "--lr", "1e-2", "--eval-every", "100",
+            "--log-every", "1"]
+    assert invoke(*opts, "--state-reset", "0.3", "--max-steps", "30", "--out", "straight").exit_code == 0
+    assert invoke(*opts, "--state-reset", "0.3", "--max-steps", "12", "--out", "split").exit_code == 0
+    r = CliRunner().invoke(app, ["train", "--resume", "split", "--max-steps", "30", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert train_losses(work / "split") == train_losses(work / "straight")
+    a, b = weights(work / "straight", 30), weights(work / "split", 30)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert invoke(*opts, "--max-steps", "30", "--out", "carried").exit_code == 0
+    assert train_losses(work / "carried") != train_losses(work / "straight")
+    assert invoke(*opts, "--state-reset", "1.5", "--max-steps", "3", "--out", "bad").exit_code != 0
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(work, monkeypatch):
     real_lr = optim.learning_rate
     monkeypatch.setattr(trainer_mod, "learning_rate",

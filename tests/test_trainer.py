@@ -238,3 +238,27 @@ def test_resume_says_where_it_cannot_be_exact():
     assert inexact_resume_reason(model(backend="cudnn", dropout=0.0), gpu) is None
     assert inexact_resume_reason(model(backend="cudnn", layers=1), gpu) is None
     assert inexact_resume_reason(model(backend="custom"), gpu) is None
+
+
+def test_state_reset_zeroes_streams_drawn_from_seed_and_step_alike_in_every_share():
+    """trainer.reset_streams: each stream's h and c zeroed or kept whole, the same draw for the same
+    seed and step, another for another step, and two processes' halves of the batch drawing what
+    one process draws; probability 0 keeps every state, 1 zeroes every one."""
+    cfg = TrainConfig(batch_size=8, state_reset=0.5, seed=3)
+    h, c = torch.randn(2, 8, 4), torch.randn(2, 8, 4)
+    out = trainer_mod.reset_streams(State(h, c), cfg, 5, range(8))
+    kept = (out.h != 0).any(0).any(-1)                                        # (B,)
+    assert 0 < int(kept.sum()) < 8
+    for t, ref in ((out.h, h), (out.c, c)):
+        assert torch.equal(t[:, kept], ref[:, kept]) and not t[:, ~kept].any()
+    assert torch.equal(trainer_mod.reset_streams(State(h, c), cfg, 5, range(8)).h, out.h)
+    assert any(not torch.equal(trainer_mod.reset_streams(State(h, c), cfg, s, range(8)).h, out.h)
+               for s in range(6, 12))
+    halves = [trainer_mod.reset_streams(State(h[:, r], c[:, r]), cfg, 5, r) for r in (range(0, 4), range(4, 8))]
+    assert torch.equal(torch.cat([x.h for x in halves], 1), out.h)
+    assert torch.equal(torch.cat([x.c for x in halves], 1), out.c)
+    gru = trainer_mod.reset_streams(State(h, None), cfg, 5, range(8))
+    assert gru.c is None and torch.equal(gru.h, out.h)
+    for p, same in ((0.0, True), (1.0, False)):
+        got = trainer_mod.reset_streams(State(h, c), TrainConfig(batch_size=8, state_reset=p), 5, range(8))
+        assert torch.equal(got.h, h if same else torch.zeros_like(h))
