@@ -259,6 +259,23 @@ needs_native = pytest.mark.skipif(NATIVE_LIB is None, reason=f"the native loops 
 NATIVE_CASES = CASES
 
 
+def assert_native_matches(variant, extra, got, want, first, states, cells) -> None:
+    """Outputs, final states and the gradients w.r.t. ``first`` (the input or the embedding
+    table), the initial states and every parameter of a float32 stack run in C, against the
+    step-by-step layers' (got and want: (out, finals))."""
+    # the vanilla rnn with these large weights is chaotic: rounding grows ten times faster; the full
+    # peephole's H x H matrices of weights up to 0.6 make its pre-activations large too
+    tol = 1e-4 if variant == "rnn" or extra.get("peephole_form") == "full" else 1e-5
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    inputs = first + [s for st in states for s in st] + [p for c in cells for p in c.parameters()]
+    grads = torch.autograd.grad(weighted_sum(*got), inputs)
+    ref_grads = torch.autograd.grad(weighted_sum(*want), inputs)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=10 * tol, atol=10 * tol)
+
+
 @needs_native
 @pytest.mark.parametrize("H, B", [(32, 1), (32, 5), (64, 33), (40, 3), (24, 2)])
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=[c[0] for c in NATIVE_CASES])
@@ -274,17 +291,7 @@ def test_native_loops_match_the_step_by_step_layer(case, H, B, monkeypatch):
     states = random_states(cells, B, torch.float32)
     out, finals = run_stack(cells, x, states, use_fused=True, spec=case_spec(variant, extra))
     ref_out, ref_finals = run_stack(cells, x, states, use_fused=False)
-    # the vanilla rnn with these large weights is chaotic: rounding grows ten times faster; the full
-    # peephole's H x H matrices of weights up to 0.6 make its pre-activations large too
-    tol = 1e-4 if variant == "rnn" or extra.get("peephole_form") == "full" else 1e-5
-    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
-    for got, want in zip(finals, ref_finals):
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    inputs = [x] + [s for st in states for s in st] + [p for c in cells for p in c.parameters()]
-    grads = torch.autograd.grad(weighted_sum(out, finals), inputs)
-    ref_grads = torch.autograd.grad(weighted_sum(ref_out, ref_finals), inputs)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, rtol=10 * tol, atol=10 * tol)
+    assert_native_matches(variant, extra, (out, finals), (ref_out, ref_finals), [x], states, cells)
     assert calls == {"forward": 2, "backward": 2}                        # both layers, both loops, in C
 
 
@@ -308,15 +315,7 @@ def test_native_first_layer_gathers_from_the_projected_table(case, monkeypatch):
     out, finals = run_stack(cells, Tokens(ids, table), states, use_fused=True, spec=case_spec(variant, extra))
     assert not embedded and calls["forward"] == 2
     ref_out, ref_finals = run_stack(cells, torch.nn.functional.embedding(ids, table), states, use_fused=False)
-    tol = 1e-4 if variant == "rnn" or extra.get("peephole_form") == "full" else 1e-5
-    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
-    for got, want in zip(finals, ref_finals):
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    inputs = [table] + [s for st in states for s in st] + [p for c in cells for p in c.parameters()]
-    grads = torch.autograd.grad(weighted_sum(out, finals), inputs)
-    ref_grads = torch.autograd.grad(weighted_sum(ref_out, ref_finals), inputs)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, rtol=10 * tol, atol=10 * tol)
+    assert_native_matches(variant, extra, (out, finals), (ref_out, ref_finals), [table], states, cells)
 
 
 def test_tokens_are_embedded_for_a_path_that_cannot_gather(monkeypatch):
