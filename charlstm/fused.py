@@ -106,7 +106,7 @@ class Tokens(NamedTuple):
     """A first layer's input as token ids (T, B) and the embedding table (V, E) rather than the
     embedded (T, B, E): a fast path with ``run_tokens`` gathers rows of the table's projection
     (V, G*H), one small product, instead of projecting all T*B embedded inputs (docs/performance.md,
-    "The first layer's input")."""
+    "The first layer's input, and AdamW fused")."""
 
     ids: Tensor
     table: Tensor

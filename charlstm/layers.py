@@ -89,7 +89,7 @@ class RecurrentStack(nn.Module):
         )
         self.layer_dropout = nn.Dropout(layer_dropout)
 
-    def forward(self, x: Tensor, states: list[LayerState] | None = None, *, return_gates: bool = False):
+    def forward(self, x: Tensor | Tokens, states: list[LayerState] | None = None, *, return_gates: bool = False):
         """x (T, B, E) or the first layer's ``Tokens``, one state per layer -> top outputs
         (T, B, H), final states (and, with ``return_gates``, one dict of stacked activations per
         layer)."""

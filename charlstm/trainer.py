@@ -14,10 +14,10 @@ import torch
 
 from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
+from .config import TrainConfig
 from .console import note
 from .errors import CharlstmError
 from .evaluation import evaluate_loss, sample_text, slow_eval_note
-from .config import TrainConfig
 from .model import State, describe_backend, detach_state
 from .optim import Diverged, budget_fraction, learning_rate, optimisation_step, which_budget
 from .trainer_setup import TrainerSetup

@@ -15,8 +15,8 @@ from conftest import CASES, IDS, case_spec, make_cells
 from torch import nn
 
 from charlstm import fused, fused_native, runtime
-from charlstm.fused import Tokens
 from charlstm.cells import GRUCell, LSTMCell, RNNCell
+from charlstm.fused import Tokens
 from charlstm.layers import Recurrent
 from charlstm.native import loops as native_loops
 from charlstm.native.build import library
@@ -422,12 +422,14 @@ def test_gradcheck_native_loops(name, tokens):
 
     def given(first):                                   # the Functions' (x, ids, table)
         return (None, ids, first) if tokens else (first, None, None)
-    if kind == "gru":
-        fn, inputs = (lambda f, *a: fused_native._NativeGRU.apply(*given(f), *a, kernel)), (first, h0, w_ih, w_hh, b, b2)
-    elif kind == "gru_cho":
-        fn, inputs = (lambda f, *a: fused_native._NativeChoGRU.apply(*given(f), *a, kernel)), (first, h0, w_ih, w_hh, b)
-    elif kind == "rnn":
-        fn, inputs = (lambda f, *a: fused_native._NativeRNN.apply(*given(f), *a, kernel)), (first, h0, w_ih, w_hh, b)
+    simple = {"gru": (fused_native._NativeGRU, (first, h0, w_ih, w_hh, b, b2)),
+              "gru_cho": (fused_native._NativeChoGRU, (first, h0, w_ih, w_hh, b)),
+              "rnn": (fused_native._NativeRNN, (first, h0, w_ih, w_hh, b))}
+    if kind in simple:
+        function, inputs = simple[kind]
+
+        def fn(f, *a):
+            return function.apply(*given(f), *a, kernel)
     else:
         def fn(f, h0, c0, w_ih, w_hh, b, p):
             hs, c = fused_native._NativeLSTMFamily.apply(*given(f), h0, c0, w_ih, w_hh, b,
