@@ -19,6 +19,11 @@ from .cells import Cell, LayerState
 from .fused import FastPath, Tokens
 
 
+def _tensor_of(x: Tensor | Tokens) -> Tensor:
+    """The tensor whose device and dtype an input has: x itself, or a first layer's embedding table."""
+    return x.table if isinstance(x, Tokens) else x
+
+
 class Recurrent(nn.Module):
     """Runs one cell over a sequence: x (T, B, E) and a state -> outputs (T, B, H), final state."""
 
@@ -32,7 +37,7 @@ class Recurrent(nn.Module):
     def fast_path(self, x: Tensor | Tokens) -> tuple[FastPath | None, list[str]]:
         """The first fast path that can run input x, and why each one before it cannot."""
         reasons = []
-        probe = x.table if isinstance(x, Tokens) else x      # the paths ask for the input's device and dtype
+        probe = _tensor_of(x)                                # the paths ask for the input's device and dtype
         for path in self.fast_paths:
             why = path.unavailable(self.cell, probe)
             if why is None:
@@ -45,10 +50,10 @@ class Recurrent(nn.Module):
         every activation of the cell stacked over time, each (T, B, H). x: the inputs
         (T, B, E), or a first layer's token ids with the embedding table (``Tokens``)."""
         tokens = x if isinstance(x, Tokens) else None
-        probe = x.table if tokens is not None else x
         T, B = x.ids.shape if tokens is not None else x.shape[:2]
         if state is None:
-            state = self.cell.zero_state(B, device=probe.device, dtype=probe.dtype)
+            like = _tensor_of(x)
+            state = self.cell.zero_state(B, device=like.device, dtype=like.dtype)
         path = self.fast_path(x)[0] if self.use_fused and not return_gates and T > 0 else None
         if tokens is not None:
             if path is not None and path.run_tokens is not None:
