@@ -370,7 +370,7 @@ class CompareConfig:
         "lr": "Learning rate (AdamW with the train schedule for corpus; constant Adam for long-gap).",
         "schedule": "corpus: cosine, constant or step.",
         "warmup": "corpus: linear warmup steps.",
-        "min_lr_frac": None, "weight_decay": None, "beta2": None, "clip": None,
+        "min_lr_frac": None, "weight_decay": None, "beta2": None, "clip": None, "state_reset": None,
         "max_steps": "Budget per run: optimizer steps (with --max-time alone, no step limit).",
         "max_time": "Budget per run: time of training, e.g. 60s, 2m (with --max-steps, the first reached stops).",
         "clock": None,

@@ -210,6 +210,23 @@ def test_bad_options_are_usage_errors(work):
         assert needle in r.stderr
 
 
+def test_state_reset_reaches_every_run_and_the_long_gap_task_refuses_it(work):
+    """--state-reset (the shakespeare recipe's) is a corpus setting like --weight-decay: every run
+    trains with it, and it is part of what a finished run is reused for."""
+    out = work / "cmp"
+    r = invoke(*NO_PLOT, "--variants", "rnn,gru", "--out", out, "--state-reset", "0.5")
+    assert r.exit_code == 0, r.output
+    for variant in ("rnn", "gru"):
+        result = json.loads((out / f"{variant}-seed1" / "result.json").read_text())
+        assert result["fingerprint"]["train"]["state_reset"] == 0.5
+        config = json.loads(next((out / f"{variant}-seed1").glob("ckpt-*/config.json")).read_text())
+        assert config["train"]["state_reset"] == 0.5
+    r = invoke(*NO_PLOT, "--variants", "rnn,gru", "--out", out)
+    assert r.exit_code == 1 and "state_reset: 0.5 there, 0.0 now" in r.stderr
+    r = cli("compare-variants", "--task", "long-gap", "--state-reset", "0.1", "--max-steps", "2")
+    assert r.exit_code == 2 and "--state-reset" in r.stderr
+
+
 def test_max_time_alone_replaces_the_default_step_budget():
     s = compare.settings_from_options({"max_time": "90s"})
     assert s.train.max_steps is None and s.train.max_time == 90.0
